@@ -4,6 +4,11 @@
                            cu_seqlens=None, use_qk_l2norm_in_kernel=False) -> (o, final_state)
     fused_recurrent_gated_delta_rule(...same...) -> (o, final_state)
 
+Like flash-linear-attention's, they optionally compute the gate and beta themselves (fused on GPU):
+use_gate_in_kernel=True takes the raw gate logits as ``g`` with ``A_log`` and ``dt_bias`` and computes
+g = -exp(A_log) * softplus(g + dt_bias); use_beta_sigmoid_in_kernel=True takes beta logits and applies
+sigmoid (times 2 with allow_neg_eigval, so that beta is in (0, 2)).
+
 q, k: [B, T, H, K]; v: [B, T, HV, V] (HV a multiple of H); g (log decay), beta: [B, T, HV];
 states: [N, HV, K, V] fp32 (fp64 for fp64 inputs); cu_seqlens: [N + 1] with B == 1 for packed documents.
 On CPU tensors they run the PyTorch reference (kernels/reference.py).
@@ -13,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .reference import chunk_gated_delta_rule_torch, l2norm, recurrent_gated_delta_rule
+from .reference import (chunk_gated_delta_rule_torch, gated_rmsnorm, gdn_gate, l2norm,
+                        recurrent_gated_delta_rule)
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "l2norm"]
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
+           "gdn_gate", "l2norm"]
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> int:
@@ -55,6 +62,19 @@ def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> int:
     return N
 
 
+def _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    """Turn raw gate/beta logits into the log decay and beta (the PyTorch path of the fused options)."""
+    if use_gate_in_kernel:
+        if A_log is None or dt_bias is None:
+            raise ValueError("use_gate_in_kernel=True needs A_log and dt_bias")
+        g = gdn_gate(g, A_log, dt_bias)
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("allow_neg_eigval needs use_beta_sigmoid_in_kernel=True (or pass beta already in (0, 2))")
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.to(torch.promote_types(beta.dtype, torch.float32)).sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    return g, beta
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,9 +86,15 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule by the chunked algorithm (training and prefill). Returns (o, final_state)."""
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    g, beta = _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
 
@@ -84,8 +110,14 @@ def fused_recurrent_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule token by token (decoding a few tokens from a cached state)."""
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    g, beta = _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     return recurrent_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)

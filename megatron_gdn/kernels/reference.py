@@ -33,6 +33,26 @@ def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """The log decay g = -exp(A_log) * softplus(a + dt_bias), in fp32 (Mamba2-style gate).
+
+    a: [..., HV] raw gate logits (a_proj(x)); A_log, dt_bias: [HV]. Returns fp32 (fp64 for fp64 a).
+    """
+    dtype = _compute_dtype(a)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+
+
+def gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head output norm of the GDN layer: rmsnorm(x) * weight * silu(gate), computed in fp32.
+
+    x, gate: [..., D]; weight: [D]. Returns x's dtype.
+    """
+    dtype = _compute_dtype(x)
+    x32 = x.to(dtype)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)
+    return (y * F.silu(gate.to(dtype))).to(x.dtype)
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
