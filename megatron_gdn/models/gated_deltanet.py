@@ -1,0 +1,210 @@
+"""The Gated DeltaNet token mixer (flash-linear-attention's `GatedDeltaNet` layer API).
+
+Per token, per value head, with state S [K, V] in fp32 (../DESIGN.md section 2):
+    q, k, v = silu(conv(Wq x)), silu(conv(Wk x)), silu(conv(Wv x))     # depthwise causal conv
+    q, k    = l2norm(q), l2norm(k)
+    g       = -exp(A_log) * softplus(Wa x + dt_bias)                     # log decay, fp32
+    beta    = sigmoid(Wb x)    (x 2 with allow_neg_eigval)
+    S       = exp(g) S;  S = S + k (beta (v - S^T k))^T;  o = K^-1/2 S^T q
+    y       = Wo(rmsnorm(o) * w * silu(Wg x))                             # per-head gated RMSNorm
+The gate, beta's sigmoid and the L2 norm are handed to the delta-rule op, which fuses them on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm
+from .utils import Cache, LayerState
+
+# Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
+RECURRENT_MAX_TOKENS = 64
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution over time, then SiLU. weight: [D, 1, W] as in nn.Conv1d.
+
+    `past` holds the W - 1 inputs before x ([B, W - 1, D]; zeros when None). With cu_seqlens
+    (packed documents, B == 1) no input leaks across a document start.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        W = self.kernel_size
+        if past is None:
+            past = x.new_zeros(B, W - 1, D)
+        x_ext = torch.cat([past.to(x.dtype), x], dim=1)  # [B, W - 1 + T, D]
+        if cu_seqlens is not None:
+            # Position of each token inside its document: a tap that reaches further back is cut.
+            starts = torch.zeros(T, dtype=torch.long, device=x.device)
+            starts[cu_seqlens[1:-1].long()] = 1
+            doc = starts.cumsum(0)
+            pos_in_doc = torch.arange(T, device=x.device) - cu_seqlens.long()[doc]
+        weight = self.weight.to(x.dtype)
+        y = 0
+        for shift in range(W):  # output t sums weight[:, W-1-shift] * x[t - shift]
+            tap = x_ext[:, W - 1 - shift: W - 1 - shift + T] * weight[:, 0, W - 1 - shift]
+            if cu_seqlens is not None:
+                tap = torch.where((pos_in_doc >= shift)[None, :, None], tap, 0)
+            y = y + tap
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return F.silu(y), x_ext[:, T:]
+
+
+class GatedDeltaNet(nn.Module):
+    """The GDN token mixer. Returns (output, None, past_key_values) like flash-linear-attention's layer."""
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        expand_v: float = 2.0,
+        head_dim: int = 256,
+        num_heads: int = 6,
+        num_v_heads: int | None = None,
+        mode: str = "chunk",
+        use_gate: bool = True,
+        use_short_conv: bool = True,
+        allow_neg_eigval: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        layer_idx: int | None = None,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads ({num_v_heads}) must be a multiple of num_heads ({num_heads})")
+        head_v_dim = head_dim * expand_v
+        if head_v_dim != int(head_v_dim):
+            raise ValueError(f"head_dim x expand_v must be an integer; got {head_dim} x {expand_v}")
+        if mode not in ("chunk", "fused_recurrent"):
+            raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
+        self.hidden_size = hidden_size
+        self.mode = mode
+        self.use_gate = use_gate
+        self.use_short_conv = use_short_conv
+        self.allow_neg_eigval = allow_neg_eigval
+        self.layer_idx = layer_idx
+        self.head_k_dim = head_dim
+        self.head_v_dim = int(head_v_dim)
+        self.key_dim = num_heads * head_dim
+        self.value_dim = num_v_heads * self.head_v_dim
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        # Decay parameters stay fp32 and get no weight decay (training/optimizer.py).
+        self.A_log = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, conv_bias)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, initializer_range: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Weights N(0, initializer_range); A_log = log U(0, 16); dt_bias = softplus^-1(dt), dt ~ logU(1e-3, 1e-1)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, ShortConvolution)):
+                module.weight.normal_(0.0, initializer_range, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+        self.o_norm.weight.fill_(1.0)
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16, generator=generator).log())
+        dt_min, dt_max = 1e-3, 1e-1
+        u = torch.rand(self.dt_bias.shape, generator=generator)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, Cache | None]:
+        """hidden_states: [B, T, hidden]. cu_seqlens packs documents (B == 1) and restarts the state per document.
+
+        attention_mask is accepted for API compatibility and must be None or all ones: pack
+        variable-length sequences with cu_seqlens instead of padding them.
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported: pack the sequences and pass cu_seqlens instead")
+        if use_cache and cu_seqlens is not None:
+            raise ValueError("use_cache with cu_seqlens is not supported: generate one batch of equal-length prompts")
+        B, T, _ = hidden_states.shape
+        mode = "fused_recurrent" if (T <= RECURRENT_MAX_TOKENS and not self.training) else self.mode
+        last = None
+        if past_key_values is not None:
+            if self.layer_idx is None:
+                raise ValueError("a GatedDeltaNet layer used with a cache needs layer_idx")
+            last = past_key_values[self.layer_idx]
+
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        conv_state = None
+        if self.use_short_conv:
+            past_q, past_k, past_v = last.conv_state if last is not None else (None, None, None)
+            q, tail_q = self.q_conv1d(q, past_q, cu_seqlens)
+            k, tail_k = self.k_conv1d(k, past_k, cu_seqlens)
+            v, tail_v = self.v_conv1d(v, past_v, cu_seqlens)
+            conv_state = (tail_q, tail_k, tail_v)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        # -1 heads: under tensor parallelism the projections hold only this rank's heads.
+        q = q.view(B, T, -1, self.head_k_dim)
+        k = k.view(B, T, -1, self.head_k_dim)
+        v = v.view(B, T, -1, self.head_v_dim)
+
+        delta_rule = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
+        o, recurrent_state = delta_rule(
+            q, k, v, g=self.a_proj(hidden_states), beta=self.b_proj(hidden_states),
+            initial_state=last.recurrent_state if last is not None else None,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
+        if use_cache:
+            if past_key_values is None:
+                raise ValueError("use_cache=True needs a Cache passed as past_key_values")
+            past_key_values.update(self.layer_idx, LayerState(recurrent_state, conv_state), T)
+
+        if self.use_gate:
+            gate = self.g_proj(hidden_states).view(B, T, -1, self.head_v_dim)
+            o = gated_rmsnorm(o, gate, self.o_norm.weight, self.o_norm.eps)
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, -1)), None, past_key_values

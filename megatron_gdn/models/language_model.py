@@ -1,0 +1,185 @@
+"""The Gated DeltaNet language model: embeddings -> [norm -> GDN -> norm -> SwiGLU] x L -> norm -> lm head.
+
+Names follow flash-linear-attention's `GatedDeltaNetForCausalLM` so state dicts line up with its
+checkpoints (model.embeddings, model.layers.{i}.attn_norm / attn / mlp_norm / mlp, model.norm, lm_head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .configuration import GatedDeltaNetConfig
+from .gated_deltanet import GatedDeltaNet, RMSNorm
+from .utils import Cache
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedDeltaNetBlock(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(self, config: GatedDeltaNetConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GatedDeltaNet(
+            hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,
+            num_heads=config.num_heads, num_v_heads=config.num_v_heads, mode=config.attn_mode,
+            use_gate=config.use_gate, use_short_conv=config.use_short_conv,
+            allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size, conv_bias=config.conv_bias,
+            layer_idx=layer_idx, norm_eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, past_key_values: Cache | None = None, use_cache: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        mixed, _, _ = self.attn(self.attn_norm(x), past_key_values=past_key_values, use_cache=use_cache,
+                                cu_seqlens=cu_seqlens)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GatedDeltaNetModel(nn.Module):
+    """Embeddings, the blocks, and the final norm; returns the last hidden states."""
+
+    def __init__(self, config: GatedDeltaNetConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GatedDeltaNetBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Cache | None = None, use_cache: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+class GatedDeltaNetForCausalLM(nn.Module):
+    """The language model with flash-linear-attention's interface.
+
+    forward(input_ids, labels=None, past_key_values=None, use_cache=False, cu_seqlens=None) -> CausalLMOutput.
+    labels are shifted inside (Hugging Face convention: pass labels = input_ids); -100 is ignored.
+    """
+
+    def __init__(self, config: GatedDeltaNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GatedDeltaNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every weight (N(0, initializer_range); norms 1; the GDN decay parameters as designed)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, GatedDeltaNet):
+                module.reset_parameters(std, generator)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported: pack the sequences and pass cu_seqlens instead")
+        if use_cache and past_key_values is None:
+            past_key_values = Cache()
+        hidden = self.model(input_ids, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue each prompt of input_ids [B, T] (equal lengths) by up to max_new_tokens tokens.
+
+        Greedy by default; do_sample=True samples from softmax(logits / temperature) restricted to the
+        top_k tokens (0 = all) and the smallest set whose probability reaches top_p. The prompt is
+        prefilled once and every new token costs one recurrent step with the cache. Finished sequences
+        (eos_token_id) are padded with eos. Returns [B, T + generated].
+        """
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+        was_training = self.training
+        self.eval()
+        cache = Cache()
+        logits = self(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, eos_token_id, next_token)
+                finished |= next_token == eos_token_id
+            tokens.append(next_token[:, None])
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = self(next_token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+
+def sample_next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy (argmax) or temperature / top-k / top-p sampling from logits [B, vocab]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
