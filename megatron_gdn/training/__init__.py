@@ -1,0 +1,1 @@
+"""Training machinery: optimizer parameter groups, LR schedule, checkpointing, FLOPs and logging."""

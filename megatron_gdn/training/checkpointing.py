@@ -1,0 +1,124 @@
+"""Checkpoints in Megatron's directory layout, written so that a crash never corrupts the last good one.
+
+    SAVE/latest_checkpointed_iteration.txt           the tracker: the newest complete iteration
+    SAVE/iter_0000500/mp_rank_00/model_optim_rng.pt  model, optimizer, scheduler, RNG, data position, args
+
+An iteration is written into a temporary directory, flushed to disk and renamed into place; only then
+is the tracker replaced (atomically). A run killed mid-save leaves the tracker on the previous
+checkpoint. Files hold tensors and plain Python data only and are read with weights_only=True, so
+loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, unsafe or does not fit the model."""
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def checkpoint_file(root: str | os.PathLike, iteration: int, tp_rank: int = 0) -> Path:
+    return iteration_dir(root, iteration) / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, state: dict) -> Path:
+    """Write state as iteration's checkpoint under root, then point the tracker at it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + f".partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    target = partial / f"mp_rank_{0:02d}" / "model_optim_rng.pt"
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:
+        torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(target.parent)
+    if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    _fsync_dir(root)
+    tracker_tmp = root / (TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, root / TRACKER)
+    _fsync_dir(root)
+    return final
+
+
+def read_tracker(root: str | os.PathLike) -> int | None:
+    """The newest complete iteration under root, or None when root holds no checkpoint at all."""
+    root = Path(root)
+    tracker = root / TRACKER
+    if not tracker.exists():
+        if root.is_dir() and any(p.name.startswith("iter_") and p.is_dir() for p in root.iterdir()):
+            raise CheckpointError(f"{root} has iteration directories but no {TRACKER}: no save completed there; "
+                                  f"pass --ckpt-step N to load a specific iteration")
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} should hold an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict | None:
+    """Read a checkpoint (the tracker's iteration unless given); None when root holds none.
+
+    Raises CheckpointError for a missing iteration, a corrupt file, or a file carrying pickled objects.
+    """
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            return None
+    path = checkpoint_file(root, iteration)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} is missing (iteration {iteration}); "
+                              f"the checkpoint is incomplete or was moved")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds Python objects other than tensors and plain data; refusing to "
+                              f"load it, since unpickling them could run code ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
+        raise CheckpointError(f"{path} is not a megatron_gdn checkpoint (no model state or iteration)")
+    return state
+
+
+def check_model_config(saved: dict, current: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another model shape, naming every field that differs."""
+    shape_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_v_heads", "head_dim",
+                    "expand_v", "use_gate", "use_short_conv", "conv_size", "conv_bias", "intermediate_size",
+                    "tie_word_embeddings")
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {current.get(k)!r}"
+             for k in shape_fields if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} is for another model shape ({'; '.join(diffs)}); "
+                              f"pass the same model flags as when it was saved")

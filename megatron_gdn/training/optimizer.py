@@ -1,0 +1,28 @@
+"""AdamW with Megatron's weight-decay rule."""
+
+from __future__ import annotations
+
+import torch
+
+# Parameters that are never decayed besides vectors: the GDN decay parameters are vectors too, but
+# they are named here so that the rule survives any future change of their shape.
+NO_DECAY_NAMES = ("A_log", "dt_bias")
+
+
+def is_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norm weights, biases (all 1-D parameters) and A_log / dt_bias get no weight decay."""
+    return param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:  # tied weights appear once
+            continue
+        seen.add(id(param))
+        (no_decay if is_no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
