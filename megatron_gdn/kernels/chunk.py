@@ -1,0 +1,538 @@
+"""The chunked gated delta rule in Triton: forward, backward and the autograd Function.
+
+The algorithm is the one of reference.chunk_gated_delta_rule_torch (../DESIGN.md section 3). Per chunk of
+BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, gamma = exp(G):
+
+    A     = strict_lower(beta_i (k_i . k_j) exp(G_i - G_j)),   Ai = (I + A)^-1
+    w     = Ai (beta gamma k),   u = Ai (beta v),   Aqk = scale * lower_incl(q k^T exp(G_i - G_j))
+    vn    = u - w S                                         (S: the state entering the chunk, fp32)
+    o     = scale gamma q S + Aqk vn
+    S'    = exp(G_last) S + (k exp(G_last - G))^T vn
+
+Forward: ``prep`` (one program per chunk and head: gate, cumsum, beta, A, its inverse, w, u, Aqk), then
+``scan`` (one program per sequence, head and block of V columns: the sequential pass over chunks, which also
+writes o, so the per-chunk states never reach memory). Backward recomputes prep and the forward scan (this
+time storing the per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqkw`` (per chunk:
+dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
+Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the
+gradients of the fused gate and beta sigmoid).
+
+Conventions: every exp() takes a difference of cumulative log decays that is <= 0 (a masked entry gets
+exponent 0 through tl.where, then is zeroed with tl.where, never multiplied by a mask); states, G, beta and
+all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .l2norm import l2norm_bwd, l2norm_fwd
+from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, load_gates, load_rows,
+                           load_rows_t, softplus, store_rows)
+
+# Sub-block of the triangular inverse: diagonal blocks are inverted by substitution, then merged.
+SUB_CHUNK = 16
+# Precision of the fp32 products that merge the inverse's blocks: tf32x3 keeps fp32 accuracy on the tensor
+# cores (plain tf32 would lose 13 mantissa bits in the step that amplifies errors most).
+MERGE_PRECISION = "ieee" if INTERPRET else "tf32x3"
+
+
+@triton.jit
+def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)^-1 of a strictly lower triangular [BT, BT] tile A, in fp32.
+
+    Forward substitution inverts the BT / BC diagonal blocks of size BC together (step s computes row s of
+    every block: the blocks occupy disjoint columns, so one reduction serves them all). Then blocks are
+    merged pairwise: for [[D0, 0], [L, D1]] the inverse is D - D L D with D = diag(D0^-1, D1^-1).
+    """
+    o_i = tl.arange(0, BT)
+    r, c = o_i[:, None], o_i[None, :]
+    m_blk = (r // BC) == (c // BC)
+    b_Ad = tl.where(m_blk, b_A, 0.)
+    b_Ai = tl.where(r == c, 1., 0.)
+    for s in range(1, BC):
+        m_row = (r % BC) == s
+        b_a = tl.sum(tl.where(m_row, b_Ad, 0.), axis=0)  # [BT]: row s of each block, by column
+        b_sub = tl.sum(b_a[:, None] * b_Ai, axis=0)  # [BT]: sum_j A[i, j] Ai[j, :], block by block
+        b_Ai = tl.where(m_row & m_blk, b_Ai - b_sub[None, :], b_Ai)
+    for lvl in tl.static_range(0, 8):
+        if (BC << lvl) < BT:
+            bs: tl.constexpr = BC << lvl
+            m_off = ((r // (2 * bs)) == (c // (2 * bs))) & ((r // bs) != (c // bs)) & (r > c)
+            b_L = tl.where(m_off, b_A, 0.)
+            b_Ai = b_Ai - tl.dot(tl.dot(b_Ai, b_L, input_precision=PRECISION), b_Ai, input_precision=PRECISION)
+    return b_Ai
+
+
+@triton.jit
+def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w, u,
+                      cu_seqlens, chunk_indices, scale,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
+                      STORE_AI: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of one value head: G, beta, Aqk, Ai = (I + A)^-1, w, u (see the module docstring)."""
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
+    m_t = t0 + o_t < eos
+    r, c = o_t[:, None], o_t[None, :]
+    p_tok = (t0 + o_t) * HV + i_hv  # [BT] offsets into [rows, HV] tensors
+    DT = k.dtype.element_ty
+
+    b_g = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32)
+    if GATE_IN_KERNEL:
+        b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
+        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
+    b_G = tl.cumsum(b_g, axis=0)  # [BT], non-increasing; padded rows repeat the last value
+    tl.store(G + p_tok, b_G, mask=m_t)
+    b_beta = tl.load(beta + p_tok, mask=m_t, other=0.).to(tl.float32)
+    if BETA_SIGMOID:
+        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
+    tl.store(beta_out + p_tok, b_beta, mask=m_t)
+
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
+        b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), b_kt)
+        b_qk += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), b_kt)
+    b_decay = tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.))  # [BT, BT]
+    b_A = tl.where(r > c, b_kk * b_decay * b_beta[:, None], 0.)
+    store_rows(Aqk, tl.where(r >= c, b_qk * b_decay * scale, 0.), t0, eos, i_hv, HV, BT, o_t, BT)
+
+    b_Ai = unit_lower_inverse(b_A, BT, BC, PRECISION).to(DT)
+    if STORE_AI:
+        store_rows(Ai, b_Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_bg = b_beta * tl.exp(b_G)  # [BT]
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
+        store_rows(w, tl.dot(b_Ai, (b_k * b_bg[:, None]).to(DT)), t0, eos, i_hv, HV, K, o_k, BT)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)
+        store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
+
+
+@triton.jit
+def scan_coords(cu_seqlens, chunk_offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """Coordinates of a scan program (a flat grid of V blocks x sequences x value heads, so no grid axis
+    limits the number of sequences): sequence, value head, q/k head, its rows [bos, eos), its first global
+    chunk, and the program's [BK, BV] slice of a [K, V] state (column offsets, element offsets, mask)."""
+    NV = tl.cdiv(V, BV)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_v, i_n, i_hv = i_p % NV, i_p // NV // HV, i_p // NV % HV
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_s = (o_k < K)[:, None] & (o_v < V)[None, :]
+    return i_n, i_hv, i_hv // (HV // H), bos, eos, c0, o_v, o_k[:, None] * V + o_v[None, :], m_s
+
+
+@triton.jit
+def load_state(ptr, i_n, i_hv, p_s, m_s, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, USE: tl.constexpr):
+    """A program's [BK, BV] fp32 slice of state [i_n, i_hv] of an [N, HV, K, V] tensor; zeros if not USE."""
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE:
+        b_S += tl.load(ptr + (i_n * HV + i_hv) * K * V + p_s, mask=m_s, other=0.).to(tl.float32)
+    return b_S
+
+
+@triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                                  for bv in (32, 64, 16) for nw in (4, 2, 8) for ns in (2, 3)]),
+                 key=["H", "HV", "K", "V", "BK", "NSEQ", "STORE_O", "STORE_STATES"],
+                 restore_value=[])
+@triton.jit
+def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chunk_offsets, scale, NSEQ,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_O: tl.constexpr,
+                          STORE_STATES: tl.constexpr):
+    """The sequential pass over the chunks of one sequence, one value head, BV columns of the state.
+
+    Writes o (STORE_O, the forward), or the state entering each chunk and vn (STORE_STATES, the backward's
+    recomputation), and the final state. The state stays in fp32 registers, [BK >= K, BV].
+    """
+    i_n, i_hv, i_h, bos, eos, c0, o_v, p_s, m_s = scan_coords(cu_seqlens, chunk_offsets, H, HV, K, V, BK, BV)
+    b_S = load_state(h0, i_n, i_hv, p_s, m_s, HV, K, V, BK, BV, USE_H0)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    for i_c in range(tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_c * BT
+        m_t = t0 + o_t < eos
+        if STORE_STATES:
+            tl.store(h + ((c0 + i_c) * HV + i_hv) * K * V + p_s, b_S.to(h.dtype.element_ty), mask=m_s)
+        b_w = load_rows(w, t0, eos, i_hv, HV, K, o_k, BT)  # [BT, BK]
+        b_vn = load_rows(u, t0, eos, i_hv, HV, V, o_v, BT).to(tl.float32) - tl.dot(b_w, b_S.to(DT))  # [BT, BV]
+        if STORE_STATES:
+            store_rows(vn, b_vn, t0, eos, i_hv, HV, V, o_v, BT)
+        b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
+        if STORE_O:
+            b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)
+            b_Aqk = load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT)
+            b_o = tl.dot(b_q, b_S.to(DT)) * (scale * tl.exp(b_G))[:, None] + tl.dot(b_Aqk, b_vn.to(DT))
+            store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
+        b_vn = b_vn * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+        b_S = b_S * tl.exp(b_Glast) + tl.dot(load_rows_t(k, t0, eos, i_h, H, K, o_k, BT), b_vn.to(DT))
+    if STORE_HT:
+        tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
+
+
+@triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                                  for bv in (32, 64, 16) for nw in (4, 2, 8) for ns in (2, 3)]),
+                 key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
+@triton.jit
+def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, chunk_offsets, scale, NSEQ,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+    """The reverse pass: dS (the gradient of the state leaving each chunk, stored per chunk), dvn, dh0."""
+    i_n, i_hv, i_h, bos, eos, c0, o_v, p_s, m_s = scan_coords(cu_seqlens, chunk_offsets, H, HV, K, V, BK, BV)
+    b_dS = load_state(dht, i_n, i_hv, p_s, m_s, HV, K, V, BK, BV, USE_DHT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    NT = tl.cdiv(eos - bos, BT)
+    for i_r in range(NT):
+        i_c = NT - 1 - i_r
+        t0 = bos + i_c * BT
+        m_t = t0 + o_t < eos
+        tl.store(dh + ((c0 + i_c) * HV + i_hv) * K * V + p_s, b_dS.to(dh.dtype.element_ty), mask=m_s)
+        b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
+        b_do = load_rows(do, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
+        b_AqkT = load_rows_t(Aqk, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
+        b_dvn = tl.dot(b_AqkT, b_do) \
+            + tl.dot(b_k, b_dS.to(DT)) * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+        store_rows(dvn, b_dvn, t0, eos, i_hv, HV, V, o_v, BT)
+        b_qt = load_rows_t(q, t0, eos, i_h, H, K, o_k, BT) * (scale * tl.exp(b_G))[None, :]  # [BK, BT]
+        b_wt = load_rows_t(w, t0, eos, i_hv, HV, K, o_k, BT)
+        b_dS = b_dS * tl.exp(b_Glast) + tl.dot(b_qt.to(DT), b_do.to(DT)) - tl.dot(b_wt, b_dvn.to(DT))
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * HV + i_hv) * K * V + p_s, b_dS, mask=m_s)
+
+
+@triton.jit
+def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the
+    part of dG that comes from o and the state update (partial over K blocks; summed by the wy kernel)."""
+    i_t, i_k, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    m_t = t0 + o_t < eos
+    r, c = o_t[:, None], o_t[None, :]
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_h = (i_t * HV + i_hv) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS^T
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dvn S^T
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
+    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, computed, not transposed (see load_rows_t)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)  # <S, dS> partial
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_hv = (o_v < V)[:, None] & m_k[None, :]
+        b_ht = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)  # [BV, BK]
+        b_dht = tl.load(dh + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)
+        b_vn = load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
+        b_do = load_rows(do, t0, eos, i_hv, HV, V, o_v, BT)
+        b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
+        b_dq += tl.dot(b_do, b_ht)
+        b_dk += tl.dot(b_vn, b_dht)
+        b_dw += tl.dot(b_dvn, b_ht)
+        b_ds += tl.dot(b_do, load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
+        b_dst += tl.dot(b_vn, load_rows_t(do, t0, eos, i_hv, HV, V, o_v, BT))
+        b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+
+    b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
+    b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
+    b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
+    i_last = tl.minimum(eos - t0, BT) - 1
+    b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
+    b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+    # d(q k^T) of the intra-chunk attention, and its transpose
+    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+    b_dstg = tl.where(r <= c, b_dst * tl.exp(tl.where(r <= c, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+    b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
+    b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
+    b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0) - b_sk
+    b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
+    tl.store(dG + (i_k * ROWS + t0 + o_t) * HV + i_hv, b_dG, mask=m_t)
+
+    store_rows(dq, b_dq + tl.dot(b_dsg.to(DT), b_k), t0, eos, i_hv, HV, K, o_k, BT)
+    store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
+    store_rows(dw, -b_dw, t0, eos, i_hv, HV, K, o_k, BT)
+
+
+@triton.jit
+def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias, beta_in,
+                        dg, dbeta, dA_log, ddt_bias, cu_seqlens, chunk_indices, ROWS,
+                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                        GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
+    """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
+
+    Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
+    of dA_log and ddt_bias when the gate is fused.
+    """
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    m_t = t0 + o_t < eos
+    r, c = o_t[:, None], o_t[None, :]
+    p_tok = (t0 + o_t) * HV + i_hv
+
+    b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
+    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_beta = tl.load(beta + p_tok, mask=m_t, other=0.)
+    b_gamma = tl.exp(b_G)
+    b_bg = b_beta * b_gamma
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dAi
+    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_dG = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
+        b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
+        b_vt = load_rows_t(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BV, BT]
+        b_dT += tl.dot(b_dvn, (b_vt * b_beta[None, :]).to(DT))
+        b_dTt += tl.dot((b_v * b_beta[:, None]).to(DT), load_rows_t(dvn, t0, eos, i_hv, HV, V, o_v, BT))
+        b_du = tl.dot(b_AiT, b_dvn)  # [BT, BV], d(beta v)
+        store_rows(dv, b_du * b_beta[:, None], t0, eos, i_hv, HV, V, o_v, BT)
+        b_dbeta += tl.sum(b_du * b_v.to(tl.float32), axis=1)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
+        b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
+        b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT)
+        b_dT += tl.dot(b_dw, (b_kt * b_bg[None, :]).to(DT))
+        b_dTt += tl.dot((b_k * b_bg[:, None]).to(DT), load_rows_t(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))
+        b_kk += tl.dot(b_k, b_kt)
+    # dA = -Ai^T dAi Ai^T on the strict lower triangle, and its transpose from the transposed products
+    b_dA = -tl.dot(tl.dot(b_AiT, b_dT.to(DT)).to(DT), b_AiT)
+    b_dAt = -tl.dot(tl.dot(b_Ai, b_dTt.to(DT)).to(DT), b_Ai)
+    b_dA = tl.where(r > c, b_dA * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
+    b_dAt = tl.where(r < c, b_dAt * tl.exp(tl.where(r < c, b_G[None, :] - b_G[:, None], 0.)), 0.)
+    b_M = b_dA * b_beta[:, None] + b_dAt * b_beta[None, :]  # d(k k^T), both orientations
+    b_dbeta += tl.sum(b_dA * b_kk, axis=1)
+    b_P = b_dA * b_kk * b_beta[:, None]  # dA * A
+    b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
+        b_dkb = tl.dot(b_AiT, load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))  # d(beta gamma k)
+        b_dk = load_rows(dk, t0, eos, i_hv, HV, K, o_k, BT) + b_dkb * b_bg[:, None] + tl.dot(b_M.to(DT), b_k)
+        store_rows(dk, b_dk, t0, eos, i_hv, HV, K, o_k, BT)
+        b_s = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
+        b_dbeta += b_s * b_gamma
+        b_dG += b_s * b_bg
+
+    for i_k in range(NK):
+        b_dG += tl.load(dG + i_k * ROWS * HV + p_tok, mask=m_t, other=0.)
+    b_dG = tl.where(m_t, b_dG, 0.)
+    b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG  # sum over the rows at and after each row
+    if GATE_IN_KERNEL:
+        b_x = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        tl.store(dA_log + i_t * HV + i_hv, tl.sum(tl.where(m_t, -b_a * softplus(b_x) * b_dg, 0.)))
+        b_dg = tl.where(m_t, -b_a * tl.sigmoid(b_x) * b_dg, 0.)
+        tl.store(ddt_bias + i_t * HV + i_hv, tl.sum(b_dg))
+    tl.store(dg + p_tok, b_dg.to(dg.dtype.element_ty), mask=m_t)
+    if BETA_SIGMOID:
+        b_dbeta = b_dbeta * b_beta * (1. - b_beta / BETA_SCALE)
+    tl.store(dbeta + p_tok, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(triton.next_power_of_2(n), least)
+
+
+def _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale,
+          store_ai):
+    """Launch chunk_prep_kernel on packed [rows, heads, dim] inputs."""
+    rows, H, K = k.shape
+    HV, V = v.shape[1:]
+    G = torch.empty(rows, HV, dtype=torch.float32, device=k.device)
+    beta_f = torch.empty_like(G)
+    Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device) if store_ai else G
+    Aqk = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device)
+    w = torch.empty(rows, HV, K, dtype=k.dtype, device=k.device)
+    u = torch.empty(rows, HV, V, dtype=k.dtype, device=k.device)
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
+    chunk_prep_kernel[(len(chunk_indices), HV)](
+        q, k, v, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G,
+        G, beta_f, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BV, GATE_IN_KERNEL=gate_in_kernel,
+        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, STORE_AI=store_ai,
+        PRECISION=MERGE_PRECISION, num_warps=4)
+    return G, beta_f, (Ai if store_ai else None), Aqk, w, u
+
+
+def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
+              store_states):
+    """The forward scan: (o, final state) or, with store_states, (per-chunk states h, vn, final state)."""
+    rows, H, K = k.shape
+    HV, V = u.shape[1:]
+    N = len(cu_seqlens) - 1
+    dev = k.device
+    o = h = vn = None
+    if store_states:
+        h = torch.empty(num_chunks, HV, K, V, dtype=k.dtype, device=dev)
+        vn = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
+    else:
+        o = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
+    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]) * N * HV,)  # noqa: E731
+    chunk_scan_fwd_kernel[grid](
+        q, k, w, u, G, Aqk, h0 if h0 is not None else G, o if o is not None else G, ht if ht is not None else G,
+        h if h is not None else G, vn if vn is not None else G, cu_seqlens, chunk_offsets, scale,
+        triton.next_power_of_2(N * HV), H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=_pow2(K),
+        USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_O=not store_states, STORE_STATES=store_states)
+    return o, h, vn, ht
+
+
+def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale, need_dh0):
+    rows, H, K = k.shape
+    HV, V = do.shape[1:]
+    N = len(cu_seqlens) - 1
+    dev = k.device
+    dh = torch.empty(num_chunks, HV, K, V, dtype=k.dtype, device=dev)
+    dvn = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
+    dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]) * N * HV,)  # noqa: E731
+    chunk_scan_bwd_kernel[grid](
+        q, k, w, G, Aqk, do, dht if dht is not None else G, dh0 if dh0 is not None else G, dh, dvn,
+        cu_seqlens, chunk_offsets, scale, triton.next_power_of_2(N * HV), H=H, HV=HV, K=K, V=V, BT=CHUNK,
+        BK=_pow2(K), USE_DHT=dht is not None, STORE_DH0=need_dh0)
+    return dh, dvn, dh0
+
+
+def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, A_log=None, dt_bias=None,
+              beta_scale=None):
+    """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]). Returns (o, ht)."""
+    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens)
+    G, beta_f, _, Aqk, w, u = _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices,
+                                    A_log is not None, beta_scale, store_ai=False)
+    o, _, _, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
+                            scale, output_final_state, store_states=False)
+    return o, ht
+
+
+def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log=None, dt_bias=None,
+              beta_scale=None):
+    """Backward on packed inputs: recompute prep and the states, then the reverse scan, dqkw and wy.
+
+    Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
+    """
+    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens)
+    num_chunks = len(chunk_indices)
+    rows, H, K = k.shape
+    HV, V = v.shape[1:]
+    gate = A_log is not None
+    G, beta_f, Ai, Aqk, w, u = _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate,
+                                     beta_scale, store_ai=True)
+    _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
+                            False, store_states=True)
+    dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
+                             initial_state is not None)
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
+    NK = triton.cdiv(K, BK)
+    dev = k.device
+    dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
+    dk = torch.empty_like(dq)
+    dw = torch.empty_like(dq)
+    dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
+    chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
+        q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=4)
+    dv = torch.empty_like(v)
+    dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
+    dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
+    dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
+    ddt_bias = torch.empty_like(dA_log) if gate else None
+    chunk_bwd_wy_kernel[(num_chunks, HV)](
+        k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G, beta,
+        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, NK=NK, GATE_IN_KERNEL=gate,
+        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=4)
+    if gate:
+        dA_log = dA_log.sum(0).to(A_log.dtype)
+        ddt_bias = ddt_bias.sum(0).to(dt_bias.dtype)
+    return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
+
+
+class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
+    """Autograd over chunk_fwd / chunk_bwd, with the optional in-kernel q/k L2 norm, gate and beta sigmoid.
+
+    Saves only the (normalised) inputs: w, u, the inverse and the states are recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm, A_log, dt_bias, beta_scale):
+        B, T, H, K = q.shape
+        HV, V = v.shape[2:]
+        q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]).contiguous() for x in (q, k, v))
+        g, beta = (x.reshape(B * T, HV).contiguous() for x in (g, beta))
+        q_rstd = k_rstd = None
+        if use_qk_l2norm:
+            q, q_rstd = l2norm_fwd(q)
+            k, k_rstd = l2norm_fwd(k)
+        if cu_seqlens is None:
+            cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+        else:
+            cu = cu_seqlens.to(torch.int32)
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        o, ht = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, A_log, dt_bias, beta_scale)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias)
+        ctx.meta = (B, T, scale, beta_scale)
+        return o.reshape(B, T, HV, V), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias = ctx.saved_tensors
+        B, T, scale, beta_scale = ctx.meta
+        rows, H, K = q.shape
+        HV, V = v.shape[1:]
+        do = do.reshape(rows, HV, V).contiguous().to(v.dtype)
+        dht = dht.contiguous() if dht is not None else None
+        dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_bwd(
+            q, k, v, g, beta, scale, h0, cu, do, dht, A_log, dt_bias, beta_scale)
+        if HV != H:  # value heads of one q/k head share its gradient
+            dq = dq.view(rows, H, HV // H, K).sum(2)
+            dk = dk.view(rows, H, HV // H, K).sum(2)
+        if q_rstd is not None:
+            dq = l2norm_bwd(q, q_rstd, dq)
+            dk = l2norm_bwd(k, k_rstd, dk)
+        dq, dk = dq.to(q.dtype).view(B, T, H, K), dk.to(k.dtype).view(B, T, H, K)
+        return (dq, dk, dv.view(B, T, HV, V), dg.view(B, T, HV), dbeta.view(B, T, HV), None, dh0, None, None,
+                None, dA_log, ddt_bias, None)
+
+
+def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                                  cu_seqlens=None, use_qk_l2norm_in_kernel=False, A_log=None, dt_bias=None,
+                                  beta_scale=None):
+    """The Triton chunked op. g is the log decay, or the raw gate logits when A_log and dt_bias are given;
+    beta is beta, or its logits when beta_scale is given (beta = beta_scale * sigmoid(logits))."""
+    return ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                             cu_seqlens, use_qk_l2norm_in_kernel, A_log, dt_bias, beta_scale)

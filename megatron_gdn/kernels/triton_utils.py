@@ -1,0 +1,107 @@
+"""Helpers shared by the Triton kernels: interpreter detection, chunk bookkeeping, tile loads.
+
+Whether Triton runs kernels compiled or in its interpreter is decided when ``@triton.jit`` decorates a
+function, from the environment variable TRITON_INTERPRET. The kernel modules are therefore imported lazily
+(by ``megatron_gdn.kernels``) on the first Triton call, and ``INTERPRET`` below records the mode they got.
+
+Every kernel sees its inputs packed: the rows of all sequences one after the other ([B * T, heads, dim],
+which is the memory layout of a contiguous [B, T, heads, dim] tensor), with ``cu_seqlens`` marking the
+sequences. Dense batches get ``cu_seqlens = [0, T, 2T, ...]``, so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read the way triton.jit reads it (Triton >= 3.4 through its knobs, older versions from the environment).
+try:
+    from triton import knobs
+    INTERPRET: bool = bool(knobs.runtime.interpret)
+except ImportError:  # pragma: no cover - Triton < 3.4
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Chunk length of the chunked algorithm (the tile height of every chunk kernel).
+CHUNK = 64
+
+
+def configs(candidates: list[triton.Config]) -> list[triton.Config]:
+    """Autotuning candidates; the interpreter gets only the first (timing it would be meaningless)."""
+    return candidates[:1] if INTERPRET else candidates
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_tables(bounds: tuple[int, ...], chunk: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = [-(-(b - a) // chunk) for a, b in zip(bounds[:-1], bounds[1:])]
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    indices = [(n, c) for n, count in enumerate(counts) for c in range(count)]
+    chunk_indices = torch.tensor(indices or [(0, 0)], dtype=torch.int32).reshape(-1, 2)[: len(indices)]
+    return chunk_indices.to(device), torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def chunk_tables(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk_indices [NT, 2] int32: (sequence, chunk within it); chunk_offsets [N + 1] int32).
+
+    Chunks never straddle two sequences. One host sync to read cu_seqlens; the tables are cached by value.
+    """
+    return _chunk_tables(tuple(cu_seqlens.tolist()), chunk, str(cu_seqlens.device))
+
+
+@triton.jit
+def load_rows(ptr, t0, eos, i_h, NH: tl.constexpr, D: tl.constexpr, o_d, BT: tl.constexpr):
+    """The [BT, len(o_d)] tile of rows t0.. of a [rows, NH, D] tensor at head i_h; zero past eos and D."""
+    o_t = t0 + tl.arange(0, BT)
+    m = (o_t < eos)[:, None] & (o_d < D)[None, :]
+    return tl.load(ptr + (o_t[:, None] * NH + i_h) * D + o_d[None, :], mask=m, other=0.)
+
+
+@triton.jit
+def load_rows_t(ptr, t0, eos, i_h, NH: tl.constexpr, D: tl.constexpr, o_d, BT: tl.constexpr):
+    """The transpose of load_rows, [len(o_d), BT], read straight from memory (no tl.trans of a register tile,
+    which Triton 3.4-3.7.0 miscompiles on Hopper when the tile is a matrix-multiply result)."""
+    o_t = t0 + tl.arange(0, BT)
+    m = (o_d < D)[:, None] & (o_t < eos)[None, :]
+    return tl.load(ptr + (o_t[None, :] * NH + i_h) * D + o_d[:, None], mask=m, other=0.)
+
+
+@triton.jit
+def store_rows(ptr, value, t0, eos, i_h, NH: tl.constexpr, D: tl.constexpr, o_d, BT: tl.constexpr):
+    """Store a [BT, len(o_d)] tile into rows t0.. of a [rows, NH, D] tensor, skipping rows past eos."""
+    o_t = t0 + tl.arange(0, BT)
+    m = (o_t < eos)[:, None] & (o_d < D)[None, :]
+    tl.store(ptr + (o_t[:, None] * NH + i_h) * D + o_d[None, :], value.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def chunk_coords(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
+    """(sequence, first row of the chunk, end row of its sequence) of global chunk i_t, all int64."""
+    i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return i_n, bos + i_c * BT, eos
+
+
+@triton.jit
+def load_gates(G, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr):
+    """(G of rows t0.., G of the chunk's last row) from the [rows, HV] cumulative log decay.
+
+    Rows past eos repeat the last value, as the cumsum would: then G_i - G_j <= 0 for every i >= j of the
+    tile, padded rows included, so no masked exponent can overflow.
+    """
+    o_t = tl.arange(0, BT)
+    b_Glast = tl.load(G + (tl.minimum(eos, t0 + BT) - 1) * HV + i_hv)
+    b_G = tl.load(G + (t0 + o_t) * HV + i_hv, mask=t0 + o_t < eos, other=0.)
+    return tl.where(t0 + o_t < eos, b_G, b_Glast), b_Glast
+
+
+@triton.jit
+def softplus(x):
+    # log(1 + e^x), linear above 20 like torch.nn.functional.softplus (its exp would overflow).
+    return tl.where(x > 20., x, tl.log(1. + tl.exp(tl.minimum(x, 20.))))
