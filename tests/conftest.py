@@ -1,0 +1,14 @@
+"""Test-wide settings.
+
+One intra-op thread per process: the tests use small shapes, and many of them start several processes
+(gloo ranks, training subprocesses) on a 2-core machine, where OpenMP threads spinning against each
+other make small matrix products tens of times slower.
+"""
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses the tests start
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,310 @@
+"""Single-process pretraining: learning, exact resume, crash safety, signals, schedules and clear errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain_gdn
+from megatron_gdn.config import parse_args
+from megatron_gdn.data.mock_dataset import MockGPTDataset
+from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
+from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+from megatron_gdn.training.checkpointing import TRACKER, checkpoint_file, read_tracker
+from megatron_gdn.training.flops import forward_flops_per_token
+from megatron_gdn.training.lr_schedule import LRSchedule
+from megatron_gdn.training.optimizer import build_optimizer, is_no_weight_decay
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2", "--head-dim", "16"]
+MOCK = ["--mock-data", "--vocab-size", "128", "--seq-length", "32"]
+
+
+def flags(*extra: str, iters: int = 6) -> list[str]:
+    return [*SMALL_MODEL, *MOCK, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "1000",
+            "--eval-iters", "1", *extra]
+
+
+def run_train(argv: list[str]) -> dict:
+    return pretrain_gdn.train(*parse_args(argv))
+
+
+def run_script(argv: list[str], prelude: str = "", **popen) -> subprocess.CompletedProcess:
+    """Run pretrain_gdn.main in a fresh interpreter, after `prelude` (used to inject crashes)."""
+    code = textwrap.dedent(prelude) + "\nimport sys, pretrain_gdn\nsys.exit(pretrain_gdn.main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, **popen)
+
+
+def parse_losses(stdout: str) -> dict[int, float]:
+    pattern = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|")
+    return {int(m.group(1)): float(m.group(2)) for m in pattern.finditer(stdout)}
+
+
+def test_tiny_model_overfits_a_small_batch():
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                         num_heads=2, head_dim=16))
+    optimizer = build_optimizer(model, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+    batch = torch.randint(0, 128, (4, 33))
+    losses = []
+    for _ in range(150):
+        loss = model(batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_mock_data_loss_falls_through_pretrain(capsys):
+    result = run_train(flags("--lr", "1e-2", "--seq-length", "64", "--global-batch-size", "8", iters=40))
+    first = result["losses"][1]
+    last = sum(result["losses"][it] for it in range(36, 41)) / 5
+    assert last < first - 0.5, (first, last)  # ln(128) = 4.85 is the loss of knowing nothing
+    lines = [line for line in capsys.readouterr().out.splitlines() if "lm loss:" in line]
+    assert len(lines) == 40
+    assert re.search(r"\| lm loss: \d\.\d{6}E[+-]\d\d \|", lines[0])
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = run_train(flags("--save", str(tmp_path / "a"), "--save-interval", "3"))
+    assert read_tracker(tmp_path / "a") == 6
+    resumed = run_train(flags("--load", str(tmp_path / "a"), "--ckpt-step", "3"))
+    assert resumed["iteration"] == 6
+    assert set(resumed["losses"]) == {4, 5, 6}
+    for it in (4, 5, 6):
+        assert resumed["losses"][it] == full["losses"][it]  # bit for bit
+
+
+@pytest.mark.parametrize("crash_point", ["writing the file", "before the tracker"])
+def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, crash_point):
+    """The process really dies by SIGKILL inside the second save; the first checkpoint stays loadable."""
+    save = str(tmp_path / "ckpt")
+    if crash_point == "writing the file":
+        prelude = """
+            import os, signal, torch
+            real_save, calls = torch.save, []
+            def dying_save(obj, f, *args, **kwargs):
+                calls.append(1)
+                if len(calls) == 2:
+                    f.write(b"PK half a checkpoint"); f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_save(obj, f, *args, **kwargs)
+            torch.save = dying_save
+        """
+    else:
+        prelude = """
+            import os, signal
+            real_replace = os.replace
+            def dying_replace(src, dst):
+                if str(dst).endswith("latest_checkpointed_iteration.txt") and "iter_0000006" in str(os.listdir(os.path.dirname(dst))):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_replace(src, dst)
+            os.replace = dying_replace
+        """
+    crashed = run_script(flags("--save", save, "--save-interval", "3", iters=9), prelude)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert read_tracker(save) == 3
+    resumed = run_script(flags("--save", save, "--load", save, "--save-interval", "3", iters=9))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "loaded checkpoint" in resumed.stdout and "at iteration 3" in resumed.stdout
+    reference = parse_losses(run_script(flags(iters=9)).stdout)
+    got = parse_losses(resumed.stdout)
+    assert sorted(got) == list(range(4, 10))
+    assert all(got[it] == reference[it] for it in got)
+    assert read_tracker(save) == 9
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    save = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "pretrain_gdn.py", *flags("--save", str(save), iters=100000)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "iteration        2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "received signal SIGTERM" in out and "exiting at iteration" in out
+    iteration = read_tracker(save)
+    assert iteration is not None and iteration >= 2
+    assert checkpoint_file(save, iteration).exists()
+
+
+def test_exit_interval_saves_then_exits(tmp_path):
+    result = run_train(flags("--save", str(tmp_path), "--exit-interval", "2", iters=10))
+    assert result["iteration"] == 2 and result["exit_reason"] == "exit-interval"
+    assert read_tracker(tmp_path) == 2
+
+
+def test_validation_and_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(flags("--eval-interval", "2", "--tensorboard-dir", str(tmp_path), iters=4))
+    out = capsys.readouterr().out
+    assert re.search(r"validation loss at iteration 2 \| lm loss value: \S+ \| lm loss PPL: \S+ \|", out)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "learning-rate", "grad-norm", "lm loss validation", "lm loss vs samples"} <= tags
+    assert len(events.Scalars("lm loss")) == 4
+
+
+def save_checkpoint_for(tmp_path: Path, *extra: str) -> Path:
+    save = tmp_path / "ckpt"
+    run_train(flags("--save", str(save), *extra, iters=2))
+    return save
+
+
+def main_error(argv: list[str], capsys) -> str:
+    assert pretrain_gdn.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_error_inconsistent_model_shape(capsys):
+    err = main_error(flags("--num-v-heads", "3"), capsys)
+    assert "num_v_heads (3) must be a multiple of num_heads (2)" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "5"], "multiple of --micro-batch-size"),
+    (["--bf16"], "need a GPU"),
+    (["--data-path", "x"], "exclude each other"),
+])
+def test_error_bad_flags(extra, message, capsys):
+    if extra == ["--bf16"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert message in main_error(flags(*extra), capsys)
+
+
+def test_error_missing_checkpoint(tmp_path, capsys):
+    assert "no checkpoint in" in main_error(flags("--load", str(tmp_path), "--exit-on-missing-checkpoint"), capsys)
+    (tmp_path / TRACKER).write_text("7")
+    assert "is missing (iteration 7)" in main_error(flags("--load", str(tmp_path)), capsys)
+
+
+def test_error_corrupt_checkpoint(tmp_path, capsys):
+    save = save_checkpoint_for(tmp_path)
+    path = checkpoint_file(save, 2)
+    path.write_bytes(path.read_bytes()[:1000])
+    assert "not a readable checkpoint" in main_error(flags("--load", str(save)), capsys)
+
+
+def test_error_load_from_other_model_shape(tmp_path, capsys):
+    save = save_checkpoint_for(tmp_path)
+    argv = flags("--load", str(save))
+    argv[argv.index("--hidden-size") + 1] = "96"
+    err = main_error(argv, capsys)
+    assert "another model shape" in err and "hidden_size: checkpoint 64 vs run 96" in err
+
+
+class Payload:
+    """An object whose unpickling would call a function: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path, capsys):
+    save = save_checkpoint_for(tmp_path)
+    path = checkpoint_file(save, 2)
+    state = torch.load(path, weights_only=True)
+    state["args"]["extra"] = Payload()
+    torch.save(state, path)
+    err = main_error(flags("--load", str(save)), capsys)
+    assert "refusing to load" in err
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_no_weight_decay_groups():
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1,
+                                                         num_heads=2, head_dim=16))
+    no_decay = {n for n, p in model.named_parameters() if is_no_weight_decay(n, p)}
+    assert {"model.layers.0.attn.A_log", "model.layers.0.attn.dt_bias", "model.layers.0.attn.o_norm.weight",
+            "model.layers.0.attn_norm.weight", "model.layers.0.mlp_norm.weight", "model.norm.weight"} == no_decay
+    groups = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8).param_groups
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_schedules():
+    cosine = LRSchedule(1.0, 0.1, warmup_iters=10, decay_iters=110, decay_style="cosine")
+    assert cosine.lr(0) == pytest.approx(0.1) and cosine.lr(9) == pytest.approx(1.0)
+    assert cosine.lr(10) == pytest.approx(1.0) and cosine.lr(60) == pytest.approx(0.55)
+    assert cosine.lr(110) == pytest.approx(0.1) and cosine.lr(500) == pytest.approx(0.1)
+    linear = LRSchedule(1.0, 0.0, 0, 100, "linear")
+    assert linear.lr(25) == pytest.approx(0.75)
+    assert LRSchedule(1.0, 0.0, 5, 100, "constant").lr(99) == 1.0
+    wsd = LRSchedule(1.0, 0.0, 0, 100, "WSD", wsd_decay_iters=20, wsd_decay_style="linear")
+    assert wsd.lr(79) == 1.0 and wsd.lr(90) == pytest.approx(0.5) and wsd.lr(100) == 0.0
+    isqrt = LRSchedule(1.0, 0.0, 4, 100, "inverse-square-root")
+    assert isqrt.lr(16) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="warmup"):
+        LRSchedule(1.0, 0.0, 200, 100, "cosine")
+
+
+def test_flops_model_matches_hand_count():
+    cfg = GatedDeltaNetConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16,
+                              expand_v=2, intermediate_size=128)
+    # q, k: 64->32; v, g: 64->64; a, b: 64->2; o: 64->64 (multiply-adds x 2)
+    projections = 2 * (64 * 32 * 2 + 64 * 64 * 2 + 64 * 2 * 2 + 64 * 64)
+    conv = 2 * 4 * (32 + 32 + 64)
+    # per value head (K=16, V=32, chunk 64): KK^T and QK^T rows, T k, T v, attention x v_new, 3 K x V products
+    delta_rule = 2 * (2 * 64 * 16 * 2 + 2 * 64 * 16 + 2 * 64 * 32 * 2 + 3 * 2 * 16 * 32)
+    mlp = 2 * 3 * 64 * 128
+    expected = 2 * (projections + conv + delta_rule + mlp) + 2 * 64 * 1000
+    assert forward_flops_per_token(cfg) == expected
+
+
+def test_mock_data_is_deterministic_and_splits_differ():
+    a = MockGPTDataset(10, 64, 100, seed=5)
+    b = MockGPTDataset(10, 64, 100, seed=5)
+    assert torch.equal(a[3]["tokens"], b[3]["tokens"]) and a[3]["tokens"].shape == (65,)
+    assert not torch.equal(a[3]["tokens"], a[4]["tokens"])
+    assert not torch.equal(a[3]["tokens"], MockGPTDataset(10, 64, 100, seed=5, split=1)[3]["tokens"])
+    assert int(a[0]["tokens"].max()) < 100
+
+
+def test_sampler_resumes_and_splits_data_parallel_ranks():
+    full = list(MegatronPretrainingSampler(20, 0, 2))
+    assert full[0] == [0, 1] and len(full) == 10
+    assert list(MegatronPretrainingSampler(20, 6, 2)) == full[3:]
+    ranks = [list(MegatronPretrainingSampler(20, 4, 2, rank, 2)) for rank in range(2)]
+    assert ranks[0][0] == [4, 5] and ranks[1][0] == [6, 7] and len(ranks[0]) == 4
+
+
+def test_collate_packs_document_offsets():
+    samples = [{"tokens": torch.arange(9), "cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32)},
+               {"tokens": torch.arange(9), "cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)}]
+    batch = collate(samples)
+    assert batch["tokens"].shape == (2, 9)
+    assert batch["cu_seqlens"].tolist() == [0, 3, 8, 16]
+
+
+def test_reset_state_at_eod_training_matches_per_document_loss():
+    """The packed loss with cu_seqlens equals the token-weighted mean of each document run alone."""
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                         num_heads=2, head_dim=16))
+    tokens = torch.randint(0, 50, (2, 11))
+    batch = {"tokens": tokens, "cu_seqlens": torch.tensor([0, 4, 10, 13, 20], dtype=torch.int32)}
+    loss = pretrain_gdn.lm_loss(model, batch, torch.device("cpu"), None)
+    flat_in, flat_out = tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)
+    total = 0.0
+    for a, b in [(0, 4), (4, 10), (10, 13), (13, 20)]:
+        logits = model(flat_in[None, a:b]).logits[0]
+        total += torch.nn.functional.cross_entropy(logits, flat_out[a:b], reduction="sum").item()
+    assert math.isclose(loss.item(), total / 20, rel_tol=1e-5)
