@@ -11,24 +11,37 @@ sigmoid (times 2 with allow_neg_eigval, so that beta is in (0, 2)).
 
 q, k: [B, T, H, K]; v: [B, T, HV, V] (HV a multiple of H); g (log decay), beta: [B, T, HV];
 states: [N, HV, K, V] fp32 (fp64 for fp64 inputs); cu_seqlens: [N + 1] with B == 1 for packed documents.
-On CPU tensors they run the PyTorch reference (kernels/reference.py).
+
+backend: 'auto' runs the Triton kernels (chunk.py, recurrent.py) on CUDA tensors and the PyTorch reference
+(reference.py) on CPU tensors; 'torch' always runs the reference; 'triton' always runs the kernels, on CPU
+tensors through Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment before the first
+Triton call of the process (that is how the CPU tests check the kernels). The kernels are imported on first
+use, so importing this package never initialises Triton. See docs/KERNELS.md.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from .reference import (chunk_gated_delta_rule_torch, gated_rmsnorm, gdn_gate, l2norm,
-                        recurrent_gated_delta_rule)
+from .reference import chunk_gated_delta_rule_torch, gdn_gate, l2norm, recurrent_gated_delta_rule
+from .reference import gated_rmsnorm as gated_rmsnorm_torch
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
-           "gdn_gate", "l2norm"]
+           "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "BACKENDS", "slice_summary", "fold_summaries"]
+
+BACKENDS = ("auto", "triton", "torch")
+# The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
+MAX_TRITON_HEAD_DIM = 256
 
 
-def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> int:
+def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, A_log=None, dt_bias=None,
+                 max_head_dim: int | None = None) -> int:
     """Validate shapes, dtypes and devices of a gated delta rule call; returns N, the number of sequences.
 
     Raises ValueError with a message that says what is wrong, instead of a failure deep inside a kernel.
+    max_head_dim: the largest K the chosen backend supports (None: no limit).
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -41,12 +54,19 @@ def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> int:
     for name, t in (("g", g), ("beta", beta)):
         if t.shape != (B, T, HV):
             raise ValueError(f"{name} must be [B, T, HV] = {(B, T, HV)}; got {tuple(t.shape)}")
-    tensors = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", initial_state)]
+    if max_head_dim is not None and K > max_head_dim:
+        raise ValueError(f"the Triton kernels support q/k head dims K <= {max_head_dim}; got K={K} "
+                         "(use backend='torch', or fewer dims per head)")
+    tensors = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", initial_state),
+               ("cu_seqlens", cu_seqlens), ("A_log", A_log), ("dt_bias", dt_bias)]
     devices = {name: t.device for name, t in tensors if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"all inputs must be on one device; got {devices}")
+        raise ValueError(f"all inputs must be on one device (cu_seqlens, A_log and dt_bias too); got {devices}")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in tensors[3:6]:
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor; got {t.dtype}")
     N = B
     if cu_seqlens is not None:
         if B != 1:
@@ -59,19 +79,45 @@ def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> int:
         N = len(bounds) - 1
     if initial_state is not None and initial_state.shape != (N, HV, K, v.shape[3]):
         raise ValueError(f"initial_state must be [N, HV, K, V] = {(N, HV, K, v.shape[3])}; got {tuple(initial_state.shape)}")
+    for name, t in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if t is not None and t.shape != (HV,):
+            raise ValueError(f"{name} must be [HV] = ({HV},); got {tuple(t.shape)}")
     return N
+
+
+def _triton_module(name: str, x: torch.Tensor, backend: str):
+    """The kernel module kernels/<name>.py if this call should run Triton, else None."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "torch" or (backend == "auto" and (not x.is_cuda or x.dtype == torch.float64)):
+        return None
+    if x.dtype == torch.float64:
+        raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs; use backend='torch' for fp64")
+    from . import triton_utils
+    if not x.is_cuda and not triton_utils.INTERPRET:
+        raise RuntimeError("backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 in "
+                           "the environment before the process first uses a Triton kernel (or pass CUDA tensors)")
+    return importlib.import_module(f".{name}", __name__)
+
+
+def _fused_options(use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    """Check the fused gate/beta options; returns (A_log, dt_bias, beta_scale) as the kernels take them."""
+    if use_gate_in_kernel and (A_log is None or dt_bias is None):
+        raise ValueError("use_gate_in_kernel=True needs A_log and dt_bias")
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("allow_neg_eigval needs use_beta_sigmoid_in_kernel=True (or pass beta already in (0, 2))")
+    beta_scale = (2.0 if allow_neg_eigval else 1.0) if use_beta_sigmoid_in_kernel else None
+    return (A_log, dt_bias) if use_gate_in_kernel else (None, None), beta_scale
 
 
 def _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
     """Turn raw gate/beta logits into the log decay and beta (the PyTorch path of the fused options)."""
-    if use_gate_in_kernel:
-        if A_log is None or dt_bias is None:
-            raise ValueError("use_gate_in_kernel=True needs A_log and dt_bias")
+    (A_log, dt_bias), beta_scale = _fused_options(use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel,
+                                                  allow_neg_eigval)
+    if A_log is not None:
         g = gdn_gate(g, A_log, dt_bias)
-    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
-        raise ValueError("allow_neg_eigval needs use_beta_sigmoid_in_kernel=True (or pass beta already in (0, 2))")
-    if use_beta_sigmoid_in_kernel:
-        beta = beta.to(torch.promote_types(beta.dtype, torch.float32)).sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    if beta_scale is not None:
+        beta = beta.to(torch.promote_types(beta.dtype, torch.float32)).sigmoid() * beta_scale
     return g, beta
 
 
@@ -91,9 +137,18 @@ def chunk_gated_delta_rule(
     dt_bias: torch.Tensor | None = None,
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule by the chunked algorithm (training and prefill). Returns (o, final_state)."""
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    chunk = _triton_module("chunk", q, backend)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                 MAX_TRITON_HEAD_DIM if chunk else None)
+    if chunk is not None:
+        (A_log, dt_bias), beta_scale = _fused_options(use_gate_in_kernel, A_log, dt_bias,
+                                                      use_beta_sigmoid_in_kernel, allow_neg_eigval)
+        return chunk.chunk_gated_delta_rule_triton(
+            q, k, v, g, beta, q.shape[-1] ** -0.5 if scale is None else scale, initial_state, output_final_state,
+            cu_seqlens, use_qk_l2norm_in_kernel, A_log, dt_bias, beta_scale)
     g, beta = _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
@@ -115,9 +170,43 @@ def fused_recurrent_gated_delta_rule(
     dt_bias: torch.Tensor | None = None,
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule token by token (decoding a few tokens from a cached state)."""
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    """The gated delta rule token by token (decoding a few tokens from a cached state).
+
+    The Triton kernel is forward-only: when autograd needs gradients, the call runs the chunked kernels,
+    which compute the same function.
+    """
+    recurrent = _triton_module("recurrent", q, backend)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
+                 MAX_TRITON_HEAD_DIM if recurrent else None)
+    if recurrent is not None:
+        args = (q, k, v, g, beta, A_log, dt_bias, initial_state)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                          use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias,
+                                          use_beta_sigmoid_in_kernel, allow_neg_eigval, backend)
+        (A_log, dt_bias), beta_scale = _fused_options(use_gate_in_kernel, A_log, dt_bias,
+                                                      use_beta_sigmoid_in_kernel, allow_neg_eigval)
+        return recurrent.fused_recurrent_fwd(
+            q, k, v, g, beta, q.shape[-1] ** -0.5 if scale is None else scale, initial_state, output_final_state,
+            cu_seqlens, use_qk_l2norm_in_kernel, A_log, dt_bias, beta_scale)
     g, beta = _gate_and_beta(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
     return recurrent_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
+
+
+def gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                  backend: str = "auto") -> torch.Tensor:
+    """rmsnorm(x) * weight * silu(gate) over the last dimension (the GDN output norm), in fp32 inside.
+
+    x, gate: [..., D]; weight: [D]. Triton (rmsnorm.py) on CUDA tensors with backend='auto'.
+    """
+    rmsnorm = _triton_module("rmsnorm", x, backend)
+    if rmsnorm is None:
+        return gated_rmsnorm_torch(x, gate, weight, eps)
+    return rmsnorm.gated_rmsnorm_triton(x, gate, weight, eps)
+
+
+# The context-parallel API builds on the public ops above (it needs them defined first).
+from .slice_summary import fold_summaries, slice_summary  # noqa: E402

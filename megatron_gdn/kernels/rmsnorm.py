@@ -1,0 +1,86 @@
+"""Gated RMSNorm in Triton, forward and backward: y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate).
+
+The output norm of the GDN layer, over the last dimension (per head). fp32 inside, y in x's dtype; the
+weight gradient is reduced per program, then summed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_PROGRAM = 16
+
+
+@triton.jit
+def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, D: tl.constexpr, BR: tl.constexpr,
+                             BD: tl.constexpr):
+    i_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (i_r < N)[:, None] & (o_d < D)[None, :]
+    p = i_r[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
+    b_z = tl.load(gate + p, mask=m, other=0.).to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
+    b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+    b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * tl.sigmoid(b_z))
+    tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(rstd + i_r, b_rstd, mask=i_r < N)
+
+
+@triton.jit
+def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, D: tl.constexpr, BR: tl.constexpr,
+                             BD: tl.constexpr):
+    i_p = tl.program_id(0).to(tl.int64)
+    i_r = i_p * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (i_r < N)[:, None] & (o_d < D)[None, :]
+    p = i_r[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(gate + p, mask=m, other=0.).to(tl.float32)
+    b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
+    b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)
+    b_n = b_x * b_rstd[:, None]  # the normalised x
+    b_sig = tl.sigmoid(b_z)
+    b_dn = b_dy * b_z * b_sig  # d(n * w)
+    tl.store(dgate + p, (b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))).to(dgate.dtype.element_ty),
+             mask=m)
+    tl.store(dweight + i_p * D + o_d, tl.sum(b_dn * b_n, axis=0), mask=o_d < D)
+    b_dn = b_dn * b_w[None, :]
+    b_dx = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
+    tl.store(dx + p, b_dx.to(dx.dtype.element_ty), mask=m)
+
+
+class GatedRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps):
+        shape = x.shape
+        D = shape[-1]
+        x, gate = x.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous()
+        N = x.shape[0]
+        y = torch.empty_like(x)
+        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+        gated_rmsnorm_fwd_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM),)](
+            x, gate, weight, y, rstd, N, eps, D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
+        ctx.save_for_backward(x, gate, weight, rstd)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gate, weight, rstd = ctx.saved_tensors
+        N, D = x.shape
+        shape = dy.shape
+        dy = dy.reshape(N, D).contiguous()
+        dx, dgate = torch.empty_like(x), torch.empty_like(gate)
+        grid = triton.cdiv(N, ROWS_PER_PROGRAM)
+        dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
+        gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, D=D,
+                                          BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
+        return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None
+
+
+def gated_rmsnorm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight * silu(gate) over the last dimension; differentiable in x, gate and weight."""
+    return GatedRMSNormFunction.apply(x, gate, weight, eps)

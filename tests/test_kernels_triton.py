@@ -1,0 +1,179 @@
+"""The Triton kernels on CPU, through Triton's interpreter, in fp32, against the per-token fp64 oracle.
+
+Triton decides between compiling and interpreting when a kernel is defined, from TRITON_INTERPRET. So that
+this file can share a pytest process with tests that use Triton compiled (the GPU tests), the cases run in
+one worker subprocess (``python tests/test_kernels_triton.py --worker``) started with TRITON_INTERPRET=1,
+whose torch.empty fills float tensors with NaN (every output and buffer is poisoned). Each test then checks
+its case's errors. Run one case by hand: ``TRITON_INTERPRET=1 python tests/test_kernels_triton.py CASE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
+from kernel_cases import over_budget, run_case  # noqa: E402
+
+from megatron_gdn.kernels import MAX_TRITON_HEAD_DIM, check_inputs, chunk_gated_delta_rule  # noqa: E402
+
+# The matrix of ../shared/DESIGN.md section 3, at shapes the interpreter runs in seconds.
+CHUNK_CASES = {
+    "dense_T_not_multiple_of_64": dict(B=2, T=100, H=2, HV=2, K=32, V=24),
+    "T_below_64": dict(B=1, T=37, H=1, HV=1, K=16, V=16),
+    "varlen_with_length_1_docs": dict(T=150, H=1, HV=2, K=40, V=48, cu_seqlens=[0, 1, 40, 41, 107, 149, 150]),
+    "gva_hv_4h": dict(T=70, H=1, HV=4, K=16, V=32),
+    "fused_gate_and_beta": dict(T=80, gate=True, beta_logits=True),
+    "allow_neg_eigval": dict(T=80, gate=True, allow_neg_eigval=True),
+    "no_decay_g_zero": dict(T=150, gate_scale=0.0),
+    "partly_zero_gate": dict(T=150, zero_gate_frac=0.5),
+    "strong_decay": dict(T=150, gate_scale=30.0),
+    "strong_fused_gate": dict(T=100, gate=True, beta_logits=True, gate_scale=3.0),
+    "K_V_not_powers_of_two": dict(T=90, H=1, HV=1, K=100, V=72),
+    "K_256": dict(T=65, H=1, HV=1, K=256, V=16),
+    "no_initial_state_no_l2norm": dict(B=2, T=70, initial_state=False, l2norm=False),
+}
+# The chunked form in fp32 (ours and reference.chunk_gated_delta_rule_torch alike) keeps only ~3 digits of
+# dA_log / ddt_bias under strong decay: dG is a sum of terms that cancel, and dA_log weights it by g ~ -50.
+LOOSER = {"strong_fused_gate": {"dg": 1e-3, "dA_log": 1e-2, "ddt_bias": 1e-2}}
+RECURRENT_CASES = {
+    "decode_one_token": dict(B=3, T=1, H=2, HV=4, K=32, V=24, gate=True, beta_logits=True),
+    "prefill_varlen": dict(T=40, H=1, HV=2, K=20, V=12, cu_seqlens=[0, 1, 17, 40], allow_neg_eigval=True, gate=True),
+}
+WORKERS = 2  # this CI machine has 2 cores
+
+
+def _worker(names: list[str]) -> dict:
+    from kernel_cases import poison_empty
+    poison_empty()
+    results = {}
+    for name in names:
+        if name in CHUNK_CASES:
+            results[name] = run_case(op="chunk", **CHUNK_CASES[name])
+        elif name in RECURRENT_CASES:
+            results[name] = run_case(op="recurrent", **RECURRENT_CASES[name])
+        else:
+            results[name] = globals()[name]()
+    return results
+
+
+def rmsnorm_errors() -> dict:
+    from megatron_gdn.kernels import gated_rmsnorm
+    from kernel_cases import rel_rms
+    torch.manual_seed(0)
+    x, z = torch.randn(3, 5, 2, 48, requires_grad=True), torch.randn(3, 5, 2, 48, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(48)).requires_grad_()
+    dy = torch.randn(3, 5, 2, 48)
+    out = {}
+    for backend in ("triton", "torch"):
+        y = gated_rmsnorm(x, z, w, 1e-5, backend=backend)
+        out[backend] = [y, *torch.autograd.grad((y * dy).sum(), (x, z, w))]
+    return {n: rel_rms(a, b) for n, a, b in zip(("o", "dx", "dgate", "dweight"), out["triton"], out["torch"])}
+
+
+def slice_summary_errors() -> dict:
+    """(M, h) of a slice: M S + h is the slice run from S, and their gradients match the torch backend."""
+    from megatron_gdn.kernels import slice_summary
+    from kernel_cases import make_inputs, rel_rms
+    cu = torch.tensor([0, 30, 100])
+    x = make_inputs(T=100, H=1, HV=2, K=16, V=8, cu_seqlens=cu.tolist(), gate=True, beta_logits=True,
+                    gate_scale=0.01)  # weak decay, so that M is far from 0
+    opts = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                use_beta_sigmoid_in_kernel=True)
+    leaves = [x[n] for n in ("k", "v", "g", "beta", "A_log", "dt_bias")]
+    out = {}
+    for backend in ("triton", "torch"):
+        M, h = slice_summary(x["k"], x["v"], x["g"], x["beta"], cu_seqlens=cu, backend=backend, **opts)
+        _, S = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"],
+                                      output_final_state=True, cu_seqlens=cu, backend=backend, **opts)
+        affine = M @ x["initial_state"] + h
+        out[backend] = [M, h, affine, S, *torch.autograd.grad((M.sum(0) ** 2).sum() + (h ** 2).sum(), leaves)]
+    errors = {f"{n}_vs_torch": rel_rms(a, b) for n, a, b in zip(("M", "h", "affine", "run"), out["triton"], out["torch"])}
+    errors["affine_vs_run"] = rel_rms(out["triton"][2], out["triton"][3])
+    grads = out["triton"][4:], out["torch"][4:]
+    errors.update({f"d{n}_vs_torch": rel_rms(a, b) for n, a, b in zip(("k", "v", "g", "beta", "A_log", "dt_bias"), *grads)})
+    return errors
+
+
+EXTRA_CASES = ["rmsnorm_errors", "slice_summary_errors"]
+ALL_CASES = [*CHUNK_CASES, *RECURRENT_CASES, *EXTRA_CASES]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    # Split the cases over the workers, longest (biggest) first, round robin.
+    shares = [ALL_CASES[i::WORKERS] for i in range(WORKERS)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *share], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for share in shares]
+    merged = {}
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{err[-4000:]}")
+        merged.update(json.loads(out.strip().splitlines()[-1]))
+    return merged
+
+
+@pytest.mark.parametrize("name", list(CHUNK_CASES))
+def test_chunk_matches_oracle(results, name):
+    errors = results[name]
+    looser = LOOSER.get(name, {})
+    assert not over_budget({k: e for k, e in errors.items() if k not in looser}, bf16=False), errors
+    assert all(errors[k] <= budget for k, budget in looser.items()), errors
+
+
+@pytest.mark.parametrize("name", list(RECURRENT_CASES))
+def test_fused_recurrent_matches_oracle(results, name):
+    errors = results[name]
+    assert not over_budget(errors, bf16=False), errors
+
+
+@pytest.mark.parametrize("name", EXTRA_CASES)
+def test_extra(results, name):
+    errors = results[name]
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def _inputs(B=1, T=8, H=2, HV=2, K=16, V=16):
+    return (torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, HV, V), torch.randn(B, T, HV),
+            torch.rand(B, T, HV))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: dict(a, q=torch.randn(1, 8, 2, 300), k=torch.randn(1, 8, 2, 300)), "K <= 256"),
+    (lambda a: dict(a, k=torch.randn(1, 8, 2, 8)), "q and k"),
+    (lambda a: dict(a, v=a["v"].double()), "one floating dtype"),
+    (lambda a: dict(a, beta=torch.rand(1, 8, 3)), "beta must be"),
+    (lambda a: dict(a, q=torch.randn(2, 8, 2, 16), k=torch.randn(2, 8, 2, 16), v=torch.randn(2, 8, 2, 16),
+                    g=torch.randn(2, 8, 2), beta=torch.rand(2, 8, 2), cu_seqlens=torch.tensor([0, 8])), "B == 1"),
+    (lambda a: dict(a, cu_seqlens=torch.tensor([0, 5, 3, 8])), "monotonically"),
+    (lambda a: dict(a, cu_seqlens=torch.tensor([0, 4, 8], device="meta")), "one device"),
+    (lambda a: dict(a, initial_state=torch.randn(1, 2, 16, 16, device="meta")), "one device"),
+])
+def test_clear_errors(change, message):
+    q, k, v, g, beta = _inputs()
+    args = change(dict(q=q, k=k, v=v, g=g, beta=beta))
+    with pytest.raises(ValueError, match=message):
+        check_inputs(**args, max_head_dim=MAX_TRITON_HEAD_DIM)
+
+
+def test_backend_errors():
+    with pytest.raises(ValueError, match="backend must be"):
+        chunk_gated_delta_rule(*_inputs(), backend="cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            chunk_gated_delta_rule(*_inputs(), backend="triton")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--worker":
+        print(json.dumps(_worker(sys.argv[2:])))
+    else:
+        print(_worker(sys.argv[1:]))
