@@ -12,3 +12,15 @@ os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses the tests s
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: skip them (with the reason shown) on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
