@@ -119,6 +119,11 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
         store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
 
 
+# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones.
+SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
+                for bv, nw in ((32, 4), (16, 2), (16, 4), (64, 4), (32, 8), (64, 8))]
+
+
 @triton.jit
 def scan_coords(cu_seqlens, chunk_offsets, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr):
@@ -146,8 +151,7 @@ def load_state(ptr, i_n, i_hv, p_s, m_s, HV: tl.constexpr, K: tl.constexpr, V: t
     return b_S
 
 
-@triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                                  for bv in (32, 64, 16) for nw in (4, 2, 8) for ns in (2, 3)]),
+@triton.autotune(configs=configs(SCAN_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ", "STORE_O", "STORE_STATES"],
                  restore_value=[])
 @triton.jit
@@ -187,8 +191,7 @@ def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chun
         tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
 
 
-@triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                                  for bv in (32, 64, 16) for nw in (4, 2, 8) for ns in (2, 3)]),
+@triton.autotune(configs=configs(SCAN_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
 def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, chunk_offsets, scale, NSEQ,

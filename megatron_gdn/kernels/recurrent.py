@@ -19,7 +19,7 @@ from .triton_utils import configs, softplus
 
 
 @triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw)
-                                  for bv in (16, 32, 8, 64) for nw in (4, 2, 1)]),
+                                  for bv, nw in ((16, 4), (8, 2), (16, 2), (32, 4), (32, 8), (64, 8))]),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
 def fused_recurrent_fwd_kernel(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, cu_seqlens, scale, eps, NSEQ,

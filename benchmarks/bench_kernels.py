@@ -1,0 +1,145 @@
+"""Ours vs flash-linear-attention 0.6.0's chunk_gated_delta_rule, side by side in one process (bf16).
+
+    python benchmarks/bench_kernels.py [--markdown FILE]
+
+Times the forward and forward+backward of the chunked op at the four shapes of issue 4 and the decode step
+(one token from a cached state), median of triton.testing.do_bench, and prints a table with TFLOP/s and the
+speed-up over fla (when ``fla`` imports), plus the GPU name and the torch/triton versions. --markdown writes
+the same table as the "Kernels" section of docs/PERFORMANCE.md.
+
+FLOPs counted per token and value head (chunk C = 64, the matrix products of the chunked algorithm; the
+64x64 triangular inverse is left out): forward 2 * (C * (3K + 2V) + 3KV) (q k^T, k k^T, w, u, Aqk v_new,
+w S, q S, k^T v_new); forward+backward is counted as 3x the forward. Both implementations get the same
+count, so the TFLOP/s columns compare like with like.
+
+fla 0.6.0 refuses its gated backward on Hopper with Triton in [3.4, 3.7.1) (its issue #640: a Triton
+miscompile corrupts dk/dg there). For timing only, this script lifts that guard; fla's gradients are not
+used. Our kernels avoid the pattern that miscompiles, and tests/test_kernels_gpu.py checks them on the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_gdn.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: E402
+
+SHAPES = [  # (B, T, H, K, V): H q/k heads = value heads
+    (4, 4096, 16, 128, 128),
+    (8, 2048, 6, 256, 512),
+    (1, 32768, 16, 128, 128),
+    (16, 2048, 32, 128, 128),
+]
+DECODE = (64, 16, 128, 128)  # B, H, K = V, one token
+
+
+def load_fla():
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+    except Exception as e:  # noqa: BLE001 - any import failure means "no fla here"
+        print(f"fla not importable ({type(e).__name__}: {e}); timing ours only")
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: see the module docstring
+    return fla_chunk, fla_recurrent
+
+
+def chunk_inputs(B, T, H, K, V, requires_grad):
+    dev, bf16 = "cuda", torch.bfloat16
+    q, k = (torch.randn(B, T, H, K, device=dev, dtype=bf16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=dev, dtype=bf16)
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev, dtype=torch.float32))
+    beta = torch.rand(B, T, H, device=dev, dtype=torch.float32)
+    xs = [q, k, v, g, beta]
+    for x in xs:
+        x.requires_grad_(requires_grad)
+    return xs
+
+
+def time_chunk(fn, xs, backward):
+    kw = dict(use_qk_l2norm_in_kernel=True)
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(*xs, **kw), warmup=25, rep=100, return_mode="median")
+    o, _ = fn(*xs, **kw)
+    do = torch.randn_like(o)
+
+    def step():
+        o, _ = fn(*xs, **kw)
+        o.backward(do)
+    return do_bench(step, warmup=25, rep=100, grad_to_none=xs, return_mode="median")
+
+
+def fwd_flops(B, T, H, K, V, C=64):
+    return B * T * H * 2 * (C * (3 * K + 2 * V) + 3 * K * V)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--markdown", help="write the Kernels section of docs/PERFORMANCE.md to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    fla = load_fla()
+    gpu = torch.cuda.get_device_name()
+    header = f"GPU: {gpu}; torch {torch.__version__}; triton {triton.__version__}; " \
+             f"fla {'0.6.0 (fla-core)' if fla else 'not installed'}; bf16 inputs, median of do_bench"
+    print(header)
+    rows = []
+    for shape in SHAPES:
+        B, T, H, K, V = shape
+        name = f"B{B} T{T} H{H} K{K} V{V}"
+        for backward in (False, True):
+            xs = chunk_inputs(*shape, requires_grad=backward)
+            flops = fwd_flops(*shape) * (3 if backward else 1)
+            ours = time_chunk(chunk_gated_delta_rule, xs, backward)
+            theirs = time_chunk(fla[0], xs, backward) if fla else None
+            note = ""
+            if fla and not backward:  # the two agree on the output (a sanity check, not a test)
+                with torch.no_grad():
+                    note = f"o vs fla {rel(chunk_gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True)[0], fla[0](*xs, use_qk_l2norm_in_kernel=True)[0]):.1e}"
+            rows.append((name, "fwd+bwd" if backward else "fwd", ours, theirs, flops, note))
+            print(rows[-1])
+            del xs
+            torch.cuda.empty_cache()
+
+    # decode: one token per sequence from a cached fp32 state; floor = reading and writing that state once
+    B, H, K, V = DECODE
+    xs = chunk_inputs(B, 1, H, K, V, requires_grad=False)
+    h0 = torch.randn(B, H, K, V, device="cuda", dtype=torch.float32)
+    h1 = torch.empty_like(h0)
+    floor = do_bench(lambda: h1.copy_(h0), warmup=25, rep=100, return_mode="median")
+    with torch.no_grad():
+        kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        ours = do_bench(lambda: fused_recurrent_gated_delta_rule(*xs, **kw), warmup=25, rep=100, return_mode="median")
+        named = dict(zip("q k v g beta".split(), xs), **kw)  # fla's recurrent op has gk, gv between g and beta
+        theirs = do_bench(lambda: fla[1](**named), warmup=25, rep=100, return_mode="median") if fla else None
+    rows.append((f"decode B{B} H{H} K{K} V{V}", "1 token", ours, theirs, 0,
+                 f"state read+write floor {floor:.3f} ms; ours / floor = {ours / floor:.2f}"))
+
+    lines = [header, "",
+             "| shape | pass | ours (ms) | fla 0.6.0 (ms) | speed-up | ours TFLOP/s | fla TFLOP/s | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, kind, ours, theirs, flops, note in rows:
+        tf = lambda ms: f"{flops / ms / 1e9:.0f}" if flops and ms else "-"  # noqa: E731
+        lines.append(f"| {name} | {kind} | {ours:.3f} | {f'{theirs:.3f}' if theirs else '-'} | "
+                     f"{f'{theirs / ours:.2f}x' if theirs else '-'} | {tf(ours)} | {tf(theirs)} | {note} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
