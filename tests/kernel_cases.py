@@ -94,10 +94,12 @@ def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=Fal
     x = make_inputs(cu_seqlens=cu_seqlens, seed=seed, **shape)
     gate = "A_log" in x
     fn = chunk_gated_delta_rule if op == "chunk" else fused_recurrent_gated_delta_rule
-    o, ht = fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"], output_final_state=True,
-               cu_seqlens=cu, use_qk_l2norm_in_kernel=l2norm, use_gate_in_kernel=gate, A_log=x.get("A_log"),
-               dt_bias=x.get("dt_bias"), use_beta_sigmoid_in_kernel=beta_logits, allow_neg_eigval=allow_neg_eigval,
-               backend=backend)
+    # the recurrent kernel is forward-only: with gradients enabled the op would run the chunked kernels
+    with torch.set_grad_enabled(op == "chunk"):
+        o, ht = fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"], output_final_state=True,
+                   cu_seqlens=cu, use_qk_l2norm_in_kernel=l2norm, use_gate_in_kernel=gate, A_log=x.get("A_log"),
+                   dt_bias=x.get("dt_bias"), use_beta_sigmoid_in_kernel=beta_logits,
+                   allow_neg_eigval=allow_neg_eigval, backend=backend)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(device)
     dht = torch.randn(ht.shape, generator=gen).to(device)

@@ -59,8 +59,8 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
         b_Ai = tl.where(m_row & m_blk, b_Ai - b_sub[None, :], b_Ai)
     for lvl in tl.static_range(0, 8):
         if (BC << lvl) < BT:
-            bs: tl.constexpr = BC << lvl
-            m_off = ((r // (2 * bs)) == (c // (2 * bs))) & ((r // bs) != (c // bs)) & (r > c)
+            # blocks of BC << lvl rows: same pair of blocks, different blocks <=> block indices differ in bit 0
+            m_off = (((r // (BC << lvl)) ^ (c // (BC << lvl))) == 1) & (r > c)
             b_L = tl.where(m_off, b_A, 0.)
             b_Ai = b_Ai - tl.dot(tl.dot(b_Ai, b_L, input_precision=PRECISION), b_Ai, input_precision=PRECISION)
     return b_Ai
