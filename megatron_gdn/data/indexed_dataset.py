@@ -457,3 +457,34 @@ def validate_vocab(dataset: IndexedDataset | str, vocab_size: int) -> None:
                 f"token {offset}) is outside the model's vocabulary of {vocab_size}; preprocess the data with "
                 f"the model's tokenizer, or give the model a vocabulary that covers it"
             )
+
+
+def datasets_in_directory(directory: str) -> list[str]:
+    """Prefixes of the .bin/.idx pairs in a directory, sorted (how Megatron's merge tool orders them)."""
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: not a directory")
+    prefixes = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".idx"):
+            prefix = os.path.join(directory, name[: -len(".idx")])
+            if not os.path.isfile(bin_path(prefix)):
+                raise DataError(f"{idx_path(prefix)}: has no matching .bin")
+            prefixes.append(prefix)
+    if not prefixes:
+        raise DataError(f"{directory}: no .idx/.bin datasets in it")
+    return prefixes
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str) -> IndexedDataset:
+    """Concatenate datasets (documents in the given order) into OUTPUT_PREFIX.bin/.idx, atomically.
+    The result is byte-identical to writing all their documents with one builder."""
+    if not prefixes:
+        raise DataError("no datasets to merge")
+    if os.path.abspath(output_prefix) in {os.path.abspath(prefix) for prefix in prefixes}:
+        raise DataError(f"{output_prefix}: the output would overwrite one of the inputs")
+    dtype = IndexedDataset(prefixes[0]).dtype
+    with IndexedDatasetBuilder(output_prefix, dtype) as builder:
+        for prefix in prefixes:
+            builder.add_index(prefix)
+        builder.finalize()
+    return IndexedDataset(output_prefix)

@@ -190,8 +190,12 @@ class _Encoder:
         def flush() -> int:
             try:
                 return self._encode(batch, outputs, lengths)
-            except UnicodeEncodeError:
-                index, start = next(batch_lines[i] for i, texts in enumerate(zip(*batch)) if not _encodable(texts))
+            except (UnicodeEncodeError, TypeError):
+                # SentencePiece refuses a str that is not valid Unicode; find which document it was.
+                bad = next((batch_lines[i] for i, texts in enumerate(zip(*batch)) if not _encodable(texts)), None)
+                if bad is None:
+                    raise
+                index, start = bad
                 raise DataError(f"{where(index, start)}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
                                 f"which is not valid Unicode") from None
             finally:

@@ -126,10 +126,19 @@ def train_sentencepiece(config: TokenizerTrainingConfig, log_stream=None) -> str
     directory = os.path.dirname(os.path.abspath(config.output_prefix))
     os.makedirs(directory, exist_ok=True)
     spm.set_random_generator_seed(config.seed)
-    lines = training_lines(config.inputs, config.json_keys)
+    # SentencePiece turns an exception of the line iterator into its own RuntimeError; keep ours.
+    input_errors: list[DataError] = []
+
+    def lines() -> Iterator[str]:
+        try:
+            yield from training_lines(config.inputs, config.json_keys)
+        except DataError as error:
+            input_errors.append(error)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines,
+            sentence_iterator=lines(),
             model_prefix=config.output_prefix,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
@@ -152,6 +161,8 @@ def train_sentencepiece(config: TokenizerTrainingConfig, log_stream=None) -> str
             logstream=log_stream,
         )
     except RuntimeError as error:
+        if input_errors:
+            raise input_errors[0] from None
         raise DataError(f"SentencePiece training on {', '.join(config.inputs)} failed: {str(error).splitlines()[0]}") from None
     return config.output_prefix + ".model"
 
