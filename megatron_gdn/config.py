@@ -59,6 +59,13 @@ class TrainingConfig:
     fp16: bool = arg(False, "fp16 autocast with dynamic loss scaling (GPU)")
     device: str | None = arg(None, "cuda or cpu (default: cuda when available)")
     seed: int = arg(1234, "random seed of initialisation and data order")
+    # Parallelism (launch N processes with torchrun; the data-parallel size is N / (TP x CP))
+    tensor_model_parallel_size: int = arg(1, "split every layer's heads, MLP channels and vocabulary across "
+                                          "this many GPUs (the ranks of a node)")
+    sequence_parallel: bool = arg(False, "with tensor parallelism, also split the norms and residual stream "
+                                  "along the sequence across the tensor-parallel ranks (less activation memory)")
+    context_parallel_size: int = arg(1, "split every sequence across this many GPUs (process groups only so "
+                                     "far: values > 1 are refused until context parallelism lands)")
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")
@@ -98,6 +105,15 @@ class TrainingConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save")
+        for name in ("tensor_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel splits activations across the tensor-parallel ranks: it needs "
+                             "--tensor-model-parallel-size > 1")
+        if self.sequence_parallel and self.seq_length % self.tensor_model_parallel_size:
+            raise ValueError(f"--sequence-parallel needs --seq-length ({self.seq_length}) divisible by "
+                             f"--tensor-model-parallel-size ({self.tensor_model_parallel_size})")
 
 
 # Megatron flag -> GatedDeltaNetConfig field, with help text.

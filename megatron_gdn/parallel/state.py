@@ -1,8 +1,23 @@
-"""Rank and world size that work with and without torch.distributed initialised."""
+"""Process groups: the one registry of global mutable state in the project (../DESIGN.md section 8).
+
+Ranks are laid out in Megatron's order tp-cp-dp, tensor parallel fastest, so that the ranks of a TP
+group are neighbours (the GPUs of one node under torchrun):
+
+    global rank = tp_rank + TP * (cp_rank + CP * dp_rank)        world size = TP * CP * DP
+
+`initialize_model_parallel(tp, cp)` builds every group once per process; the getters read them back.
+A single process (no torch.distributed) is the special case TP = CP = DP = 1 with no groups at all:
+every communication primitive in this package is the identity on a group of one.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 
 def get_rank() -> int:
@@ -25,3 +40,193 @@ def barrier() -> None:
 def print_rank_0(*args, **kwargs) -> None:
     if is_rank_zero():
         print(*args, **kwargs, flush=True)
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    """Size of a group (None: all processes, as in torch.distributed); 1 without torch.distributed."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_reduce_scalar(value: float, group: ProcessGroup | None = None, op: str = "sum") -> float:
+    """Sum (op="sum") or maximum (op="max") of a Python number over a group (None: all processes)."""
+    if group_size(group) == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch: torch.distributed from torchrun's environment
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (torchrun sets WORLD_SIZE), before any initialisation."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def initialize_distributed(device_type: str) -> int:
+    """Join the process group that torchrun (or a test's spawner) describes in RANK / WORLD_SIZE /
+    MASTER_ADDR / MASTER_PORT; NCCL on GPUs, gloo on CPUs. Returns the local rank (the GPU to use).
+
+    A single process without those variables stays without torch.distributed. Safe to call twice.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if launched_world_size() > 1 and not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None)
+    return local_rank
+
+
+def shutdown_distributed() -> None:
+    """Forget the model-parallel groups and leave torch.distributed (the end of a launched run)."""
+    destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This process's groups and its coordinates in the tp-cp-dp grid."""
+
+    tensor_model_parallel_size: int
+    context_parallel_size: int
+    data_parallel_size: int
+    tensor_model_parallel_rank: int
+    context_parallel_rank: int
+    data_parallel_rank: int
+    tensor_model_parallel_group: ProcessGroup | None
+    context_parallel_group: ProcessGroup | None
+    data_parallel_group: ProcessGroup | None
+    # DP x CP: the ranks that hold the same model shard; gradients are averaged over it.
+    data_context_parallel_group: ProcessGroup | None
+
+
+_GROUPS: ParallelGroups | None = None
+
+
+def rank_grid(world_size: int, tensor_model_parallel_size: int,
+              context_parallel_size: int) -> dict[str, list[list[int]]]:
+    """The global ranks of every TP, CP, DP and DP x CP group, in Megatron's tp-cp-dp order.
+
+    Pure arithmetic (no communication), so tests and docs can show the layout for any world size.
+    """
+    tp, cp = tensor_model_parallel_size, context_parallel_size
+    if tp < 1 or cp < 1:
+        raise ValueError(f"parallel sizes must be positive, got TP={tp}, CP={cp}")
+    if world_size % (tp * cp):
+        raise ValueError(
+            f"the world size ({world_size} processes) must be divisible by tensor-model-parallel-size x "
+            f"context-parallel-size ({tp} x {cp} = {tp * cp}); launch a multiple of {tp * cp} processes "
+            f"(torchrun --nproc-per-node N) or change the parallel sizes")
+    dp = world_size // (tp * cp)
+
+    def rank(t: int, c: int, d: int) -> int:
+        return t + tp * (c + cp * d)
+
+    return {
+        "tp": [[rank(t, c, d) for t in range(tp)] for d in range(dp) for c in range(cp)],
+        "cp": [[rank(t, c, d) for c in range(cp)] for d in range(dp) for t in range(tp)],
+        "dp": [[rank(t, c, d) for d in range(dp)] for c in range(cp) for t in range(tp)],
+        "dp_cp": [[rank(t, c, d) for d in range(dp) for c in range(cp)] for t in range(tp)],
+    }
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_parallel_size: int = 1) -> ParallelGroups:
+    """Build the TP, CP, DP and DP x CP groups (every process must call this, in the same order).
+
+    Raises ValueError when the world size is not divisible by TP x CP, and RuntimeError when the
+    groups already exist with other sizes (call destroy_model_parallel first).
+    """
+    global _GROUPS
+    if _GROUPS is not None:
+        if (_GROUPS.tensor_model_parallel_size, _GROUPS.context_parallel_size) == (
+                tensor_model_parallel_size, context_parallel_size):
+            return _GROUPS
+        raise RuntimeError("model parallel groups already exist with other sizes; call destroy_model_parallel first")
+    world_size, rank = get_world_size(), get_rank()
+    grid = rank_grid(world_size, tensor_model_parallel_size, context_parallel_size)
+    mine: dict[str, ProcessGroup | None] = {}
+    for kind, groups in grid.items():
+        mine[kind] = None
+        for ranks in groups:
+            # new_group is collective: every process creates every group, keeping the one it belongs to.
+            group = dist.new_group(ranks) if dist.is_initialized() else None
+            if rank in ranks:
+                mine[kind] = group
+    tp, cp = tensor_model_parallel_size, context_parallel_size
+    _GROUPS = ParallelGroups(
+        tensor_model_parallel_size=tp, context_parallel_size=cp, data_parallel_size=world_size // (tp * cp),
+        tensor_model_parallel_rank=rank % tp, context_parallel_rank=(rank // tp) % cp,
+        data_parallel_rank=rank // (tp * cp),
+        tensor_model_parallel_group=mine["tp"], context_parallel_group=mine["cp"],
+        data_parallel_group=mine["dp"], data_context_parallel_group=mine["dp_cp"])
+    return _GROUPS
+
+
+def model_parallel_is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def destroy_model_parallel() -> None:
+    """Forget the groups (tests, or a second run in one process). torch.distributed itself stays up."""
+    global _GROUPS
+    if _GROUPS is not None and dist.is_initialized():
+        for group in {_GROUPS.tensor_model_parallel_group, _GROUPS.context_parallel_group,
+                      _GROUPS.data_parallel_group, _GROUPS.data_context_parallel_group} - {None}:
+            dist.destroy_process_group(group)
+    _GROUPS = None
+
+
+def get_parallel_groups() -> ParallelGroups:
+    if _GROUPS is None:
+        raise RuntimeError("model parallel groups are not initialised: call initialize_model_parallel first")
+    return _GROUPS
+
+
+def get_tensor_model_parallel_group() -> ProcessGroup | None:
+    return get_parallel_groups().tensor_model_parallel_group
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return get_parallel_groups().tensor_model_parallel_rank
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return get_parallel_groups().tensor_model_parallel_size
+
+
+def get_context_parallel_group() -> ProcessGroup | None:
+    return get_parallel_groups().context_parallel_group
+
+
+def get_context_parallel_rank() -> int:
+    return get_parallel_groups().context_parallel_rank
+
+
+def get_context_parallel_world_size() -> int:
+    return get_parallel_groups().context_parallel_size
+
+
+def get_data_parallel_group(with_context_parallel: bool = False) -> ProcessGroup | None:
+    """The ranks holding the same model shard; with_context_parallel=True includes the CP ranks
+    (the group over which gradients are averaged once context parallelism exists)."""
+    groups = get_parallel_groups()
+    return groups.data_context_parallel_group if with_context_parallel else groups.data_parallel_group
+
+
+def get_data_parallel_rank() -> int:
+    return get_parallel_groups().data_parallel_rank
+
+
+def get_data_parallel_world_size() -> int:
+    return get_parallel_groups().data_parallel_size

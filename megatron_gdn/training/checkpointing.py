@@ -3,10 +3,12 @@
     SAVE/latest_checkpointed_iteration.txt           the tracker: the newest complete iteration
     SAVE/iter_0000500/mp_rank_00/model_optim_rng.pt  model, optimizer, scheduler, RNG, data position, args
 
-An iteration is written into a temporary directory, flushed to disk and renamed into place; only then
-is the tracker replaced (atomically). A run killed mid-save leaves the tracker on the previous
-checkpoint. Files hold tensors and plain Python data only and are read with weights_only=True, so
-loading a checkpoint never runs code from it.
+With tensor parallelism each TP rank writes its own mp_rank_{tp:02d} file (its shard of the model and
+optimizer; the split is parallel/sharding.py's, tools/reshard_checkpoint.py converts between TP sizes).
+An iteration is written into a temporary directory, flushed to disk and renamed into place by rank 0
+once every rank has written (a barrier); only then is the tracker replaced (atomically). A run killed
+mid-save leaves the tracker on the previous checkpoint. Files hold tensors and plain Python data only
+and are read with weights_only=True, so loading a checkpoint never runs code from it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from ..parallel.state import barrier, is_rank_zero
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
@@ -42,32 +46,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | os.PathLike, iteration: int, state: dict) -> Path:
-    """Write state as iteration's checkpoint under root, then point the tracker at it."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: str | os.PathLike, iteration: int, state: dict, tensor_parallel_rank: int = 0,
+                    write: bool = True) -> Path:
+    """Write state as this TP rank's file of iteration's checkpoint under root, then point the tracker at it.
+
+    Under torch.distributed every process calls it (it synchronises with barriers); write=False on the
+    processes whose shard another one writes (data-parallel replicas of the same TP rank).
+    """
+    return _save(Path(root), iteration, {tensor_parallel_rank: state} if write else {})
+
+
+def save_checkpoint_shards(root: str | os.PathLike, iteration: int, states: list[dict]) -> Path:
+    """Write every TP rank's file from one process (tools that convert checkpoints); states[r] is rank r's."""
+    return _save(Path(root), iteration, dict(enumerate(states)))
+
+
+def _save(root: Path, iteration: int, shards: dict[int, dict]) -> Path:
     final = iteration_dir(root, iteration)
-    partial = final.with_name(final.name + f".partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    target = partial / f"mp_rank_{0:02d}" / "model_optim_rng.pt"
-    target.parent.mkdir(parents=True)
-    with open(target, "wb") as f:
-        torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(target.parent)
-    if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    _fsync_dir(root)
-    tracker_tmp = root / (TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, root / TRACKER)
-    _fsync_dir(root)
+    partial = final.with_name(final.name + ".partial")
+    if is_rank_zero():
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by a run killed while saving
+            shutil.rmtree(partial)
+        partial.mkdir()
+    barrier()
+    for tensor_parallel_rank, state in shards.items():
+        target = partial / f"mp_rank_{tensor_parallel_rank:02d}" / "model_optim_rng.pt"
+        target.parent.mkdir()
+        with open(target, "wb") as f:
+            torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(target.parent)
+    barrier()  # every rank's file is on disk
+    if is_rank_zero():
+        if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync_dir(root)
+        tracker_tmp = root / (TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, root / TRACKER)
+        _fsync_dir(root)
+    barrier()  # nobody reads or writes the next checkpoint before this one is complete
     return final
 
 
@@ -86,16 +110,27 @@ def read_tracker(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
-def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict | None:
-    """Read a checkpoint (the tracker's iteration unless given); None when root holds none.
+def saved_tensor_parallel_size(root: str | os.PathLike, iteration: int) -> int:
+    """How many TP ranks wrote the iteration (its mp_rank_* directories)."""
+    directory = iteration_dir(root, iteration)
+    return len(list(directory.glob("mp_rank_*"))) if directory.is_dir() else 0
 
-    Raises CheckpointError for a missing iteration, a corrupt file, or a file carrying pickled objects.
+
+def load_checkpoint(root: str | os.PathLike, iteration: int | None = None, tensor_parallel_rank: int = 0,
+                    tensor_parallel_size: int | None = None) -> dict | None:
+    """Read this TP rank's file of a checkpoint (the tracker's iteration unless given); None when root holds none.
+
+    Raises CheckpointError for a missing iteration, a corrupt file, a file carrying pickled objects, or
+    (when tensor_parallel_size is given) a checkpoint saved with another number of TP ranks.
     """
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
             return None
-    path = checkpoint_file(root, iteration)
+    saved_tp = saved_tensor_parallel_size(root, iteration)
+    if tensor_parallel_size is not None and saved_tp and saved_tp != tensor_parallel_size:
+        raise CheckpointError(tensor_parallel_mismatch(root, saved_tp, tensor_parallel_size))
+    path = checkpoint_file(root, iteration, tensor_parallel_rank)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} is missing (iteration {iteration}); "
                               f"the checkpoint is incomplete or was moved")
@@ -112,8 +147,17 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> di
     return state
 
 
-def check_model_config(saved: dict, current: dict, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another model shape, naming every field that differs."""
+def tensor_parallel_mismatch(path: str | os.PathLike, saved: int, current: int) -> str:
+    return (f"checkpoint {path} was saved with --tensor-model-parallel-size {saved} and this run uses {current}: "
+            f"convert it first with python tools/reshard_checkpoint.py --load {path} --save NEW_DIR "
+            f"--target-tensor-model-parallel-size {current}")
+
+
+def check_model_config(saved: dict, current: dict, path: str | os.PathLike, saved_tensor_parallel_size: int = 1,
+                       tensor_parallel_size: int = 1) -> None:
+    """Refuse a checkpoint of another model shape, naming every field that differs, or of another TP size."""
+    if saved_tensor_parallel_size != tensor_parallel_size:
+        raise CheckpointError(tensor_parallel_mismatch(path, saved_tensor_parallel_size, tensor_parallel_size))
     shape_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_v_heads", "head_dim",
                     "expand_v", "use_gate", "use_short_conv", "conv_size", "conv_bias", "intermediate_size",
                     "tie_word_embeddings")

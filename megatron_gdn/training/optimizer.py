@@ -26,3 +26,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter name of each index of optimizer.state_dict() (its ids number the parameters of the
+    groups in order). Saved in checkpoints so tools can split and merge optimizer state by name."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
