@@ -26,6 +26,9 @@ from torch.distributed import ProcessGroup
 from .state import group_rank, group_size
 
 SEQUENCE_DIM = 1
+# torch 2.13 renamed the single-tensor collectives (same arguments); older versions only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def _identity(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
@@ -59,10 +62,10 @@ def _all_gather(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.
     world = group_size(group)
     if world == 1:
         return x
-    # all_gather_into_tensor stacks along dimension 0: gather there, then move the dimension back.
+    # The single-tensor all-gather stacks along dimension 0: gather there, then move the dimension back.
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(out, local, group=group)
+    _all_gather_single(out, local, group=group)
     return out.movedim(0, dim)
 
 
@@ -73,7 +76,7 @@ def _reduce_scatter(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> to
     _check_divisible(x, dim, world)
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, full, group=group)
+    _reduce_scatter_single(out, full, group=group)
     return out.movedim(0, dim)
 
 
