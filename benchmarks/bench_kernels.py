@@ -1,6 +1,6 @@
 """Ours vs flash-linear-attention 0.6.0's chunk_gated_delta_rule, side by side in one process (bf16).
 
-    python benchmarks/bench_kernels.py [--markdown FILE]
+    python benchmarks/bench_kernels.py [--markdown FILE] [--shapes 0,1,2,3] [--no-decode] [--breakdown]
 
 Times the forward and forward+backward of the chunked op at the four shapes of issue 4 and the decode step
 (one token from a cached state), median of triton.testing.do_bench, and prints a table with TFLOP/s and the
@@ -89,6 +89,9 @@ def rel(a, b):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", help="write the Kernels section of docs/PERFORMANCE.md to this file")
+    parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES, in the order to run them")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode row")
+    parser.add_argument("--breakdown", action="store_true", help="also time our forward kernels one by one")
     args = parser.parse_args()
     torch.manual_seed(0)
     fla = load_fla()
@@ -97,7 +100,10 @@ def main():
              f"fla {'0.6.0 (fla-core)' if fla else 'not installed'}; bf16 inputs, median of do_bench"
     print(header)
     rows = []
-    for shape in SHAPES:
+    if not args.no_decode:
+        rows.append(decode_row(fla))
+        print(rows[-1])
+    for shape in [SHAPES[int(i)] for i in args.shapes.split(",") if i]:
         B, T, H, K, V = shape
         name = f"B{B} T{T} H{H} K{K} V{V}"
         for backward in (False, True):
@@ -111,10 +117,34 @@ def main():
                     note = f"o vs fla {rel(chunk_gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True)[0], fla[0](*xs, use_qk_l2norm_in_kernel=True)[0]):.1e}"
             rows.append((name, "fwd+bwd" if backward else "fwd", ours, theirs, flops, note))
             print(rows[-1])
+            if args.breakdown and not backward:
+                print(name, "our forward, ms per kernel:", breakdown(xs))
             del xs
             torch.cuda.empty_cache()
+    print_table(header, rows, args.markdown)
 
-    # decode: one token per sequence from a cached fp32 state; floor = reading and writing that state once
+
+def breakdown(xs):
+    """Time each launch of our forward (the same calls as chunk.chunk_fwd, after the L2 norm)."""
+    from megatron_gdn.kernels import chunk as C
+    from megatron_gdn.kernels.l2norm import l2norm_fwd
+    q, k, v, g, beta = (x.detach() for x in xs)
+    B, T, H, K = q.shape
+    q, k, v = (x.reshape(B * T, x.shape[2], x.shape[3]) for x in (q, k, v))
+    g, beta = g.reshape(B * T, -1), beta.reshape(B * T, -1)
+    cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    ci, co = C.chunk_tables(cu)
+    scale = K ** -0.5
+    prep = lambda: C._prep(q, k, v, g, beta, None, None, scale, cu, ci, False, None, store_ai=False)  # noqa: E731
+    G, _, _, Aqk, w, u = prep()
+    scan = lambda: C._scan_fwd(q, k, w, u, G, Aqk, None, cu, co, len(ci), scale, False, store_states=False)  # noqa
+    ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
+    return {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "prep": ms(prep), "scan": ms(scan),
+            "scan config": str(C.chunk_scan_fwd_kernel.best_config)}
+
+
+def decode_row(fla):
+    """One token per sequence from a cached fp32 state; floor = reading and writing that state once."""
     B, H, K, V = DECODE
     xs = chunk_inputs(B, 1, H, K, V, requires_grad=False)
     h0 = torch.randn(B, H, K, V, device="cuda", dtype=torch.float32)
@@ -125,9 +155,11 @@ def main():
         ours = do_bench(lambda: fused_recurrent_gated_delta_rule(*xs, **kw), warmup=25, rep=100, return_mode="median")
         named = dict(zip("q k v g beta".split(), xs), **kw)  # fla's recurrent op has gk, gv between g and beta
         theirs = do_bench(lambda: fla[1](**named), warmup=25, rep=100, return_mode="median") if fla else None
-    rows.append((f"decode B{B} H{H} K{K} V{V}", "1 token", ours, theirs, 0,
-                 f"state read+write floor {floor:.3f} ms; ours / floor = {ours / floor:.2f}"))
+    return (f"decode B{B} H{H} K{K} V{V}", "1 token", ours, theirs, 0,
+            f"state read+write floor {floor:.3f} ms; ours / floor = {ours / floor:.2f}")
 
+
+def print_table(header, rows, markdown):
     lines = [header, "",
              "| shape | pass | ours (ms) | fla 0.6.0 (ms) | speed-up | ours TFLOP/s | fla TFLOP/s | note |",
              "|---|---|---|---|---|---|---|---|"]
@@ -137,8 +169,8 @@ def main():
                      f"{f'{theirs / ours:.2f}x' if theirs else '-'} | {tf(ours)} | {tf(theirs)} | {note} |")
     table = "\n".join(lines)
     print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+    if markdown:
+        Path(markdown).write_text(table + "\n")
 
 
 if __name__ == "__main__":
