@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .configuration import GatedDeltaNetConfig
 from .gated_deltanet import GatedDeltaNet, RMSNorm
+from .hf_conversion import DEFAULT_MAX_SHARD_SIZE, FLA, load_hf_model_state, write_hf_model
 from .utils import Cache
 
 
@@ -125,6 +126,24 @@ class GatedDeltaNetForCausalLM(nn.Module):
             shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
             loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
+
+    def save_pretrained(self, save_directory: str, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                        dtype: torch.dtype = torch.float32) -> None:
+        """Write a Hugging Face directory in flash-linear-attention's format (config.json, generation_config.json,
+        model.safetensors, sharded above max_shard_size). The vocabulary is written as it is: padding rows
+        stay (tools/convert_checkpoint_to_hf.py removes them and adds the tokenizer)."""
+        write_hf_model(save_directory, self.config, self.state_dict(), FLA, dtype, max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, allow_pickle: bool = False) -> "GatedDeltaNetForCausalLM":
+        """Load an fla-format (or qwen3_next-format) Hugging Face directory in fp32 on the CPU.
+
+        Reads config.json as JSON and the weights from safetensors only; pickle-based weights are refused
+        unless allow_pickle (see hf_conversion.load_hf_weights). Nothing in the directory is executed."""
+        config, state, _ = load_hf_model_state(directory, allow_pickle)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,122 @@
+"""The full (unsharded) model of a training checkpoint: read and merge one, or write one at any TP size.
+
+Used by tools/convert_checkpoint_to_hf.py and tools/convert_hf_to_checkpoint.py. How a parameter is
+split across tensor-parallel ranks is parallel/sharding.py's rule (merge_state_dicts / shard_state_dict);
+nothing here decides it.
+
+Reading goes in two steps per TP rank, so that other checkpoint layouts plug in at one place:
+  1. `read_rank_model_state` gives that rank's full model shard. For our checkpoints it is the "model"
+     entry of mp_rank_XX/model_optim_rng.pt. A DeepSpeed ZeRO checkpoint (weights partitioned across
+     data-parallel ranks in zero_pp_rank_* files) needs a consolidation step that rebuilds the rank's
+     shard from its partitions: it goes into `read_rank_model_state` (see ZERO_PARTITION_GLOB).
+  2. `merge_state_dicts` joins the TP ranks' shards into the full model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.configuration import GatedDeltaNetConfig
+from ..parallel.sharding import check_tensor_parallel_config, merge_state_dicts, shard_state_dict
+from .checkpointing import (CHECKPOINT_VERSION, TRACKER, CheckpointError, checkpoint_file, iteration_dir,
+                            load_checkpoint, read_tracker, saved_tensor_parallel_size)
+
+# DeepSpeed writes each data-parallel rank's partition of the ZeRO-sharded state as files named so.
+ZERO_PARTITION_GLOB = "*zero_pp_rank_*"
+
+
+@dataclass
+class FullCheckpoint:
+    """A training checkpoint's full model: state dict (fp32, padded vocabulary), config, and the run's args."""
+
+    iteration: int
+    model_config: GatedDeltaNetConfig
+    state: dict[str, torch.Tensor]
+    args: dict = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+
+
+def resolve_iteration(root: str | os.PathLike, iteration: int | None) -> int:
+    """The iteration to read: the given one (it must exist) or the tracker's; a clear error for anything else."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory; --load takes a checkpoint directory (the --save of "
+                              f"pretrain_gdn.py)")
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise CheckpointError(f"{root} is not a megatron_gdn checkpoint directory (no {TRACKER} and no "
+                                  f"iter_* directories)")
+    if not iteration_dir(root, iteration).is_dir():
+        found = sorted(p.name for p in root.glob("iter_*") if p.is_dir())
+        raise CheckpointError(f"{root} has no iteration {iteration} (found: {', '.join(found) or 'none'})")
+    return iteration
+
+
+def read_rank_model_state(root: str | os.PathLike, iteration: int, tp_rank: int) -> dict:
+    """TP rank tp_rank's checkpoint file (its "model" entry holds the rank's shard of every parameter).
+
+    This is where a ZeRO consolidation step plugs in: when the weights of a rank are partitioned across
+    data-parallel ranks, rebuild its full shard here and return it under "model"."""
+    directory = iteration_dir(root, iteration)
+    if any(directory.rglob(ZERO_PARTITION_GLOB)) and not checkpoint_file(root, iteration, tp_rank).exists():
+        raise CheckpointError(f"{directory} holds DeepSpeed ZeRO partitions ({ZERO_PARTITION_GLOB}) without the "
+                              f"consolidated model file mp_rank_{tp_rank:02d}/model_optim_rng.pt; this layout is "
+                              f"not readable yet")
+    state = load_checkpoint(root, iteration, tensor_parallel_rank=tp_rank)
+    if state is None:  # only when iteration is None, which the callers never pass
+        raise CheckpointError(f"no checkpoint in {root}")
+    return state
+
+
+def read_full_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> FullCheckpoint:
+    """Read every TP rank of a checkpoint and merge the shards into the full model."""
+    iteration = resolve_iteration(root, iteration)
+    tp = saved_tensor_parallel_size(root, iteration)
+    expected = {f"mp_rank_{r:02d}" for r in range(tp)}
+    present = {p.name for p in iteration_dir(root, iteration).glob("mp_rank_*")}
+    if present != expected:
+        raise CheckpointError(f"{iteration_dir(root, iteration)} has TP rank directories {sorted(present)}; "
+                              f"expected mp_rank_00 .. mp_rank_{tp - 1:02d} (a shard is missing)")
+    ranks = [read_rank_model_state(root, iteration, r) for r in range(tp)]
+    first = ranks[0]
+    if "model_config" not in first:
+        raise CheckpointError(f"{checkpoint_file(root, iteration, 0)} has no model_config; it was not written by "
+                              f"megatron_gdn")
+    model_config = GatedDeltaNetConfig.from_dict(first["model_config"])
+    try:
+        state = merge_state_dicts([r["model"] for r in ranks])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot merge the {tp} tensor-parallel shards of {iteration_dir(root, iteration)}: "
+                              f"{str(e).splitlines()[0]}") from None
+    state = {k: v.float() for k, v in state.items()}
+    return FullCheckpoint(iteration=first.get("iteration", iteration), model_config=model_config, state=state,
+                          args=dict(first.get("args") or {}), tensor_parallel_size=tp)
+
+
+def write_full_checkpoint(directory: str | os.PathLike, checkpoint: FullCheckpoint,
+                          tensor_parallel_size: int = 1) -> Path:
+    """Write a model-only training checkpoint at tensor_parallel_size into `directory` (new or empty).
+
+    The result is what pretrain_gdn.py --load reads: the tracker, iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt
+    with "model" (this rank's shard by parallel/sharding.py), "model_config", "args", the iteration and the
+    data position. It holds no optimizer or RNG state: start training from it with --finetune (or
+    --no-load-optim --no-load-rng). Write into a temporary directory and rename it (hf_conversion.staged_directory)
+    so that a failure leaves nothing behind."""
+    directory = Path(directory)
+    check_tensor_parallel_config(checkpoint.model_config, tensor_parallel_size)
+    for rank in range(tensor_parallel_size):
+        shard = shard_state_dict(checkpoint.state, rank, tensor_parallel_size)
+        path = checkpoint_file(directory, checkpoint.iteration, rank)
+        path.parent.mkdir(parents=True)
+        torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": checkpoint.iteration,
+                    "model": {k: v.contiguous().clone() for k, v in shard.items()},
+                    "model_config": checkpoint.model_config.to_dict(),
+                    "args": {**checkpoint.args, "tensor_model_parallel_size": tensor_parallel_size},
+                    "consumed_train_samples": 0, "skipped_iterations": 0}, path)
+    (directory / TRACKER).write_text(str(checkpoint.iteration))
+    return directory
