@@ -175,6 +175,34 @@ def test_rank_zero_builds_other_ranks_load(tmp_path):
     assert np.array_equal(alone[0].shuffle_index, rank0[0].shuffle_index)
 
 
+def _distributed_rank(rank: int, init_file: str, prefix: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    train, _, _ = build(prefix, is_rank_zero=rank == 0, barrier=dist.barrier)
+    results.put((rank, isinstance(train.shuffle_index, np.memmap), [train[k]["tokens"].tolist() for k in range(5)]))
+    dist.destroy_process_group()
+
+
+def test_rank_zero_protocol_with_a_real_barrier(tmp_path):
+    """Two gloo processes: rank 0 builds and saves, rank 1 waits at dist.barrier and memory-maps the cache."""
+    import multiprocessing
+
+    write_dataset(str(tmp_path / "a"), 200, seed=4)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=_distributed_rank, args=(rank, str(tmp_path / "init"), str(tmp_path / "a"), results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcome = dict((rank, (mapped, samples)) for rank, mapped, samples in (results.get(timeout=120) for _ in range(2)))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert outcome[0][0] is False and outcome[1][0] is True  # rank 0 built in memory, rank 1 loaded the files
+    assert outcome[0][1] == outcome[1][1]
+
+
 def test_blending_indices_follow_the_weights_at_every_prefix():
     weights = [0.2, 0.3, 0.5]
     dataset_index, sample_index = blending_indices(weights, 10_000, window=777)

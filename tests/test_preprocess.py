@@ -147,6 +147,20 @@ def test_empty_input_is_an_error(model, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]
 
 
+def _die(task):
+    os._exit(3)  # a worker killed from outside (e.g. by the out-of-memory killer)
+
+
+def test_a_dying_worker_is_reported_not_waited_for(model, corpus, tmp_path, monkeypatch):
+    from megatron_gdn.data import preprocess as module
+
+    monkeypatch.setattr(module, "_run_task", _die)  # the forked workers inherit the patch
+    files, _ = corpus
+    with pytest.raises(DataError, match=r"a tokenizer worker process died while tokenizing .*a.jsonl \(bytes 0\.\."):
+        run(model, files, str(tmp_path / "out"), workers=2)
+    assert os.listdir(tmp_path) == []
+
+
 def test_command_line_errors_are_one_line(model, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", ["text"])
     fake = tmp_path / "fake.model"

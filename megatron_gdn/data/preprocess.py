@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -343,19 +345,7 @@ def encode_units(config: PreprocessConfig, units: list[Unit], output_prefixes: l
             for task in tasks:
                 merge(encoder.run(task))
         else:
-            # fork shares the loaded modules with the workers; spawn where fork does not exist.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with context.Pool(config.workers, initializer=_init_worker, initargs=(config, shard_directory)) as pool:
-                # At most two tasks per worker in flight: bounded memory for .gz payloads and shard
-                # files, and results are merged in task order as soon as each is done.
-                pending: deque = deque()
-                for task in tasks:
-                    pending.append(pool.apply_async(_run_task, (task,)))
-                    if len(pending) >= 2 * config.workers:
-                        merge(pending.popleft().get())
-                while pending:
-                    merge(pending.popleft().get())
+            _encode_in_pool(config, shard_directory, tasks, merge)
         if documents == 0 and require_documents:
             raise DataError(f"{', '.join(config.inputs)}: no documents (the input is empty)")
         for builder in builders:
@@ -366,6 +356,38 @@ def encode_units(config: PreprocessConfig, units: list[Unit], output_prefixes: l
                 builder.abort()
         shutil.rmtree(shard_directory, ignore_errors=True)
     return documents, tokens
+
+
+def _encode_in_pool(config: PreprocessConfig, shard_directory: str, tasks: Iterator[Task],
+                    merge: Callable[[TaskResult], None]) -> None:
+    """Run the tasks on config.workers processes and merge their results in task order.
+
+    At most two tasks per worker are in flight: memory stays bounded (.gz payloads, shard files) and each
+    result is merged as soon as the tasks before it are. A process pool executor, unlike
+    multiprocessing.Pool, notices a worker that dies (e.g. killed for memory) instead of waiting forever."""
+    # fork shares the loaded modules with the workers; spawn where fork does not exist.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_init_worker, initargs=(config, shard_directory)) as pool:
+        pending: deque[tuple[Task, Future]] = deque()
+
+        def merge_oldest() -> None:
+            merge(pending[0][1].result())
+            pending.popleft()
+
+        try:
+            for task in tasks:
+                pending.append((task, pool.submit(_run_task, task)))
+                if len(pending) >= 2 * config.workers:
+                    merge_oldest()
+            while pending:
+                merge_oldest()
+        except BrokenProcessPool:
+            task = pending[0][0] if pending else None
+            where = f" while tokenizing {task.path} (bytes {task.start}..{task.end})" if task else ""
+            raise DataError(f"a tokenizer worker process died{where}; was it killed for lack of memory?") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def preprocess(config: PreprocessConfig) -> tuple[int, int]:
