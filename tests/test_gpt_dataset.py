@@ -311,5 +311,7 @@ def test_split_without_tokens_is_an_error(tmp_path):
     with IndexedDatasetBuilder(str(tmp_path / "tiny"), np.int32) as builder:
         builder.add_document([5])
         builder.finalize()
+    waited = []
     with pytest.raises(DataError, match="tiny: the train split .* has 1 tokens; a sample needs at least 2"):
-        build(str(tmp_path / "tiny"), split="1,0,0")
+        build(str(tmp_path / "tiny"), split="1,0,0", barrier=lambda: waited.append(True))
+    assert waited == [True]  # rank 0 reaches the barrier before raising: the other ranks do not hang

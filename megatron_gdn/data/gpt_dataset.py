@@ -388,7 +388,8 @@ def build_train_valid_test_datasets(data_path: list[str], split: str, seq_length
     "cu_seqlens" with reset_state_at_eod); None for a split with no documents or no samples asked for.
 
     Every rank calls this. Rank 0 builds the index arrays and caches them; then all ranks meet at
-    ``barrier()``; the other ranks then load the cached arrays. ``cache_dir`` overrides the cache
+    ``barrier()``; the other ranks then load the cached arrays. If rank 0 fails on bad data it still
+    reaches the barrier before raising, and the other ranks then fail with the same error. ``cache_dir`` overrides the cache
     location (default: cache/GPTDataset_indices next to each dataset)."""
     if seq_length < 1:
         raise DataError(f"seq_length must be positive, got {seq_length}")
@@ -406,9 +407,16 @@ def build_train_valid_test_datasets(data_path: list[str], split: str, seq_length
             for s in range(3)
         )
 
-    datasets = build_all(save_cache=True) if is_rank_zero else None
+    datasets, failure = None, None
+    if is_rank_zero:
+        try:
+            datasets = build_all(save_cache=True)
+        except DataError as error:
+            failure = error  # still meet the other ranks at the barrier, so that none of them hangs there
     if barrier is not None:
         barrier()
+    if failure is not None:
+        raise failure
     if not is_rank_zero:
         # Normally every array is in the cache by now; a rank that cannot see it (no shared file
         # system) rebuilds the same arrays in memory.
