@@ -43,7 +43,8 @@ from megatron_gdn.parallel import (ParallelGroups, all_reduce_found_inf, all_red
                                    initialize_distributed, initialize_model_parallel, is_rank_zero,
                                    launched_world_size, model_parallel_rng_tracker, parallelize_model,
                                    print_rank_0, rank_grid, shutdown_distributed, vocab_parallel_cross_entropy)
-from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, load_checkpoint, save_checkpoint
+from megatron_gdn.training.checkpointing import (CheckpointError, check_model_config, load_checkpoint,
+                                                 save_checkpoint, saved_tensor_parallel_size)
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
 from megatron_gdn.training.logging import TensorBoardLogger, format_iteration_line, format_validation_line
 from megatron_gdn.training.lr_schedule import LRSchedule
@@ -236,7 +237,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             print_rank_0(f"no checkpoint in {cfg.load}: starting from scratch")
         else:
             check_model_config(state.get("model_config", {}), model_config.to_dict(), cfg.load,
-                               state.get("tensor_model_parallel_size", 1), tp)
+                               saved_tensor_parallel_size(cfg.load, state["iteration"]), tp)
             try:
                 model.load_state_dict(state["model"])
             except RuntimeError as e:
