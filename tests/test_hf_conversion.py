@@ -2,7 +2,7 @@
 
 A tiny model is trained for a few iterations (mock data; GVA: 2 q/k heads, 4 value heads), its checkpoint is
 split into TP=2 shards with parallel/sharding.py's rule and recorded as trained with a SentencePiece
-tokenizer of 600 pieces (the model's 640 rows are that vocabulary padded to a multiple of 128). Then:
+tokenizer of 500 pieces (the model's 512 rows are that vocabulary padded to a multiple of 128 x TP). Then:
 fla -> our from_pretrained (identical logits), qwen3_next -> stock transformers (same logits, same greedy
 generation), HF -> checkpoint -> HF (bit-identical), and the bad-input and security cases.
 Tests that need transformers (an optional test dependency) skip without it.
@@ -10,7 +10,6 @@ Tests that need transformers (an optional test dependency) skip without it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,14 +24,15 @@ import convert_checkpoint_to_hf as export_tool  # noqa: E402
 import convert_hf_to_checkpoint as import_tool  # noqa: E402
 import pretrain_gdn  # noqa: E402
 from megatron_gdn.config import parse_args  # noqa: E402
-from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E402
+from megatron_gdn.models import GatedDeltaNetForCausalLM  # noqa: E402
 from megatron_gdn.models.hf_conversion import ConversionError, load_hf_weights  # noqa: E402
 from megatron_gdn.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron_gdn.training.full_checkpoint import (FullCheckpoint, read_full_checkpoint,  # noqa: E402
                                                    write_full_checkpoint)
 from test_data_corpus import train_tiny_tokenizer  # noqa: E402
+from test_tensor_parallel import _train_runs, run_distributed  # noqa: E402
 
-TRUE_VOCAB, PADDED_VOCAB = 600, 640
+TRUE_VOCAB, PADDED_VOCAB = 500, 512  # 512: a multiple of 128 x TP for TP = 1, 2
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2", "--head-dim", "16",
          "--num-v-heads", "4"]
 
@@ -45,24 +45,26 @@ def train_flags(save: Path, iters: int = 3, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict[str, Path]:
-    """A trained single-rank checkpoint, its TP=2 split recorded as a tokenizer run, and the tokenizer."""
+    """A checkpoint trained at TP=2 (two gloo processes) and recorded as a run on a SentencePiece tokenizer,
+    the same run at TP=1, and the tokenizer."""
     root = tmp_path_factory.mktemp("hf")
     tokenizer = Path(train_tiny_tokenizer(root, vocab_size=TRUE_VOCAB))
-    single = root / "ckpt_tp1"
+    tp2, single = root / "ckpt_tp2", root / "ckpt_tp1"
+    run_distributed(2, _train_runs, [("tp2", train_flags(tp2, 3, "--tensor-model-parallel-size", "2"))], str(root))
     pretrain_gdn.train(*parse_args(train_flags(single)))
-    full = read_full_checkpoint(single)
-    # As pretrain_gdn.py records a run on real data: the tokenizer, no mock --vocab-size.
-    run_args = {**full.args, "vocab_size": None, "mock_data": False, "tokenizer_model": str(tokenizer)}
-    tp2 = root / "ckpt_tp2"
-    tp2.mkdir()
-    write_full_checkpoint(tp2, dataclasses.replace(full, args=run_args), tensor_parallel_size=2)
+    # Record the runs as pretrain_gdn.py records one on real data: the tokenizer, no mock --vocab-size.
+    for path in (*tp2.glob("iter_*/mp_rank_*/model_optim_rng.pt"), *single.glob("iter_*/mp_rank_*/*.pt")):
+        state = torch.load(path, weights_only=True)
+        state["args"].update(vocab_size=None, mock_data=False, tokenizer_model=str(tokenizer))
+        torch.save(state, path)
     return {"root": root, "tokenizer": tokenizer, "single": single, "tp2": tp2}
 
 
 def our_model(checkpoint: Path) -> GatedDeltaNetForCausalLM:
-    state = load_checkpoint(checkpoint)
-    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    """Our model with a checkpoint's weights (its TP shards merged), padded vocabulary and all."""
+    full = read_full_checkpoint(checkpoint)
+    model = GatedDeltaNetForCausalLM(full.model_config)
+    model.load_state_dict(full.state)
     return model.eval()
 
 
@@ -88,11 +90,14 @@ def tool_error(tool, argv: list[str], capsys) -> str:
 # ----------------------------------------------------------------------------------------------------
 # fla format and our from_pretrained
 
-def test_tp2_shards_merge_to_the_trained_model(work):
+def test_tp2_shards_merge_to_the_single_process_model(work):
     merged, single = read_full_checkpoint(work["tp2"]), read_full_checkpoint(work["single"])
-    assert merged.tensor_parallel_size == 2
+    assert merged.tensor_parallel_size == 2 and merged.iteration == 3
     assert merged.state.keys() == single.state.keys()
-    assert all(torch.equal(merged.state[k], single.state[k]) for k in single.state)
+    # TP=2 training equals TP=1 up to fp32 rounding, which Adam's normalised steps (lr 3e-3) turn into
+    # differences of ~1e-5 in weights of size ~0.02.
+    for name, ref in single.state.items():
+        assert torch.allclose(merged.state[name], ref, rtol=1e-3, atol=2e-4), name
 
 
 def test_fla_export_loads_in_from_pretrained_with_identical_logits(work):
@@ -107,7 +112,7 @@ def test_fla_export_loads_in_from_pretrained_with_identical_logits(work):
     weights = load_hf_weights(out)
     assert weights["model.embeddings.weight"].shape == (TRUE_VOCAB, 64)  # padding rows removed
     assert weights["model.layers.0.attn.q_conv1d.weight"].shape == (32, 1, 4)
-    ours = our_model(work["single"])
+    ours = our_model(work["tp2"])
     loaded = GatedDeltaNetForCausalLM.from_pretrained(str(out)).eval()
     x = batch()
     with torch.no_grad():
@@ -162,7 +167,7 @@ def test_qwen3_next_export_gives_our_logits_in_transformers(work, qwen):
     assert weights["model.layers.0.linear_attn.in_proj_ba.weight"].shape == (8, 64)
     assert weights["model.layers.0.linear_attn.conv1d.weight"].shape == (32 + 32 + 128, 1, 4)
     assert weights["model.norm.weight"].abs().max() > 0  # trained norms: stored as w - 1
-    ours = our_model(work["single"])
+    ours = our_model(work["tp2"])
     for length in (80, 24):  # our chunked path, and the token-by-token path for short inputs
         x = batch(length=length)
         with torch.no_grad():
@@ -217,7 +222,7 @@ def test_hf_to_checkpoint_to_hf_is_lossless(work, fmt):
     ckpt = work["root"] / f"{fmt}_imported"
     assert import_tool.main(["--load", str(first), "--save", str(ckpt), "--tensor-model-parallel-size", "2"]) == 0
     state = load_checkpoint(ckpt, tensor_parallel_rank=1, tensor_parallel_size=2)
-    assert state["model_config"]["vocab_size"] == 768 and state["iteration"] == 0  # 600 padded to 128 x TP
+    assert state["model_config"]["vocab_size"] == PADDED_VOCAB and state["iteration"] == 0  # 500 padded to 256
     assert state["model"]["model.layers.0.attn.v_proj.weight"].shape == (64, 64)  # 2 of 4 value heads x 32
     second = export(work, fmt, f"{fmt}_second", "--tokenizer-model", str(ckpt / "tokenizer.model"), load=ckpt)
     a, b = load_hf_weights(first), load_hf_weights(second)
@@ -312,7 +317,7 @@ def test_import_never_runs_code_from_the_directory(work, tmp_path):
 
 
 def test_write_full_checkpoint_uses_the_sharding_rule(work, tmp_path):
-    full = read_full_checkpoint(work["single"])
+    full = read_full_checkpoint(work["tp2"])
     write_full_checkpoint(tmp_path, FullCheckpoint(0, full.model_config, full.state), tensor_parallel_size=2)
     rank0 = load_checkpoint(tmp_path, tensor_parallel_rank=0)["model"]
     o_proj = "model.layers.1.attn.o_proj.weight"
