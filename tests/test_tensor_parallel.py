@@ -79,10 +79,10 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Equivalence of the GDN layer and the whole model (run inside the spawned ranks)
 
-def _layer_case(tp: int, sequence_parallel: bool, num_v_heads: int) -> None:
+def _layer_case(tp: int, sequence_parallel: bool, num_v_heads: int, **options) -> None:
     groups = initialize_model_parallel(tp)
     group, rank = groups.tensor_model_parallel_group, groups.tensor_model_parallel_rank
-    layer_args = dict(hidden_size=64, num_heads=4, head_dim=16, num_v_heads=num_v_heads, layer_idx=0)
+    layer_args = dict(hidden_size=64, num_heads=4, head_dim=16, num_v_heads=num_v_heads, layer_idx=0, **options)
     torch.manual_seed(0)
     reference = GatedDeltaNet(**layer_args)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def _layer_case(tp: int, sequence_parallel: bool, num_v_heads: int) -> None:
     finalize_model_grads(layer, group, groups.data_parallel_group, sequence_parallel)
 
     full = (lambda t: _all_gather(t, group, 1)) if sequence_parallel else (lambda t: t)
-    what = f"GDN layer TP={tp} SP={sequence_parallel} HV={num_v_heads}"
+    what = f"GDN layer TP={tp} SP={sequence_parallel} HV={num_v_heads} {options}"
     assert_close(full(y.detach()), y_ref.detach(), f"{what} output")
     assert_close(full(x_local.grad), x_ref.grad, f"{what} input gradient")
     ref_params = dict(reference.named_parameters())
@@ -113,10 +113,10 @@ def _layer_case(tp: int, sequence_parallel: bool, num_v_heads: int) -> None:
     destroy_model_parallel()
 
 
-def _model_case(tp: int, sequence_parallel: bool, num_v_heads: int, packed: bool) -> None:
+def _model_case(tp: int, sequence_parallel: bool, num_v_heads: int, packed: bool, tied: bool = False) -> None:
     groups = initialize_model_parallel(tp)
     group, dp_group = groups.tensor_model_parallel_group, groups.data_parallel_group
-    config = GatedDeltaNetConfig(**TINY, num_v_heads=num_v_heads)
+    config = GatedDeltaNetConfig(**TINY, num_v_heads=num_v_heads, tie_word_embeddings=tied)
     torch.manual_seed(0)
     reference = GatedDeltaNetForCausalLM(config)
     torch.manual_seed(0)
@@ -144,7 +144,8 @@ def _model_case(tp: int, sequence_parallel: bool, num_v_heads: int, packed: bool
     loss.backward()
     finalize_model_grads(model, group, dp_group, sequence_parallel)
 
-    what = f"model TP={tp} DP={groups.data_parallel_size} SP={sequence_parallel} HV={num_v_heads} packed={packed}"
+    what = (f"model TP={tp} DP={groups.data_parallel_size} SP={sequence_parallel} HV={num_v_heads} "
+            f"packed={packed} tied={tied}")
     assert_close(_all_gather(logits.detach(), group, -1), logits_ref.detach(), f"{what} logits")
     assert_close(loss.detach(), loss_ref.detach(), f"{what} loss")
     ref_params = dict(reference.named_parameters())
@@ -178,7 +179,9 @@ def _equivalence_battery(world_size: int) -> None:
         for num_v_heads in (4, 8):  # 8 = 2 x num_heads: each q/k head serves two value heads
             _layer_case(world_size, sequence_parallel, num_v_heads)
         _model_case(world_size, sequence_parallel, num_v_heads=8, packed=False)
-    _model_case(world_size, sequence_parallel=True, num_v_heads=4, packed=True)
+    # the other mixer variants: no output gate (plain o_norm), no short convolutions, beta in (0, 2)
+    _layer_case(world_size, True, 4, use_gate=False, use_short_conv=False, allow_neg_eigval=True)
+    _model_case(world_size, sequence_parallel=True, num_v_heads=4, packed=True, tied=True)
     if world_size == 4:  # tensor x data parallel: TP groups {0,1}, {2,3}, DP groups {0,2}, {1,3}
         _model_case(2, sequence_parallel=True, num_v_heads=8, packed=False)
 
@@ -198,7 +201,7 @@ TRAIN_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-head
 def train_flags(*extra: str, iters: int = 10) -> list[str]:
     return [*TRAIN_MODEL, "--mock-data", "--vocab-size", "500", "--seq-length", "32", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "2",
-            "--log-interval", "5", "--eval-interval", "1000", "--eval-iters", "1", *extra]
+            "--log-interval", "5", "--eval-interval", "5", "--eval-iters", "1", *extra]
 
 
 def _train_runs(runs: list[tuple[str, list[str]]], out_dir: str) -> None:
