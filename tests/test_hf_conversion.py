@@ -323,3 +323,13 @@ def test_write_full_checkpoint_uses_the_sharding_rule(work, tmp_path):
     o_proj = "model.layers.1.attn.o_proj.weight"
     assert torch.equal(rank0[o_proj], full.state[o_proj][:, :64])  # row-parallel: the first 2 of 4 value heads
     assert torch.equal(rank0["model.layers.1.attn.o_norm.weight"], full.state["model.layers.1.attn.o_norm.weight"])
+
+
+def test_hf_export_doc_lists_every_flag():
+    import hf_generate
+
+    doc = (REPO / "docs" / "HF_EXPORT.md").read_text()
+    parsers = [export_tool.build_parser(), import_tool.build_parser(), hf_generate.build_parser()]
+    flags = [a.option_strings[0] for p in parsers for a in p._actions if a.option_strings[0] != "-h"]
+    missing = [f for f in flags if f"`{f}`" not in doc]
+    assert not missing, f"docs/HF_EXPORT.md does not document {missing}"

@@ -18,13 +18,17 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", required=True, help="exported model directory (convert_checkpoint_to_hf.py --save)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start from the BOS token)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         print(generate(args.model, args.prompt, args.max_new_tokens, args.device))
     except (ImportError, OSError, ValueError) as e:
