@@ -65,7 +65,10 @@ def all_reduce_scalar(value: float, group: ProcessGroup | None = None, op: str =
 # Launch: torch.distributed from torchrun's environment
 
 def launched_world_size() -> int:
-    """The number of processes the launcher started (torchrun sets WORLD_SIZE), before any initialisation."""
+    """The number of processes: torch.distributed's world once joined, before that what the launcher
+    announced (torchrun sets WORLD_SIZE), so a layout can be checked before any communication."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
