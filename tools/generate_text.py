@@ -3,8 +3,8 @@
     python tools/generate_text.py --load checkpoints/quickstart --tokenizer-model data/quickstart/tok.model \
         --prompt "def main(" --max-new-tokens 60
 
-Greedy by default; --temperature/--top-k/--top-p with --sample draw tokens instead. Reads checkpoints with
-weights_only=True (never runs code from the file).
+Greedy by default; --temperature/--top-k/--top-p with --sample draw tokens instead. Reads checkpoints of any
+tensor-parallel size, with weights_only=True (never runs code from the file).
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gdn.data.tokenizer import SentencePieceTokenizer  # noqa: E402
-from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E402
-from megatron_gdn.training.checkpointing import CheckpointError, load_checkpoint  # noqa: E402
+from megatron_gdn.models import GatedDeltaNetForCausalLM  # noqa: E402
+from megatron_gdn.training.full_checkpoint import read_full_checkpoint  # noqa: E402
 
 
 def load_model(load: str, iteration: int | None = None) -> GatedDeltaNetForCausalLM:
-    state = load_checkpoint(load, iteration)
-    if state is None:
-        raise CheckpointError(f"no checkpoint in {load} (no latest_checkpointed_iteration.txt)")
-    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    """The full model of a checkpoint of any tensor-parallel size, on the CPU."""
+    checkpoint = read_full_checkpoint(load, iteration)
+    model = GatedDeltaNetForCausalLM(checkpoint.model_config)
+    model.load_state_dict(checkpoint.state)
     return model.eval()
 
 
