@@ -114,7 +114,8 @@ def main():
             note = ""
             if fla and not backward:  # the two agree on the output (a sanity check, not a test)
                 with torch.no_grad():
-                    note = f"o vs fla {rel(chunk_gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True)[0], fla[0](*xs, use_qk_l2norm_in_kernel=True)[0]):.1e}"
+                    o_ours = chunk_gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True)[0]
+                    note = f"o vs fla {rel(o_ours, fla[0](*xs, use_qk_l2norm_in_kernel=True)[0]):.1e}"
             rows.append((name, "fwd+bwd" if backward else "fwd", ours, theirs, flops, note))
             print(rows[-1])
             if args.breakdown and not backward:

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
-from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, load_gates, load_rows,
-                           load_rows_t, softplus, store_rows)
+from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
+                           load_gates, load_rows, load_rows_t, softplus, store_rows)
 
 # Sub-block of the triangular inverse: diagonal blocks are inverted by substitution, then merged.
 SUB_CHUNK = 16
@@ -50,13 +50,15 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     o_i = tl.arange(0, BT)
     r, c = o_i[:, None], o_i[None, :]
     m_blk = (r // BC) == (c // BC)
-    b_Ad = tl.where(m_blk, b_A, 0.)
-    b_Ai = tl.where(r == c, 1., 0.)
+    # Substitution on the transpose (column i of AiT is row i of Ai): the row of A comes out of a reduction
+    # over rows, indexed by column, which is the layout that broadcasts against AiT's rows, so no step needs
+    # a layout conversion.
+    b_AiT = tl.where(r == c, 1., 0.)
     for s in range(1, BC):
-        m_row = (r % BC) == s
-        b_a = tl.sum(tl.where(m_row, b_Ad, 0.), axis=0)  # [BT]: row s of each block, by column
-        b_sub = tl.sum(b_a[:, None] * b_Ai, axis=0)  # [BT]: sum_j A[i, j] Ai[j, :], block by block
-        b_Ai = tl.where(m_row & m_blk, b_Ai - b_sub[None, :], b_Ai)
+        b_a = tl.sum(tl.where(((r % BC) == s) & m_blk, b_A, 0.), axis=0)  # [BT]: row s of each block, by column
+        b_sub = tl.sum(b_a[None, :] * b_AiT, axis=1)  # [BT]: sum_j A[i, j] Ai[j, :], by column of Ai
+        b_AiT = tl.where(((c % BC) == s) & m_blk, b_AiT - b_sub[:, None], b_AiT)
+    b_Ai = tl.trans(b_AiT)  # a transpose of elementwise results, not of a matrix product
     for lvl in tl.static_range(0, 8):
         if (BC << lvl) < BT:
             # blocks of BC << lvl rows: same pair of blocks, different blocks <=> block indices differ in bit 0
@@ -94,17 +96,13 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
         b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
     tl.store(beta_out + p_tok, b_beta, mask=m_t)
 
+    # A first, then its inverse, w and u; Aqk last, so that no more [BT, BT] tiles than needed are live at once
+    # (the kernel ran out of registers otherwise).
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
-        b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), b_kt)
-        b_qk += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), b_kt)
-    b_decay = tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.))  # [BT, BT]
-    b_A = tl.where(r > c, b_kk * b_decay * b_beta[:, None], 0.)
-    store_rows(Aqk, tl.where(r >= c, b_qk * b_decay * scale, 0.), t0, eos, i_hv, HV, BT, o_t, BT)
-
+        b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
+    b_A = tl.where(r > c, b_kk * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)) * b_beta[:, None], 0.)
     b_Ai = unit_lower_inverse(b_A, BT, BC, PRECISION).to(DT)
     if STORE_AI:
         store_rows(Ai, b_Ai, t0, eos, i_hv, HV, BT, o_t, BT)
@@ -117,11 +115,20 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
         o_v = i_v * BV + tl.arange(0, BV)
         b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)
         store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_qk += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
+    b_qk = tl.where(r >= c, b_qk * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)) * scale, 0.)
+    store_rows(Aqk, b_qk, t0, eos, i_hv, HV, BT, o_t, BT)
 
 
-# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones.
+# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. With K = 128,
+# ptxas reports no register spills for (32, 8) and (16, 8) and some for the others (Triton 3.9, sm_90a).
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
-                for bv, nw in ((32, 4), (16, 2), (16, 4), (64, 4), (32, 8), (64, 8))]
+                for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8), (32, 4))]
+# The per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they spilled registers.
+CHUNK_WARPS = 8
 
 
 @triton.jit
@@ -387,7 +394,7 @@ def _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, ga
         G, beta_f, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BV, GATE_IN_KERNEL=gate_in_kernel,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, STORE_AI=store_ai,
-        PRECISION=MERGE_PRECISION, num_warps=4)
+        PRECISION=MERGE_PRECISION, num_warps=CHUNK_WARPS)
     return G, beta_f, (Ai if store_ai else None), Aqk, w, u
 
 
@@ -467,7 +474,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
         q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=4)
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
@@ -477,7 +484,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G, beta,
         dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, NK=NK, GATE_IN_KERNEL=gate,
-        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=4)
+        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
     if gate:
         dA_log = dA_log.sum(0).to(A_log.dtype)
         ddt_bias = ddt_bias.sum(0).to(dt_bias.dtype)
@@ -501,10 +508,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         if use_qk_l2norm:
             q, q_rstd = l2norm_fwd(q)
             k, k_rstd = l2norm_fwd(k)
-        if cu_seqlens is None:
-            cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-        else:
-            cu = cu_seqlens.to(torch.int32)
+        cu = cu_seqlens_int32(cu_seqlens, B, T, q.device)
         h0 = initial_state.contiguous() if initial_state is not None else None
         o, ht = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, A_log, dt_bias, beta_scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias)

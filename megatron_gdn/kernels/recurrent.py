@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .chunk import load_state, scan_coords
 from .reference import L2NORM_EPS
-from .triton_utils import configs, softplus
+from .triton_utils import configs, cu_seqlens_int32, softplus
 
 
 @triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw)
@@ -63,10 +63,7 @@ def fused_recurrent_fwd(q, k, v, g, beta, scale, initial_state, output_final_sta
     A_log/dt_bias or beta_scale are given). Returns (o [B, T, HV, V], final state [N, HV, K, V] fp32 or None)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    if cu_seqlens is None:
-        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    else:
-        cu = cu_seqlens.to(torch.int32)
+    cu = cu_seqlens_int32(cu_seqlens, B, T, q.device)
     N = len(cu) - 1
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     o = torch.empty_like(v)

@@ -35,6 +35,19 @@ def configs(candidates: list[triton.Config]) -> list[triton.Config]:
 
 
 @functools.lru_cache(maxsize=64)
+def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """[0, T, 2T, ..., BT] int32: a dense batch seen as packed sequences (cached: decoding calls this per token)."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+def cu_seqlens_int32(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """The kernels' int32 cu_seqlens: the given one, or the dense batch's."""
+    if cu_seqlens is None:
+        return dense_cu_seqlens(batch, seqlen, device)
+    return cu_seqlens.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
 def _chunk_tables(bounds: tuple[int, ...], chunk: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     counts = [-(-(b - a) // chunk) for a, b in zip(bounds[:-1], bounds[1:])]
     offsets = [0]
