@@ -7,6 +7,7 @@ output, the final state and every gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,10 +27,9 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (err / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def poison_empty() -> None:
-    """Make torch.empty / empty_like return NaN-filled float tensors, so unwritten outputs show up."""
-    if getattr(torch.empty, "_poisoned", False):
-        return
+@contextlib.contextmanager
+def poisoned_empty():
+    """While active, torch.empty / empty_like return NaN-filled float tensors, so unwritten outputs show up."""
     real_empty, real_like = torch.empty, torch.empty_like
 
     def empty(*args, **kwargs):
@@ -40,8 +40,11 @@ def poison_empty() -> None:
         t = real_like(*args, **kwargs)
         return t.fill_(math.nan) if t.is_floating_point() else t
 
-    empty._poisoned = True
     torch.empty, torch.empty_like = empty, empty_like
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
 
 
 def make_inputs(B=1, T=100, H=2, HV=2, K=32, V=24, cu_seqlens=None, initial_state=True, gate=False, beta_logits=False,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_cases import make_inputs, over_budget, poison_empty, rel_rms, run_case  # noqa: E402
+from kernel_cases import make_inputs, over_budget, poisoned_empty, rel_rms, run_case  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -51,7 +51,8 @@ GPU_CASES = {
 
 @pytest.fixture(autouse=True)
 def _poisoned():
-    poison_empty()
+    with poisoned_empty():
+        yield
 
 
 @pytest.mark.parametrize("name", list(GPU_CASES))

@@ -50,16 +50,16 @@ WORKERS = 2  # this CI machine has 2 cores
 
 
 def _worker(names: list[str]) -> dict:
-    from kernel_cases import poison_empty
-    poison_empty()
+    from kernel_cases import poisoned_empty
     results = {}
-    for name in names:
-        if name in CHUNK_CASES:
-            results[name] = run_case(op="chunk", **CHUNK_CASES[name])
-        elif name in RECURRENT_CASES:
-            results[name] = run_case(op="recurrent", **RECURRENT_CASES[name])
-        else:
-            results[name] = globals()[name]()
+    with poisoned_empty():
+        for name in names:
+            if name in CHUNK_CASES:
+                results[name] = run_case(op="chunk", **CHUNK_CASES[name])
+            elif name in RECURRENT_CASES:
+                results[name] = run_case(op="recurrent", **RECURRENT_CASES[name])
+            else:
+                results[name] = globals()[name]()
     return results
 
 
