@@ -24,7 +24,7 @@ import convert_checkpoint_to_hf as export_tool  # noqa: E402
 import convert_hf_to_checkpoint as import_tool  # noqa: E402
 import pretrain_gdn  # noqa: E402
 from megatron_gdn.config import parse_args  # noqa: E402
-from megatron_gdn.models import GatedDeltaNetForCausalLM  # noqa: E402
+from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # noqa: E402
 from megatron_gdn.models.hf_conversion import ConversionError, load_hf_weights  # noqa: E402
 from megatron_gdn.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron_gdn.training.full_checkpoint import (FullCheckpoint, read_full_checkpoint,  # noqa: E402
@@ -190,6 +190,30 @@ def test_qwen3_next_greedy_generation_matches_ours(work, qwen):
         stop = (row_expected == 2).nonzero()
         n = int(stop[0]) + 1 if len(stop) else 20
         assert torch.equal(row_got[:n], row_expected[:n])
+
+
+@pytest.mark.parametrize("variant", [dict(tie_word_embeddings=True), dict(use_short_conv=False),
+                                     dict(num_v_heads=2, expand_v=1.5, conv_size=3)])
+def test_qwen3_next_variants_match_transformers(qwen, tmp_path, variant):
+    """Tied embeddings (no lm_head tensor), no short convolutions (an identity conv1d), other head shapes."""
+    from megatron_gdn.models.hf_conversion import write_hf_model
+
+    _, _, transformers = qwen
+    torch.manual_seed(0)
+    config = GatedDeltaNetConfig(**{**dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                                           num_v_heads=4, head_dim=8), **variant})
+    model = GatedDeltaNetForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.mul_(1 + 0.2 * torch.randn_like(param))
+    write_hf_model(tmp_path, config, model.state_dict(), "qwen3_next")
+    assert ("lm_head.weight" in load_hf_weights(tmp_path)) != config.tie_word_embeddings
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    x = torch.randint(0, 96, (2, 70), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = model(x).logits, hf_model(x).logits
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
 
 
 def test_exported_tokenizer_loads_in_transformers_like_sentencepiece(work, qwen):
