@@ -357,8 +357,6 @@ def save_safetensors(state: Mapping[str, torch.Tensor], directory: str | os.Path
                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """Write state as model.safetensors, or as model-0000i-of-0000N.safetensors plus the index json when it is
     larger than max_shard_size (transformers' layout). Returns the file names written."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -372,16 +370,26 @@ def save_safetensors(state: Mapping[str, torch.Tensor], directory: str | os.Path
         shards[-1][name] = tensor
         sizes[-1] += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
+        _save_shard(shards[0], directory / SAFE_WEIGHTS)
         return [SAFE_WEIGHTS]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(names, shards):
-        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        _save_shard(shard, directory / file_name)
         weight_map.update({k: file_name for k in shard})
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names + [SAFE_WEIGHTS_INDEX]
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})  # transformers checks the "pt" format tag
+    # safetensors creates the file owner-only (0600); give it the permissions of the other files written here.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_hf_weights(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
