@@ -1,4 +1,4 @@
-"""GPU acceptance of the fla export: flash-linear-attention's own GatedDeltaNetForCausalLM loads it and gives our logits.
+"""GPU acceptance of the fla export: flash-linear-attention's GatedDeltaNetForCausalLM loads it and gives our logits.
 
 A model with perturbed norms and GVA (2 q/k heads, 4 value heads) is saved as a TP=2 checkpoint with a padded
 vocabulary (1024 rows, 1000 real), exported with tools/convert_checkpoint_to_hf.py --format fla in fp32 and

@@ -90,7 +90,7 @@ def find_tokenizer(args: argparse.Namespace, run_args: dict) -> str | None:
 def convert(args: argparse.Namespace) -> Path:
     if args.format not in FORMATS:
         raise ConversionError(f"--format {args.format!r} is not supported; choose one of {', '.join(FORMATS)}")
-    if args.dtype not in ("bf16", "fp32"):
+    if args.dtype not in DTYPES:
         raise ConversionError(f"--dtype {args.dtype!r} is not supported; choose bf16 or fp32")
     parse_size(args.max_shard_size)
     save = Path(args.save)

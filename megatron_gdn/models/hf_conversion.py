@@ -57,7 +57,7 @@ PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -92,7 +92,7 @@ def to_hf_config(config: GatedDeltaNetConfig, fmt: str, dtype: torch.dtype = tor
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
         "max_position_embeddings": config.max_position_embeddings, "initializer_range": config.initializer_range,
-        "tie_word_embeddings": config.tie_word_embeddings, "use_cache": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
         # transformers >= 5 reads "dtype"; older versions (and fla's loaders on them) read "torch_dtype".
         "dtype": dtype_name, "torch_dtype": dtype_name,
@@ -100,9 +100,9 @@ def to_hf_config(config: GatedDeltaNetConfig, fmt: str, dtype: torch.dtype = tor
     if fmt == FLA:
         # flash-linear-attention's GatedDeltaNetConfig fields (paper.md section 5.1); the fuse_* switches only
         # choose its kernels, and attn=None means no softmax-attention layers.
-        return {**common, "attn_mode": config.attn_mode, "expand_v": config.expand_v, "head_dim": config.head_dim,
-                "num_heads": config.num_heads, "num_v_heads": config.num_v_heads, "use_gate": config.use_gate,
-                "use_short_conv": config.use_short_conv, "allow_neg_eigval": config.allow_neg_eigval,
+        return {**common, "use_cache": True, "attn_mode": config.attn_mode, "expand_v": config.expand_v,
+                "head_dim": config.head_dim, "num_heads": config.num_heads, "num_v_heads": config.num_v_heads,
+                "use_gate": config.use_gate, "use_short_conv": config.use_short_conv, "allow_neg_eigval": config.allow_neg_eigval,
                 "conv_size": config.conv_size, "hidden_ratio": config.hidden_ratio, "hidden_act": "swish",
                 "norm_eps": config.norm_eps, "attn": None, "fuse_norm": True, "fuse_swiglu": True,
                 "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "use_l2warp": False}
