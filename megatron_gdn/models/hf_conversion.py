@@ -103,9 +103,10 @@ def to_hf_config(config: GatedDeltaNetConfig, fmt: str, dtype: torch.dtype = tor
         return {**common, "use_cache": True, "attn_mode": config.attn_mode, "expand_v": config.expand_v,
                 "head_dim": config.head_dim, "num_heads": config.num_heads, "num_v_heads": config.num_v_heads,
                 "use_gate": config.use_gate, "use_short_conv": config.use_short_conv,
-                "allow_neg_eigval": config.allow_neg_eigval, "conv_size": config.conv_size, "hidden_ratio": config.hidden_ratio, "hidden_act": "swish",
-                "norm_eps": config.norm_eps, "attn": None, "fuse_norm": True, "fuse_swiglu": True,
-                "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "use_l2warp": False}
+                "allow_neg_eigval": config.allow_neg_eigval, "conv_size": config.conv_size,
+                "hidden_ratio": config.hidden_ratio, "hidden_act": "swish", "norm_eps": config.norm_eps,
+                "attn": None, "fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True,
+                "fuse_linear_cross_entropy": False, "use_l2warp": False}
     layers = list(range(config.num_hidden_layers))
     return {
         **common, "hidden_act": "silu", "rms_norm_eps": config.norm_eps,
