@@ -10,6 +10,7 @@ Tests that need transformers (an optional test dependency) skip without it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -102,8 +103,11 @@ def test_tp2_shards_merge_to_the_single_process_model(work):
 
 def test_fla_export_loads_in_from_pretrained_with_identical_logits(work):
     out = export(work, "fla", "fla")
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+                "tokenizer_config.json", "special_tokens_map.json"}
+    if importlib.util.find_spec("transformers"):  # the export checks the tokenizer and saves tokenizer.json
+        expected.add("tokenizer.json")
+    assert expected <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "gated_deltanet" and config["architectures"] == ["GatedDeltaNetForCausalLM"]
     shape = (config["vocab_size"], config["num_heads"], config["num_v_heads"], config["head_dim"])
@@ -151,7 +155,7 @@ def test_export_refuses_what_the_format_cannot_express(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def qwen(work):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional test "
-                                       "dependency: pip install 'transformers>=4.57')")
+                                       "dependency: pip install 'transformers>=5.17,<6')")
     out = export(work, "qwen3_next", "qwen3_next")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen3NextForCausalLM"
