@@ -43,6 +43,7 @@ from megatron_gdn.parallel import (ParallelGroups, all_reduce_found_inf, all_red
                                    initialize_distributed, initialize_model_parallel, is_rank_zero,
                                    launched_world_size, model_parallel_rng_tracker, parallelize_model,
                                    print_rank_0, rank_grid, shutdown_distributed, vocab_parallel_cross_entropy)
+from megatron_gdn.parallel.context_parallel import apply_context_parallel, check_context_parallel_config, split_sequence
 from megatron_gdn.training.checkpointing import (CheckpointError, check_model_config, load_checkpoint,
                                                  save_checkpoint, saved_tensor_parallel_size)
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
@@ -89,15 +90,19 @@ def batches(dataset, consumed_samples: int, micro_batch_size: int, data_parallel
 # Loss
 
 def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], device: torch.device,
-            autocast_dtype: torch.dtype | None, tensor_parallel_group=None) -> torch.Tensor:
+            autocast_dtype: torch.dtype | None, tensor_parallel_group=None, context_parallel_group=None) -> torch.Tensor:
     """Mean next-token cross entropy of one micro batch. Inputs are tokens[:, :-1], targets tokens[:, 1:];
     with document offsets the batch is packed into one row and the state restarts per document.
-    Under tensor parallelism the logits are this rank's vocabulary slice (never gathered)."""
+    Under tensor parallelism the logits are this rank's vocabulary slice (never gathered). Under context
+    parallelism this rank takes its contiguous slice of every row (or of the packed row) of inputs and targets,
+    the model gets the whole row's document offsets, and the loss is the mean over the slice: every rank holds
+    as many tokens, so averaging it over the CP ranks gives the token-weighted mean of the whole batch."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is not None:
-        inputs, cu_seqlens = inputs.reshape(1, -1), cu_seqlens.to(device)
+        inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens.to(device)
+    inputs, targets = split_sequence(inputs, context_parallel_group), split_sequence(targets, context_parallel_group)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits = model(inputs, cu_seqlens=cu_seqlens).logits
     return vocab_parallel_cross_entropy(logits, targets.reshape(logits.shape[:-1]), tensor_parallel_group).mean()
@@ -112,9 +117,11 @@ def evaluate(model, dataset, cfg: TrainingConfig, device, autocast_dtype, groups
     for step, batch in enumerate(batches(dataset, 0, cfg.micro_batch_size, groups.data_parallel_rank, dp)):
         if step == cfg.eval_iters * (cfg.global_batch_size // (cfg.micro_batch_size * dp)):
             break
-        losses.append(lm_loss(model, batch, device, autocast_dtype, groups.tensor_model_parallel_group).item())
+        losses.append(lm_loss(model, batch, device, autocast_dtype, groups.tensor_model_parallel_group,
+                              groups.context_parallel_group).item())
     model.train()
-    return all_reduce_scalar(sum(losses) / len(losses), groups.data_parallel_group) / dp
+    cp = groups.context_parallel_size
+    return all_reduce_scalar(sum(losses) / len(losses), groups.data_context_parallel_group) / (dp * cp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,8 +156,7 @@ def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig,
     """Check the parallel layout, join torch.distributed (under torchrun) and build the TP/CP/DP groups.
     The checks come first, so a layout that cannot work fails before any communication or data work."""
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
-    if cp > 1:
-        raise ValueError("context parallelism is not available yet: run with --context-parallel-size 1")
+    check_context_parallel_config(model_config, cp, cfg.cp_comm_type, cfg.seq_length, tp, cfg.sequence_parallel)
     check_tensor_parallel_config(model_config, tp)
     rank_grid(launched_world_size(), tp, cp)  # raises unless the world size is a multiple of TP x CP
     local_rank = initialize_distributed(device.type)
@@ -201,8 +207,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
     autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     groups, device = setup_parallel(model_config, cfg, device)
-    tp, tp_group, dp, dp_group = (groups.tensor_model_parallel_size, groups.tensor_model_parallel_group,
-                                  groups.data_parallel_size, groups.data_parallel_group)
+    tp, tp_group, dp = groups.tensor_model_parallel_size, groups.tensor_model_parallel_group, groups.data_parallel_size
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -215,6 +220,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     num_params = sum(p.numel() for p in model.parameters())
     if tp > 1:
         parallelize_model(model, tp_group, cfg.sequence_parallel)
+    if groups.context_parallel_size > 1:
+        apply_context_parallel(model, groups.context_parallel_group, cfg.cp_comm_type)
     model = model.to(device)
     rng_tracker = model_parallel_rng_tracker(cfg.seed, groups.tensor_model_parallel_rank)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
@@ -288,12 +295,15 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         # Forward and backward over the micro batches: gradient accumulation up to the global batch.
         total = 0.0
         for _ in range(num_micro):
-            loss = lm_loss(model, next(data), device, autocast_dtype, tp_group)
+            loss = lm_loss(model, next(data), device, autocast_dtype, tp_group, groups.context_parallel_group)
             scaler.scale(loss / num_micro).backward()
             total += loss.item() / num_micro
-        total = all_reduce_scalar(total, dp_group) / dp
-        # Sum the partial gradients of replicated weights over TP, average everything over DP.
-        finalize_model_grads(model, tp_group, dp_group, cfg.sequence_parallel)
+        # Average the loss and the gradients over DP x CP (each CP rank's are those of its slice's tokens; the
+        # state passing already routed every cross-slice gradient), and sum the replicated weights' partial
+        # gradients over TP.
+        dp_cp, dp_cp_group = dp * groups.context_parallel_size, groups.data_context_parallel_group
+        total = all_reduce_scalar(total, dp_cp_group) / dp_cp
+        finalize_model_grads(model, tp_group, dp_cp_group, cfg.sequence_parallel)
         scaler.unscale_(optimizer)
         all_reduce_found_inf(scaler, optimizer, tp_group)
         grad_norm = clip_grad_norm(model, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"), tp_group)

@@ -64,8 +64,12 @@ class TrainingConfig:
                                           "this many GPUs (the ranks of a node)")
     sequence_parallel: bool = arg(False, "with tensor parallelism, also split the norms and residual stream "
                                   "along the sequence across the tensor-parallel ranks (less activation memory)")
-    context_parallel_size: int = arg(1, "split every sequence across this many GPUs (process groups only so "
-                                     "far: values > 1 are refused until context parallelism lands)")
+    context_parallel_size: int = arg(1, "split every sequence across this many GPUs: each holds a contiguous "
+                                     "slice of seq-length / CP tokens (docs/PARALLELISM.md)")
+    cp_comm_type: str = arg("state_passing", "how context-parallel ranks run the delta rule: state_passing (one "
+                            "all-gather of the slices' recurrent-state summaries per layer) or all_to_all "
+                            "(Megatron's head-parallel exchange of the activations; needs heads / TP divisible by CP)",
+                            choices=["state_passing", "all_to_all"])
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")

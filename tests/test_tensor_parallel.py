@@ -344,7 +344,8 @@ def main_error(argv: list[str], capsys) -> str:
     (["--sequence-parallel"], 1, "--sequence-parallel splits activations across the tensor-parallel ranks"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "30"], 4,
      "--seq-length (30) divisible by --tensor-model-parallel-size (4)"),
-    (["--context-parallel-size", "2"], 2, "context parallelism is not available yet"),
+    (["--context-parallel-size", "2", "--seq-length", "31"], 2,
+     "--seq-length (31) must be divisible by --context-parallel-size (2)"),  # more in tests/test_context_parallel.py
 ])
 def test_errors_before_any_work(extra, world_size, message, monkeypatch, capsys):
     """Bad layouts fail with one line before torch.distributed is touched (WORLD_SIZE is what torchrun sets)."""

@@ -43,7 +43,9 @@ class ShortConvolution(nn.Module):
     """Depthwise causal convolution over time, then SiLU. weight: [D, 1, W] as in nn.Conv1d.
 
     `past` holds the W - 1 inputs before x ([B, W - 1, D]; zeros when None). With cu_seqlens
-    (packed documents, B == 1) no input leaks across a document start.
+    (packed documents, B == 1) no input leaks across a document start. cu_seqlens[0] may be negative: the
+    first document then began -cu_seqlens[0] tokens before x, and its taps reach into `past` (context
+    parallelism passes a slice's offsets this way, with the previous rank's last inputs as `past`).
     """
 
     def __init__(self, dim: int, kernel_size: int, bias: bool = False) -> None:
@@ -132,6 +134,9 @@ class GatedDeltaNet(nn.Module):
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        # The hook of context parallelism (parallel/context_parallel.py puts its op here): the delta rule over a
+        # sequence split across ranks needs process groups, which a plain model does not know about.
+        self.context_parallel_op = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -191,6 +196,8 @@ class GatedDeltaNet(nn.Module):
         v = v.view(B, T, -1, self.head_v_dim)
 
         delta_rule = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
+        if self.context_parallel_op is not None:  # the chunked rule across ranks, whatever the slice's length
+            delta_rule = self.context_parallel_op
         o, recurrent_state = delta_rule(
             q, k, v, g=self.a_proj(hidden_states), beta=self.b_proj(hidden_states),
             initial_state=last.recurrent_state if last is not None else None,
