@@ -9,8 +9,10 @@
 #   5. pretrain the tiny model (6 layers, 256 wide) for 200 iterations of 8 x 256 tokens, evaluating on a
 #      held-out 2% of the documents
 #   6. continue a prompt with the trained model
+#   7. export it to Hugging Face format (Qwen3-Next layout) and continue the prompt with stock transformers
 #
-# Re-running starts the training afresh. Outputs: data/quickstart/, checkpoints/quickstart/, runs/quickstart/.
+# Re-running starts the training afresh. Outputs: data/quickstart/, checkpoints/quickstart/, runs/quickstart/,
+# hf/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup_env.sh
@@ -36,4 +38,9 @@ rm -rf "$CKPT" runs/quickstart
 
 echo "--- a sample from the trained model (greedy):"
 "$PYTHON" tools/generate_text.py --load "$CKPT" --tokenizer-model "$DATA/tok.model" \
-    --prompt "def read_config(path):" --max-new-tokens 60
+    --prompt "def read_config(path):" --max-new-tokens 40
+
+"$PYTHON" tools/convert_checkpoint_to_hf.py --load "$CKPT" --save hf/quickstart --format qwen3_next \
+    --tokenizer-model "$DATA/tok.model" --overwrite
+echo "--- the same model loaded by stock transformers (AutoModelForCausalLM), greedy:"
+"$PYTHON" tools/hf_generate.py --model hf/quickstart --prompt "def read_config(path):" --max-new-tokens 40
