@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -52,7 +53,7 @@ class Row:
     seconds: float
     tokens_per_s: float
     peak_pss_mb: float | None
-    cpu_seconds: float | None = None
+    cpu_seconds: float
 
 
 def descendants(pid: int) -> list[int]:
@@ -144,11 +145,17 @@ def prepare(work: Path, size_mb: float, vocab_size: int) -> tuple[Path, Path, Pa
     return corpus, half, model
 
 
-def ceiling(texts: list[str], model: Path, threads: int, return_type: str, batch: int = 4096) -> tuple[float, int]:
-    """Seconds and tokens of SentencePiece's batched encode of in-memory texts."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ceiling(texts: list[str], model: Path, threads: int, return_type: str, batch: int = 4096) -> tuple[float, int, float]:
+    """Seconds, tokens and CPU seconds of SentencePiece's batched encode of in-memory texts."""
     sp = spm.SentencePieceProcessor(model_file=str(model))
     tokens = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     for start in range(0, len(texts), batch):
         if return_type == "numpy":
             encoded = sp.encode(texts[start : start + batch], return_type="numpy", num_threads=threads)
@@ -156,7 +163,7 @@ def ceiling(texts: list[str], model: Path, threads: int, return_type: str, batch
             encoded = sp.encode(texts[start : start + batch], num_threads=threads)
         tokens += sum(len(ids) for ids in encoded)
         del encoded
-    return time.perf_counter() - started, tokens
+    return time.perf_counter() - started, tokens, cpu_seconds() - cpu_started
 
 
 # --- the Megatron-style comparison: per-document tasks and replies, one writer with Python lists ----------
@@ -226,24 +233,28 @@ def main() -> int:
         print(f"  {row.name:<34} {row.workers}  {row.seconds:7.1f} s  {row.tokens_per_s / 1e6:5.2f}M tok/s"
               + (f"  {row.peak_pss_mb:7.0f} MB" if row.peak_pss_mb else ""), flush=True)
 
+    def ours(workers: int, corpus_path: Path, prefix: str) -> tuple[float, float, float]:
+        return run_measured([
+            sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus_path),
+            "--tokenizer-model", str(model), "--append-eod", "--workers", str(workers),
+            "--output-prefix", str(work / prefix), "--log-interval", "0", "--no-progress-bar"])
+
     sp_tokens = 0
+    round_ratios = []
     for round_number in range(args.repeats):
         print(f"round {round_number + 1}/{args.repeats}", flush=True)
-        for threads in (2, 1):
-            for return_type in ("int", "numpy"):
-                seconds, sp_tokens = ceiling(texts, model, threads, return_type)
-                keep(Row(f"SentencePiece encode ({return_type})", threads, seconds, sp_tokens / seconds, None))
+        # Each of ours right after its ceiling, so that both see the same load on a shared machine.
         for workers in (2, 1):
-            prefix = str(work / f"ours_w{workers}")
-            seconds, peak, cpu = run_measured([
-                sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus),
-                "--tokenizer-model", str(model), "--append-eod", "--workers", str(workers),
-                "--output-prefix", prefix, "--log-interval", "0", "--no-progress-bar"])
+            seconds, sp_tokens, cpu = ceiling(texts, model, workers, "int")
+            keep(Row("SentencePiece encode (int)", workers, seconds, sp_tokens / seconds, None, cpu))
+            ceiling_seconds = seconds
+            seconds, peak, cpu = ours(workers, corpus, f"ours_w{workers}")
             keep(Row("preprocess_data.py", workers, seconds, sp_tokens / seconds, peak, cpu))
-        seconds, peak, cpu = run_measured([
-            sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(half),
-            "--tokenizer-model", str(model), "--append-eod", "--workers", "2",
-            "--output-prefix", str(work / "ours_half"), "--log-interval", "0", "--no-progress-bar"])
+            if workers == 2:
+                round_ratios.append(ceiling_seconds / seconds)
+            seconds, _, cpu = ceiling(texts, model, workers, "numpy")
+            keep(Row("SentencePiece encode (numpy)", workers, seconds, sp_tokens / seconds, None, cpu))
+        seconds, peak, cpu = ours(2, half, "ours_half")
         half_output = IndexedDataset(str(work / "ours_half_text_document"))
         half_tokens = half_output.num_tokens - len(half_output)  # minus one EOD per non-empty document
         keep(Row("preprocess_data.py, half corpus", 2, seconds, half_tokens / seconds, peak, cpu))
@@ -260,21 +271,25 @@ def main() -> int:
     ours_2 = best[("preprocess_data.py", 2)].tokens_per_s
 
     print()
-    print("| run | workers / threads | time (s) | tokens/s | vs 2-thread ceiling | peak PSS, all processes (MB) |")
-    print("|---|---|---|---|---|---|")
-    for row in best.values():
+    print("| run | workers / threads | time (s) | tokens/s | vs 2-thread ceiling | CPU (s) | tokens per CPU-s "
+          "| peak PSS, all processes (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in sorted(best.values(), key=lambda r: (r.name.startswith("Megatron"), r.name, -r.workers)):
         memory = f"{row.peak_pss_mb:.0f}" if row.peak_pss_mb else "-"
+        tokens = row.tokens_per_s * row.seconds
         print(f"| {row.name} | {row.workers} | {row.seconds:.1f} | {row.tokens_per_s / 1e6:.2f}M | "
-              f"{row.tokens_per_s / ceiling_2:.0%} | {memory} |")
+              f"{row.tokens_per_s / ceiling_2:.0%} | {row.cpu_seconds:.1f} | {tokens / row.cpu_seconds / 1e6:.2f}M | {memory} |")
     print()
     print(f"corpus: {size_mb:.1f} MB of Python source, {len(texts)} documents, {sp_tokens / 1e6:.1f}M tokens "
           f"({args.vocab_size} BPE); --workers 2 output identical to --workers 1: {same}")
-    print(f"preprocess_data.py --workers 2 reaches {ours_2 / ceiling_2:.1%} of the best 2-thread SentencePiece encode")
+    print(f"preprocess_data.py --workers 2 reaches {ours_2 / ceiling_2:.1%} of the best 2-thread SentencePiece encode "
+          f"(best times of each); per round, against the int encode run just before it: "
+          f"{', '.join(f'{r:.0%}' for r in round_ratios)}")
     print(f"python {platform.python_version()}, sentencepiece {spm.__version__}, numpy {np.__version__}, "
           f"{os.cpu_count()} CPUs ({cpu_name()}), best of {args.repeats} round(s)")
     with open(work / "results.json", "w") as f:
         json.dump({"rows": [asdict(r) for r in best.values()], "corpus_mb": size_mb, "tokens": sp_tokens,
-                   "identical_outputs": same}, f, indent=2)
+                   "identical_outputs": same, "round_ratios": round_ratios}, f, indent=2)
     return 0
 
 
