@@ -12,12 +12,16 @@ losses of CP=1. The PyTorch reference runs the kernels, except in one small case
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+import kernel_cases
 
 import pretrain_gdn
 from megatron_gdn.config import parse_args
@@ -25,13 +29,14 @@ from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.kernels import chunk_gated_delta_rule
 from megatron_gdn.models import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.parallel import (destroy_model_parallel, finalize_model_grads, initialize_model_parallel,
-                                   parallelize_model, vocab_parallel_cross_entropy)
+                                   parallelize_model, shutdown_distributed, vocab_parallel_cross_entropy)
 from megatron_gdn.parallel.context_parallel import (apply_context_parallel, check_context_parallel_config,
                                                     context_parallel_chunk_gated_delta_rule, slice_layout,
                                                     split_sequence)
 from megatron_gdn.parallel.mappings import _all_gather
-from test_tensor_parallel import (TINY, assert_close, assert_same_losses, gather_full, main_error, read_losses,
-                                  run_distributed)
+from kernel_cases import make_inputs
+from test_tensor_parallel import (TINY, _free_port, assert_close, assert_same_losses, gather_full, main_error,
+                                  read_losses, run_distributed)
 
 COMM_TYPES = ("state_passing", "all_to_all")
 # The mixer's options: L2 norm of q/k, the gate from its logits, beta's sigmoid.
@@ -39,13 +44,13 @@ OPTIONS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_s
 
 
 def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    return _all_gather(x.contiguous(), group, dim)
+    return _all_gather(x.detach().contiguous(), group, dim)
 
 
 def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's (possibly empty) x along dim 0, in rank order."""
     pieces = [None] * dist.get_world_size(group)
-    dist.all_gather_object(pieces, x.detach(), group=group)
+    dist.all_gather_object(pieces, x.detach().cpu(), group=group)
     return torch.cat(pieces)
 
 
@@ -356,3 +361,71 @@ def test_op_with_the_triton_kernels_in_the_interpreter(monkeypatch):
     """The Triton chunk kernels (forward and backward) under state passing, in Triton's interpreter (fp32)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks before their first Triton call
     run_distributed(2, _triton_case)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU (NCCL, bf16, the compiled Triton kernels): CP = 2 and 4 at 64K tokens within the kernel budgets
+
+def _nccl_worker(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    try:
+        fn(*args)
+    finally:
+        shutdown_distributed()
+
+
+def _gpu_cases(cp_sizes: list[int], T: int, device: str, dtype: torch.dtype, backend: str, bf16: bool) -> None:
+    """For one sequence and for documents crossing the ranks: CP = 1 and each CP size and method, against the
+    fp64 reference, by kernel_cases' RMS metric. Every rank runs; rank 0 checks and prints."""
+    for docs in (None, [0, 1, T // 3, T // 3 + 1, T // 2 + 7, T]):
+        x = make_inputs(B=1, T=T, H=4, HV=8, K=128, V=128, cu_seqlens=docs, initial_state=False, gate=True,
+                        beta_logits=True, dtype=dtype, device=device)
+        cu = None if docs is None else torch.tensor(docs, device=device)
+        options = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                       use_beta_sigmoid_in_kernel=True, backend=backend)
+        gen = torch.Generator().manual_seed(7)
+        do = torch.randn(1, T, 8, 128, generator=gen).to(device)
+        dht = torch.randn(1 if docs is None else len(docs) - 1, 8, 128, 128, generator=gen).to(device)
+        leaves = ["q", "k", "v", "g", "beta", "A_log", "dt_bias"]
+        runs = {}
+        o, ht = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True,
+                                       cu_seqlens=cu, **options)
+        grads = torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), [x[n] for n in leaves])
+        runs["CP=1"] = [o, ht, *grads]
+        for cp in cp_sizes:
+            groups = initialize_model_parallel(1, cp)
+            group, r = groups.context_parallel_group, groups.context_parallel_rank
+            local = {n: split_sequence(x[n].detach(), group).requires_grad_() for n in leaves[:5]}
+            ends = [n for n in range(len(dht)) if r * T // cp < (T if docs is None else docs[n + 1]) <= (r + 1) * T // cp]
+            for comm_type in COMM_TYPES:
+                o, ht = context_parallel_chunk_gated_delta_rule(
+                    *(local[n] for n in leaves[:5]), group, comm_type, output_final_state=True, cu_seqlens=cu,
+                    **options)
+                grads = torch.autograd.grad((o.float() * split_sequence(do, group)).sum() + (ht * dht[ends]).sum(),
+                                            [*local.values(), x["A_log"], x["dt_bias"]])
+                runs[f"CP={cp} {comm_type}"] = [gather_sequence(o, group), gather_rows(ht, group).to(device),
+                                               *(gather_sequence(g, group) for g in grads[:5]),
+                                               *(sum_over(g, group) for g in grads[5:])]
+            destroy_model_parallel()
+        if dist.get_rank() != 0:
+            continue
+        ref = kernel_cases.reference(dict(x, beta_logits=True), cu)
+        ref_grads = torch.autograd.grad((ref[0] * do.double()).sum() + (ref[1] * dht.double()).sum(),
+                                        [x[n] for n in leaves])
+        names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias"]
+        for name, values in runs.items():
+            errors = {n: kernel_cases.rel_rms(a, b) for n, a, b in zip(names, values, [*ref, *ref_grads])}
+            print(f"T={T} docs={docs is not None} {name}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+            assert not kernel_cases.over_budget(errors, bf16), (name, errors)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
+def test_gpu_bf16_context_parallel_64k_within_kernel_budgets():
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    cp_sizes = [2, 4] if world == 4 else [2]
+    mp.spawn(_nccl_worker, args=(world, _free_port(), _gpu_cases, (cp_sizes, 65536, "cuda", torch.bfloat16,
+                                                                    "triton", True)), nprocs=world, join=True)

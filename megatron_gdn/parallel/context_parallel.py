@@ -189,6 +189,27 @@ class _StatePassing(torch.autograd.Function):
         return torch.cat([dS_end, dM], dim=-1), None, None, None, None
 
 
+class _AddIncomingState(torch.autograd.Function):
+    """o0 + oM S_in per token and head ([K] @ [K, V]): the output's part that the incoming state adds.
+
+    The products run in the inputs' dtype (on GPU: the tensor cores, fp32 accumulation), as the kernels' own
+    products with the state do; the gradient of S_in, a sum over every token of the slice, is formed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, o0: torch.Tensor, oM: torch.Tensor, S_in: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(oM, S_in)
+        incoming = torch.einsum("bthk,bhkv->bthv", oM, S_in.to(oM.dtype))
+        return (o0.float() + incoming.float()).to(o0.dtype)
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        oM, S_in = ctx.saved_tensors
+        d_oM = torch.einsum("bthv,bhkv->bthk", do, S_in.to(do.dtype))
+        dS_in = torch.einsum("bthk,bthv->bhkv", oM.float(), do.float())
+        return do, d_oM, dS_in.to(S_in.dtype)
+
+
 def _state_passing_rule(q, k, v, g, beta, layout: SliceLayout, group, scale, output_final_state, options):
     B, T, HV, V = v.shape
     K = k.shape[-1]
@@ -207,10 +228,8 @@ def _state_passing_rule(q, k, v, g, beta, layout: SliceLayout, group, scale, out
     S_in = _StatePassing.apply(carried, layout.pre_ranks, layout.post_ranks, cu is None or N == 1, group)
     o0, oM = o_ext[..., :V], o_ext[..., V:]
     # Always applied, even where S_in is zero (rank 0): every rank must reach _StatePassing's backward.
-    n0 = T if cu is None else int(cu[1])  # tokens of the first local sequence
-    rows = torch.arange(B, device=v.device) if cu is None else torch.zeros(1, dtype=torch.long, device=v.device)
-    first = o0[:, :n0].float() + torch.einsum("bthk,bhkv->bthv", oM[:, :n0].float(), S_in[rows].float())
-    o = torch.cat([first.to(v.dtype), o0[:, n0:]], dim=1)
+    n0 = T if cu is None else int(cu[1])  # tokens of the first local sequence (S_in: one row per batch row)
+    o = torch.cat([_AddIncomingState.apply(o0[:, :n0], oM[:, :n0], S_in), o0[:, n0:]], dim=1)
     if not output_final_state:
         return o, None
     h_first, M_first = ht[: len(S_in), ..., :V], ht[: len(S_in), ..., V:]
