@@ -294,9 +294,9 @@ def _train_runs(runs: list[tuple[str, list[str], bool]], out_dir: str) -> None:
 
 
 def test_training_matches_single_process(tmp_path, monkeypatch):
-    cp2 = ["--context-parallel-size", "2"]
+    cp2, ckpt = ["--context-parallel-size", "2"], str(tmp_path / "cp2_ckpt")
     run_distributed(2, _train_runs, [
-        ("cp2", train_flags(*cp2), False),
+        ("cp2", train_flags(*cp2, "--save", ckpt, "--save-interval", "5"), False),
         ("cp2_docs", train_flags(*cp2), True),
         ("cp2_a2a_docs", train_flags(*cp2, "--cp-comm-type", "all_to_all"), True),
     ], str(tmp_path))
@@ -305,6 +305,9 @@ def test_training_matches_single_process(tmp_path, monkeypatch):
         ("cp4", train_flags("--context-parallel-size", "4"), False),
     ], str(tmp_path))
     cp1 = pretrain_gdn.train(*parse_args(train_flags()))["losses"]
+    # CP splits activations, not weights: a CP=2 checkpoint resumes on one process with the same losses.
+    resumed = pretrain_gdn.train(*parse_args(train_flags("--load", ckpt, "--ckpt-step", "5")))["losses"]
+    assert_same_losses(resumed, {it: loss for it, loss in cp1.items() if it > 5}, "CP=2 checkpoint resumed at CP=1")
     monkeypatch.setattr(pretrain_gdn, "build_datasets", document_datasets)
     cp1_docs = pretrain_gdn.train(*parse_args(train_flags()))["losses"]
     assert cp1[10] < cp1[1] and cp1_docs[10] < cp1_docs[1]  # it learns
