@@ -173,7 +173,7 @@ class _StatePassing(torch.autograd.Function):
         S_in = _fold([gathered[j, ..., V:] for j in chain], [gathered[j, ..., :V] for j in chain], carried[..., :V])
         # Backward needs the transitions of the ranks after this one, and the state the carried sequence started
         # from (zero unless it is also the first sequence, continuing from the ranks before).
-        later = gathered[rank + 1: rank + 1 + post_ranks, ..., V:]
+        later = gathered[rank + 1: rank + 1 + post_ranks, ..., V:].clone()  # not a view: frees the rest
         ctx.save_for_backward(later, S_in if carried_is_first else torch.zeros_like(S_in))
         ctx.group, ctx.post_ranks = group, post_ranks
         return S_in
