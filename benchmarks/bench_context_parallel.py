@@ -97,6 +97,7 @@ def run_layer(args, tokens: int, cp: int, comm_type: str | None, group, device) 
         torch.cuda.reset_peak_memory_stats(device)
         forward_backward(*slice_of(tokens // PROBE_FRACTION))
         need = (torch.cuda.max_memory_allocated(device) - base) * PROBE_FRACTION * 1.1
+        torch.cuda.empty_cache()  # so that the free memory below counts what the allocator cached for the probe
         fits = torch.tensor(float(need < torch.cuda.mem_get_info(device)[0]), device=device)
         dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=group)
         if not fits.item():
@@ -136,7 +137,7 @@ def main() -> None:
         import triton
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"{world} x {gpu}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"NCCL {'.'.join(map(str, torch.cuda.nccl.version())) if device.type == 'cuda' else '-'}; layer: "
+              f"NCCL {torch.cuda.nccl.version() if device.type == 'cuda' else '-'}; layer: "
               f"hidden {args.hidden_size}, {args.num_heads} q/k heads, {args.num_v_heads} value heads, head dim "
               f"{args.head_dim}, expand_v {args.expand_v}; bf16 autocast; median of {args.iters} after "
               f"{args.warmup} warm-up", flush=True)
