@@ -16,8 +16,13 @@ Examples (see README.md and examples/ for more):
     torchrun --nproc-per-node 2 pretrain_gdn.py --model-size small --bf16 --tensor-model-parallel-size 2 \
         --sequence-parallel --mock-data --vocab-size 32000 --seq-length 4096 --micro-batch-size 4 --train-iters 100
 
-Exit codes: 0 when training finished or saved and exited on request (SIGTERM, --exit-interval,
---exit-duration-in-mins); 2 for bad input (a one-line "error: ..." on stderr).
+    # data parallelism with DeepSpeed ZeRO-2 on 8 GPUs; the same under mpirun/srun (docs/DISTRIBUTED.md)
+    torchrun --nproc-per-node 8 pretrain_gdn.py --model-size small --bf16 --zero-stage 2 ...
+    mpirun -np 8 python pretrain_gdn.py --model-size small --bf16 --zero-stage 2 ...
+
+Exit codes: 0 when training finished or saved and exited on request (SIGTERM/SIGUSR1, --exit-interval,
+--exit-duration-in-mins); 2 for bad input (a one-line "error: ..." on stderr); 3 when --max-skipped-steps
+consecutive steps had a non-finite loss or gradient; 4 when another rank died or stopped answering.
 """
 
 from __future__ import annotations
@@ -32,24 +37,25 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_gdn.config import TrainingConfig, parse_args
 from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
 from megatron_gdn.data.tokenizer import padded_vocab_size
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-from megatron_gdn.parallel import (ParallelGroups, all_reduce_found_inf, all_reduce_scalar,
-                                   check_tensor_parallel_config, clip_grad_norm, finalize_model_grads,
-                                   initialize_distributed, initialize_model_parallel, is_rank_zero,
+from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, check_tensor_parallel_config, get_rank,
+                                   get_world_size, initialize_distributed, initialize_model_parallel, is_rank_zero,
                                    launched_world_size, model_parallel_rng_tracker, parallelize_model,
                                    print_rank_0, rank_grid, shutdown_distributed, vocab_parallel_cross_entropy)
 from megatron_gdn.parallel.context_parallel import apply_context_parallel, check_context_parallel_config, split_sequence
-from megatron_gdn.training.checkpointing import (CheckpointError, check_model_config, load_checkpoint,
-                                                 save_checkpoint, saved_tensor_parallel_size)
+from megatron_gdn.parallel.launch import consume_launcher_arguments, describe_topology, discover_launch_environment
+from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, saved_tensor_parallel_size
+from megatron_gdn.training.deepspeed_config import deepspeed_config_for, read_deepspeed_config, resolve_zero_stage
+from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
 from megatron_gdn.training.logging import TensorBoardLogger, format_iteration_line, format_validation_line
 from megatron_gdn.training.lr_schedule import LRSchedule
-from megatron_gdn.training.optimizer import build_optimizer, optimizer_param_names
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +143,16 @@ def get_rng_state() -> dict:
     return state
 
 
+def gather_rng_states(group) -> list[dict]:
+    """Every DP x CP rank's random state, in group-rank order, for the checkpoint (each TP rank's file holds its
+    DP x CP ranks'). They are equal unless something drew random numbers on one rank only."""
+    states = [None] * (dist.get_world_size(group) if dist.is_initialized() else 1)
+    if len(states) == 1:
+        return [get_rng_state()]
+    dist.all_gather_object(states, get_rng_state(), group=group)
+    return states
+
+
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -151,22 +167,23 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Parallelism (docs/PARALLELISM.md)
 
-def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig,
-                   device: torch.device) -> tuple[ParallelGroups, torch.device]:
-    """Check the parallel layout, join torch.distributed (under torchrun) and build the TP/CP/DP groups.
-    The checks come first, so a layout that cannot work fails before any communication or data work."""
+def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, device: torch.device,
+                   single_process: bool = False) -> tuple[ParallelGroups, torch.device]:
+    """Check the parallel layout, join torch.distributed (under any launcher; single_process=True joins a group
+    of one, which DeepSpeed needs) and build the TP/CP/DP groups. The checks come first, so a layout that cannot
+    work fails before any communication or data work."""
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
     check_context_parallel_config(model_config, cp, cfg.cp_comm_type, cfg.seq_length, tp, cfg.sequence_parallel)
     check_tensor_parallel_config(model_config, tp)
     rank_grid(launched_world_size(), tp, cp)  # raises unless the world size is a multiple of TP x CP
-    local_rank = initialize_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    groups = initialize_model_parallel(tp, cp)
-    dp = groups.data_parallel_size
+    dp = launched_world_size() // (tp * cp)
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
         raise ValueError(f"--global-batch-size ({cfg.global_batch_size}) must be a multiple of --micro-batch-size "
                          f"x data-parallel size ({cfg.micro_batch_size} x {dp})")
+    local_rank = initialize_distributed(device.type, cfg.distributed_timeout_minutes, single_process)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    groups = initialize_model_parallel(tp, cp)
     return groups, device
 
 
@@ -177,22 +194,35 @@ EXIT_REASONS = (None, "exit-interval", "exit-duration-in-mins", "signal")
 # ----------------------------------------------------------------------------------------------------
 # Training
 
+# Signals that ask for save-and-exit: SIGTERM (torchrun, mpirun and Slurm forward it on preemption or scancel)
+# and SIGUSR1 (Slurm's `--signal=USR1@120` warning before the time limit).
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class ExitRequest:
-    """While active, SIGTERM (e.g. a scheduler's preemption notice) asks the loop to save and exit."""
+    """While active, an EXIT_SIGNALS signal on any rank asks every rank to save and exit after the iteration
+    (the loop all-reduces the request, so the ranks stop together)."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def __enter__(self) -> "ExitRequest":
-        self.previous = signal.signal(signal.SIGTERM, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in EXIT_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame) -> None:
-        print_rank_0(f"received signal {signal.Signals(signum).name}: saving and exiting after this iteration")
+        where = f"rank {get_rank()} " if get_world_size() > 1 else ""
+        print(f"{where}received signal {signal.Signals(signum).name}: saving and exiting after this iteration",
+              flush=True)
         self.requested = True
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite steps (--max-skipped-steps): the run cannot make progress."""
 
 
 def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: ExitRequest | None = None) -> dict:
@@ -206,7 +236,14 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
         raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
     autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
-    groups, device = setup_parallel(model_config, cfg, device)
+    # The data-parallel engine: DeepSpeed for ZeRO 1-3, else the built-in path (training/engine.py). A bad
+    # --deepspeed-config fails here and below, before the data or the model are built.
+    file_config = read_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
+    zero_stage = resolve_zero_stage(cfg, file_config)
+    groups, device = setup_parallel(model_config, cfg, device, single_process=zero_stage > 0)
+    ds_config = deepspeed_config_for(cfg, zero_stage, file_config, groups, device) if zero_stage else None
+    topology = describe_topology(groups, device, zero_stage)  # collective: every rank takes part
+    print_rank_0(topology)
     tp, tp_group, dp = groups.tensor_model_parallel_size, groups.tensor_model_parallel_group, groups.data_parallel_size
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -224,12 +261,12 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         apply_context_parallel(model, groups.context_parallel_group, cfg.cp_comm_type)
     model = model.to(device)
     rng_tracker = model_parallel_rng_tracker(cfg.seed, groups.tensor_model_parallel_rank)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+    engine = (DeepSpeedDataParallel(model, cfg, groups, device, ds_config) if zero_stage
+              else BuiltinDataParallel(model, cfg, groups, device))
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, decay_iters, cfg.lr_decay_style,
                           cfg.lr_wsd_decay_iters if cfg.lr_wsd_decay_iters is not None else decay_iters // 10,
                           cfg.lr_wsd_decay_style)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
     print_rank_0(f"model: {num_params / 1e6:.2f}M parameters, {model_config}")
     print_rank_0(f"training: {cfg}")
     print_rank_0(f"parallel: tensor {tp} x context {groups.context_parallel_size} x data {dp}, "
@@ -237,7 +274,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
 
     iteration, consumed_samples, skipped_iterations = 0, 0, 0
     if cfg.load:
-        state = load_checkpoint(cfg.load, cfg.ckpt_step, groups.tensor_model_parallel_rank, tp)
+        load_optimizer = not (cfg.finetune or cfg.no_load_optim)
+        state = engine.read_checkpoint(cfg.load, cfg.ckpt_step, load_optimizer)
         if state is None:
             if cfg.exit_on_missing_checkpoint:
                 raise CheckpointError(f"no checkpoint in {cfg.load} (no latest_checkpointed_iteration.txt)")
@@ -245,37 +283,31 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         else:
             check_model_config(state.get("model_config", {}), model_config.to_dict(), cfg.load,
                                saved_tensor_parallel_size(cfg.load, state["iteration"]), tp)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as e:
-                raise CheckpointError(f"checkpoint in {cfg.load} does not fit the model: "
-                                      f"{str(e).splitlines()[0]}") from None
+            engine.load_state(state, load_optimizer)
             if not cfg.finetune:
                 iteration = state["iteration"]
                 consumed_samples = state["consumed_train_samples"]
                 skipped_iterations = state.get("skipped_iterations", 0)
-                if not cfg.no_load_optim:
-                    optimizer.load_state_dict(state["optimizer"])
-                    if "grad_scaler" in state:
-                        scaler.load_state_dict(state["grad_scaler"])
                 if not cfg.no_load_rng:
-                    set_rng_state(state["rng_state"])
+                    # This rank's own state when the checkpoint has one per DP x CP rank of this layout.
+                    per_rank, dp_cp = state.get("rng_states") or [], dp * groups.context_parallel_size
+                    own = groups.data_parallel_rank * groups.context_parallel_size + groups.context_parallel_rank
+                    set_rng_state(per_rank[own] if len(per_rank) == dp_cp else state["rng_state"])
                     if "rng_tracker_states" in state:  # absent after tools/reshard_checkpoint.py
                         rng_tracker.set_states(state["rng_tracker_states"])
             print_rank_0(f"loaded checkpoint from {cfg.load} at iteration {state['iteration']}")
 
     def save(at_iteration: int) -> None:
+        """Every rank calls it. Besides the model and optimizer (the engine's), a checkpoint holds the data
+        position, the counters, the schedule, the random state of every rank, the flags and the model config."""
         t0 = time.time()
-        save_checkpoint(cfg.save, at_iteration, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        engine.save(cfg.save, at_iteration, {
             "opt_param_scheduler": dataclasses.asdict(schedule), "rng_state": get_rng_state(),
+            "rng_states": gather_rng_states(groups.data_context_parallel_group),
             "consumed_train_samples": consumed_samples, "skipped_iterations": skipped_iterations,
-            "grad_scaler": scaler.state_dict(), "args": dataclasses.asdict(cfg),
-            "model_config": model_config.to_dict(), "true_vocab_size": true_vocab_size,
-            "tensor_model_parallel_size": tp, "rng_tracker_states": rng_tracker.get_states(),
-            "optimizer_param_names": optimizer_param_names(model, optimizer)},
-            tensor_parallel_rank=groups.tensor_model_parallel_rank,
-            write=groups.data_parallel_rank == 0 and groups.context_parallel_rank == 0)
+            "args": dataclasses.asdict(cfg), "model_config": model_config.to_dict(),
+            "true_vocab_size": true_vocab_size, "tensor_model_parallel_size": tp,
+            "rng_tracker_states": rng_tracker.get_states()})
         print_rank_0(f"saved checkpoint at iteration {at_iteration} to {cfg.save} ({time.time() - t0:.1f}s)")
 
     tensorboard = TensorBoardLogger(cfg.tensorboard_dir if is_rank_zero() else None)
@@ -285,41 +317,51 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     data = (batches(train_data, consumed_samples, cfg.micro_batch_size, groups.data_parallel_rank, dp)
             if iteration < cfg.train_iters else iter(()))
     losses: dict[int, float] = {}
-    interval_losses, nan_iterations, exit_reason = [], 0, "finished"
+    interval_losses, nan_iterations, consecutive_nan, exit_reason = [], 0, 0, "finished"
     interval_start = time.time()
-    model.train()
+    engine.model.train()
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        engine.set_lr(lr)
         # Forward and backward over the micro batches: gradient accumulation up to the global batch.
         total = 0.0
-        for _ in range(num_micro):
-            loss = lm_loss(model, next(data), device, autocast_dtype, tp_group, groups.context_parallel_group)
-            scaler.scale(loss / num_micro).backward()
+        for micro in range(num_micro):
+            loss = lm_loss(engine.model, next(data), device, autocast_dtype, tp_group, groups.context_parallel_group)
+            if micro == 0 and iteration + 1 in cfg.inject_nan_at and get_rank() == 0:
+                loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
+            engine.backward(loss)
             total += loss.item() / num_micro
-        # Average the loss and the gradients over DP x CP (each CP rank's are those of its slice's tokens; the
-        # state passing already routed every cross-slice gradient), and sum the replicated weights' partial
-        # gradients over TP.
+        # The loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens). The engine reduces
+        # the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and steps.
         dp_cp, dp_cp_group = dp * groups.context_parallel_size, groups.data_context_parallel_group
         total = all_reduce_scalar(total, dp_cp_group) / dp_cp
-        finalize_model_grads(model, tp_group, dp_cp_group, cfg.sequence_parallel)
-        scaler.unscale_(optimizer)
-        all_reduce_found_inf(scaler, optimizer, tp_group)
-        grad_norm = clip_grad_norm(model, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"), tp_group)
-        if math.isfinite(grad_norm) and math.isfinite(total):
-            scaler.step(optimizer)
-        else:  # a non-finite loss or gradient: skip the update rather than poison the weights
-            skipped_iterations += 1
-            nan_iterations += int(not cfg.fp16)
-            if cfg.fp16:
-                scaler.step(optimizer)  # the scaler skips the step itself and lowers the loss scale
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_is_finite = all_reduce_scalar(float(not math.isfinite(total)), op="max") == 0  # every rank agrees
+        step = engine.step(loss_is_finite)
+        grad_norm = step.grad_norm
         iteration += 1
         consumed_samples += cfg.global_batch_size
         losses[iteration] = total
-        interval_losses.append(total)
+        interval_losses.append(total if step.applied else None)  # skipped iterations do not enter the mean
+        if step.applied:
+            consecutive_nan = 0
+        else:  # skipped rather than poison the weights
+            skipped_iterations += 1
+            overflow = cfg.fp16 and loss_is_finite  # fp16 loss-scale overflow: the scaler lowers the scale
+            if not overflow:
+                nan_iterations += 1
+                consecutive_nan += 1
+            print_rank_0(f" iteration {iteration}: skipped the optimizer step: "
+                         + (f"fp16 gradient overflow, loss scale lowered to {step.loss_scale:.1f}" if overflow else
+                            f"non-finite loss ({total:.4g}) or gradient norm ({grad_norm:.4g}), {consecutive_nan} "
+                            f"in a row") + f"; {skipped_iterations} skipped in total")
+            tensorboard.log({"skipped-iterations": skipped_iterations, "nan-iterations": nan_iterations},
+                            iteration, consumed_samples)
+            if cfg.max_skipped_steps and consecutive_nan >= cfg.max_skipped_steps:
+                raise TrainingStopped(
+                    f"{consecutive_nan} consecutive iterations (up to {iteration}) had a non-finite loss or gradient "
+                    f"and were skipped (--max-skipped-steps {cfg.max_skipped_steps}): the run is not making progress. "
+                    f"Resume from the last checkpoint with a lower --lr or more warmup, or inspect the data after "
+                    f"consumed sample {consumed_samples - consecutive_nan * cfg.global_batch_size}")
 
         if iteration % cfg.log_interval == 0:
             if device.type == "cuda":
@@ -328,10 +370,11 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             num_gpus = tp * groups.context_parallel_size * dp
             tokens_per_sec = cfg.global_batch_size * cfg.seq_length / elapsed / num_gpus
             mfu = tokens_per_sec * flops_per_token / peak if peak else None
-            mean_loss = sum(interval_losses) / len(interval_losses)
+            applied = [loss for loss in interval_losses if loss is not None]
+            mean_loss = sum(applied) / len(applied) if applied else math.nan
             print_rank_0(format_iteration_line(
                 iteration, cfg.train_iters, consumed_samples, 1000 * elapsed, lr, cfg.global_batch_size, mean_loss,
-                grad_norm, scaler.get_scale() if cfg.fp16 else None, skipped_iterations, nan_iterations,
+                grad_norm, step.loss_scale, skipped_iterations, nan_iterations,
                 tokens_per_sec, mfu))
             scalars = {"learning-rate": lr, "batch-size": cfg.global_batch_size, "lm loss": mean_loss,
                        "grad-norm": grad_norm, "iteration-time": elapsed, "throughput": tokens_per_sec,
@@ -345,7 +388,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             interval_start = time.time()
 
         if valid_data is not None and iteration % cfg.eval_interval == 0:
-            val = evaluate(model, valid_data, cfg, device, autocast_dtype, groups)
+            val = evaluate(engine.model, valid_data, cfg, device, autocast_dtype, groups)
             print_rank_0(format_validation_line(iteration, val))
             tensorboard.log({"lm loss validation": val, "lm loss validation ppl": math.exp(min(20.0, val))},
                             iteration, consumed_samples)
@@ -378,12 +421,23 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        # Ranks from the launcher (srun and mpirun included) before any flag is checked against the world size.
+        argv = consume_launcher_arguments(sys.argv[1:] if argv is None else argv)
+        discover_launch_environment()
         model_config, cfg = parse_args(argv)
         with ExitRequest() as exit_request:
             train(model_config, cfg, exit_request)
     except ValueError as e:  # bad flags, data or checkpoints (CheckpointError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: rank {get_rank()}: {e}", file=sys.stderr)
+        return 3
+    except dist.DistError as e:  # a collective failed or timed out (--distributed-timeout-minutes)
+        print(f"error: rank {get_rank()} lost contact with another rank, which died, was killed or hangs "
+              f"({' '.join(str(e).split())[:300]}); see that rank's output. Nothing was saved after the last "
+              f"checkpoint; the run resumes from it with --load.", file=sys.stderr)
+        return 4
     finally:
         shutdown_distributed()
     return 0

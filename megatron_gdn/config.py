@@ -86,6 +86,18 @@ class TrainingConfig:
     finetune: bool = arg(False, "load weights only and start at iteration 0")
     exit_interval: int | None = arg(None, "save and exit when the iteration is a multiple of this")
     exit_duration_in_mins: float | None = arg(None, "save and exit after this many minutes")
+    # Data-parallel engine and faults (docs/DISTRIBUTED.md)
+    zero_stage: int | None = arg(None, "DeepSpeed ZeRO stage: 1 partitions the optimizer state, 2 also the "
+                                 "gradients, 3 also the parameters, over the data-parallel ranks; 0 (or no flag) "
+                                 "is the built-in data-parallel path without DeepSpeed", choices=[0, 1, 2, 3])
+    deepspeed_config: str | None = arg(None, "DeepSpeed JSON config whose keys are added to the one built from "
+                                       "the flags (ZeRO buckets, offload, ...); contradicting a flag is an error")
+    distributed_timeout_minutes: float = arg(10.0, "a collective that waits this long for another rank (one that "
+                                             "died or hangs) fails the run with an error instead of hanging")
+    max_skipped_steps: int = arg(10, "stop with an error after this many consecutive iterations skipped for a "
+                                 "non-finite loss or gradient (0: never; fp16 loss-scale overflows do not count)")
+    inject_nan_at: list[int] = arg([], "testing aid: make rank 0's loss NaN at these iterations, to exercise the "
+                                   "skipping of non-finite steps", nargs="+")
 
     def __post_init__(self) -> None:
         if self.global_batch_size is None:
@@ -107,6 +119,10 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.distributed_timeout_minutes <= 0:
+            raise ValueError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"--max-skipped-steps must be 0 (never stop) or positive, got {self.max_skipped_steps}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save")
         for name in ("tensor_model_parallel_size", "context_parallel_size"):
@@ -163,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":
             training.add_argument(flag, action="store_true", **kwargs)
         else:
-            typ = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+            typ = {"int": int, "int | None": int, "float": float, "float | None": float,
+                   "list[int]": int}.get(f.type, str)
             training.add_argument(flag, type=typ, default=default, **kwargs)
     return parser
 

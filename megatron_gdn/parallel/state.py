@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,18 +73,25 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def initialize_distributed(device_type: str) -> int:
-    """Join the process group that torchrun (or a test's spawner) describes in RANK / WORLD_SIZE /
-    MASTER_ADDR / MASTER_PORT; NCCL on GPUs, gloo on CPUs. Returns the local rank (the GPU to use).
+def initialize_distributed(device_type: str, timeout_minutes: float = 10.0, single_process: bool = False) -> int:
+    """Join the process group that the launcher describes in RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+    (torchrun, or parallel/launch.py for srun and mpirun); NCCL on GPUs, gloo on CPUs. Returns the local rank
+    (the GPU to use).
 
-    A single process without those variables stays without torch.distributed. Safe to call twice.
+    A collective that waits longer than timeout_minutes for another rank (one that died or hangs) raises
+    instead of blocking forever. A single process stays without torch.distributed unless single_process=True
+    (DeepSpeed needs a process group even alone; it then gets a group of one). Safe to call twice.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if launched_world_size() > 1 and not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None)
+    if dist.is_initialized() or (launched_world_size() == 1 and not single_process):
+        return local_rank
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    kwargs = dict(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                  device_id=torch.device("cuda", local_rank) if device_type == "cuda" else None)
+    if launched_world_size() == 1:  # no launcher, no rendezvous: an in-process store
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(**kwargs)
     return local_rank
 
 
@@ -151,6 +159,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_paral
     groups already exist with other sizes (call destroy_model_parallel first).
     """
     global _GROUPS
+    if _GROUPS is not None and dist.is_initialized() and _GROUPS.data_context_parallel_group is None:
+        _GROUPS = None  # built by a single process before it joined torch.distributed (a group of one since)
     if _GROUPS is not None:
         if (_GROUPS.tensor_model_parallel_size, _GROUPS.context_parallel_size) == (
                 tensor_model_parallel_size, context_parallel_size):

@@ -9,6 +9,9 @@ An iteration is written into a temporary directory, flushed to disk and renamed 
 once every rank has written (a barrier); only then is the tracker replaced (atomically). A run killed
 mid-save leaves the tracker on the previous checkpoint. Files hold tensors and plain Python data only
 and are read with weights_only=True, so loading a checkpoint never runs code from it.
+
+Under DeepSpeed ZeRO (--zero-stage 1-3) DeepSpeed writes the files of an iteration (zero_checkpoint.py has the
+layout) between the same begin_save / commit_save steps, and load_checkpoint consolidates them into this format.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def checkpoint_file(root: str | os.PathLike, iteration: int, tp_rank: int = 0) -
     return iteration_dir(root, iteration) / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,14 +66,7 @@ def save_checkpoint_shards(root: str | os.PathLike, iteration: int, states: list
 
 
 def _save(root: Path, iteration: int, shards: dict[int, dict]) -> Path:
-    final = iteration_dir(root, iteration)
-    partial = final.with_name(final.name + ".partial")
-    if is_rank_zero():
-        root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():  # left by a run killed while saving
-            shutil.rmtree(partial)
-        partial.mkdir()
-    barrier()
+    partial = begin_save(root, iteration)
     for tensor_parallel_rank, state in shards.items():
         target = partial / f"mp_rank_{tensor_parallel_rank:02d}" / "model_optim_rng.pt"
         target.parent.mkdir()
@@ -77,20 +74,47 @@ def _save(root: Path, iteration: int, shards: dict[int, dict]) -> Path:
             torch.save({"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(target.parent)
-    barrier()  # every rank's file is on disk
+        fsync_path(target.parent)
+    return commit_save(root, iteration)
+
+
+def begin_save(root: str | os.PathLike, iteration: int) -> Path:
+    """Start saving an iteration (collective): rank 0 creates the empty temporary directory every rank then
+    writes its files into (a leftover of a run killed mid-save is removed first). Returns its path."""
+    root = Path(root)
+    partial = partial_dir(root, iteration)
+    if is_rank_zero():
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by a run killed while saving
+            shutil.rmtree(partial)
+        partial.mkdir()
+    barrier()
+    return partial
+
+
+def partial_dir(root: str | os.PathLike, iteration: int) -> Path:
+    final = iteration_dir(root, iteration)
+    return final.with_name(final.name + ".partial")
+
+
+def commit_save(root: str | os.PathLike, iteration: int) -> Path:
+    """Finish saving an iteration (collective, once every rank's files are flushed to disk): rank 0 renames the
+    temporary directory into place and then replaces the tracker atomically."""
+    root = Path(root)
+    final, partial = iteration_dir(root, iteration), partial_dir(root, iteration)
+    barrier()  # every rank's files are on disk
     if is_rank_zero():
         if final.exists():  # saving the same iteration again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.rename(partial, final)
-        _fsync_dir(root)
+        fsync_path(root)
         tracker_tmp = root / (TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, root / TRACKER)
-        _fsync_dir(root)
+        fsync_path(root)
     barrier()  # nobody reads or writes the next checkpoint before this one is complete
     return final
 
@@ -111,14 +135,20 @@ def read_tracker(root: str | os.PathLike) -> int | None:
 
 
 def saved_tensor_parallel_size(root: str | os.PathLike, iteration: int) -> int:
-    """How many TP ranks wrote the iteration (its mp_rank_* directories)."""
+    """How many TP ranks wrote the iteration (its mp_rank_* directories, or a DeepSpeed checkpoint's
+    mp_rank_XX model-states files)."""
+    from .zero_checkpoint import deepspeed_layout, is_deepspeed_checkpoint
+
     directory = iteration_dir(root, iteration)
-    return len(list(directory.glob("mp_rank_*"))) if directory.is_dir() else 0
+    if is_deepspeed_checkpoint(directory):
+        return deepspeed_layout(directory)["tensor_parallel_size"]
+    return len([p for p in directory.glob("mp_rank_*") if p.is_dir()]) if directory.is_dir() else 0
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int | None = None, tensor_parallel_rank: int = 0,
                     tensor_parallel_size: int | None = None) -> dict | None:
     """Read this TP rank's file of a checkpoint (the tracker's iteration unless given); None when root holds none.
+    A DeepSpeed ZeRO checkpoint is consolidated into the same format (zero_checkpoint.py).
 
     Raises CheckpointError for a missing iteration, a corrupt file, a file carrying pickled objects, or
     (when tensor_parallel_size is given) a checkpoint saved with another number of TP ranks.
@@ -130,6 +160,11 @@ def load_checkpoint(root: str | os.PathLike, iteration: int | None = None, tenso
     saved_tp = saved_tensor_parallel_size(root, iteration)
     if tensor_parallel_size is not None and saved_tp and saved_tp != tensor_parallel_size:
         raise CheckpointError(tensor_parallel_mismatch(root, saved_tp, tensor_parallel_size))
+    from .zero_checkpoint import is_deepspeed_checkpoint, read_deepspeed_rank_state
+
+    if is_deepspeed_checkpoint(iteration_dir(root, iteration)):  # saved under ZeRO: consolidate its partitions
+        return {"iteration": iteration, **read_deepspeed_rank_state(iteration_dir(root, iteration),
+                                                                    tensor_parallel_rank)}
     path = checkpoint_file(root, iteration, tensor_parallel_rank)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} is missing (iteration {iteration}); "

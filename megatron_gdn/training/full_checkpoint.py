@@ -5,16 +5,17 @@ split across tensor-parallel ranks is parallel/sharding.py's rule (merge_state_d
 nothing here decides it.
 
 Reading goes in two steps per TP rank, so that other checkpoint layouts plug in at one place:
-  1. `read_rank_model_state` gives that rank's full model shard. For our checkpoints it is the "model"
-     entry of mp_rank_XX/model_optim_rng.pt. A DeepSpeed ZeRO checkpoint (weights partitioned across
-     data-parallel ranks in zero_pp_rank_* files) needs a consolidation step that rebuilds the rank's
-     shard from its partitions: it goes into `read_rank_model_state` (see ZERO_PARTITION_GLOB).
+  1. `read_rank_model_state` gives that rank's full model shard: the "model" entry of
+     mp_rank_XX/model_optim_rng.pt, or, for a DeepSpeed ZeRO checkpoint (weights partitioned across
+     data-parallel ranks in zero_pp_rank_* files), the fp32 shard consolidated from its partitions
+     (zero_checkpoint.py, through checkpointing.load_checkpoint).
   2. `merge_state_dicts` joins the TP ranks' shards into the full model.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,6 @@ from ..models.configuration import GatedDeltaNetConfig
 from ..parallel.sharding import check_tensor_parallel_config, merge_state_dicts, shard_state_dict
 from .checkpointing import (CHECKPOINT_VERSION, TRACKER, CheckpointError, checkpoint_file, iteration_dir,
                             load_checkpoint, read_tracker, saved_tensor_parallel_size)
-
-# DeepSpeed writes each data-parallel rank's partition of the ZeRO-sharded state as files named so.
-ZERO_PARTITION_GLOB = "*zero_pp_rank_*"
-
 
 @dataclass
 class FullCheckpoint:
@@ -58,15 +55,8 @@ def resolve_iteration(root: str | os.PathLike, iteration: int | None) -> int:
 
 
 def read_rank_model_state(root: str | os.PathLike, iteration: int, tp_rank: int) -> dict:
-    """TP rank tp_rank's checkpoint file (its "model" entry holds the rank's shard of every parameter).
-
-    This is where a ZeRO consolidation step plugs in: when the weights of a rank are partitioned across
-    data-parallel ranks, rebuild its full shard here and return it under "model"."""
-    directory = iteration_dir(root, iteration)
-    if any(directory.rglob(ZERO_PARTITION_GLOB)) and not checkpoint_file(root, iteration, tp_rank).exists():
-        raise CheckpointError(f"{directory} holds DeepSpeed ZeRO partitions ({ZERO_PARTITION_GLOB}) without the "
-                              f"consolidated model file mp_rank_{tp_rank:02d}/model_optim_rng.pt; this layout is "
-                              f"not readable yet")
+    """TP rank tp_rank's checkpoint state (its "model" entry holds the rank's shard of every parameter); a
+    DeepSpeed ZeRO checkpoint's partitions are consolidated into it by checkpointing.load_checkpoint."""
     state = load_checkpoint(root, iteration, tensor_parallel_rank=tp_rank)
     if state is None:  # only when iteration is None, which the callers never pass
         raise CheckpointError(f"no checkpoint in {root}")
@@ -78,7 +68,9 @@ def read_full_checkpoint(root: str | os.PathLike, iteration: int | None = None) 
     iteration = resolve_iteration(root, iteration)
     tp = saved_tensor_parallel_size(root, iteration)
     expected = {f"mp_rank_{r:02d}" for r in range(tp)}
-    present = {p.name for p in iteration_dir(root, iteration).glob("mp_rank_*")}
+    # mp_rank_XX directories, or a DeepSpeed checkpoint's [zero_pp_rank_D_]mp_rank_XX_model_states.pt files
+    present = {re.search(r"mp_rank_\d\d", p.name).group() for p in iteration_dir(root, iteration).glob("*mp_rank_*")
+               if p.is_dir() or p.name.endswith("_model_states.pt")}
     if present != expected:
         raise CheckpointError(f"{iteration_dir(root, iteration)} has TP rank directories {sorted(present)}; "
                               f"expected mp_rank_00 .. mp_rank_{tp - 1:02d} (a shard is missing)")

@@ -14,8 +14,8 @@ def is_no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two parameter groups: decayed weights, then the never-decayed ones (the order checkpoints use)."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -23,8 +23,13 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
             continue
         seen.add(id(param))
         (no_decay if is_no_weight_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    groups = parameter_groups(model, weight_decay)
+    fused = all(p.is_cuda for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 

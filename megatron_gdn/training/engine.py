@@ -1,0 +1,314 @@
+"""The data-parallel engine under the training loop: one interface, two implementations.
+
+    engine.set_lr(lr)
+    for each micro batch:  loss = lm_loss(engine.model, batch, ...); engine.backward(loss)
+    result = engine.step(loss_is_finite)        # StepResult: applied?, grad norm, fp16 loss scale
+    engine.save(root, iteration, client_state)  # collective
+    state = engine.read_checkpoint(root, iteration, load_optimizer); engine.load_state(state, load_optimizer)
+
+BuiltinDataParallel (no --zero-stage, or --zero-stage 0): every rank keeps the whole fp32 model and optimizer;
+after the micro batches the gradients are summed over TP where a weight is replicated and averaged over DP x CP
+(parallel/grads.py), clipped by the TP-aware global norm, and AdamW steps. This is ZeRO stage 0.
+
+DeepSpeedDataParallel (--zero-stage 1, 2, 3 or --deepspeed-config): DeepSpeed's engine partitions the optimizer
+state (1), also the gradients (2), also the parameters (3) over the DP x CP ranks (parallel/mpu.py), and owns
+gradient accumulation, reduction, clipping and bf16/fp16 (bf16 or fp16 parameters with fp32 master weights,
+fp16 dynamic loss scaling). Gradients of TP-replicated weights are summed over TP by a hook as they are produced,
+before DeepSpeed reduces or partitions them.
+
+Why stage 0 is the built-in path and not DeepSpeed's engine without ZeRO: that engine accumulates bf16 gradients
+in bf16 (fp32 accumulation needs ZeRO), applies an fp32 update even when the gradient is not finite, and reports
+no gradient norm; the built-in path has none of these problems and is what stage 0 means (replicated optimizer,
+all-reduced gradients).
+
+Non-finite steps: the built-in path skips the update when the loss or the global gradient norm is not finite (fp16:
+the GradScaler skips and lowers the scale). DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
+finite by themselves (fp16: loss-scale overflow; bf16/fp32: invalid norm), and `was_step_applied()` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import TrainingConfig
+from ..parallel.grads import all_reduce_found_inf, clip_grad_norm, finalize_model_grads
+from ..parallel.mpu import ModelParallelUnit, mark_tensor_parallel_parameters
+from ..parallel.sharding import rule_for
+from ..parallel.state import ParallelGroups
+from .checkpointing import (CheckpointError, begin_save, commit_save, fsync_path, iteration_dir, load_checkpoint,
+                            read_tracker, save_checkpoint, tensor_parallel_mismatch)
+from .optimizer import build_optimizer, optimizer_param_names, parameter_groups
+
+
+@dataclass
+class StepResult:
+    applied: bool                # the optimizer updated the weights
+    grad_norm: float             # global L2 norm of the gradient before clipping (inf/nan when not finite)
+    loss_scale: float | None     # the fp16 loss scale after the step, None without --fp16
+
+
+class BuiltinDataParallel:
+    """ZeRO stage 0 without DeepSpeed (see the module docstring)."""
+
+    zero_stage = 0
+
+    def __init__(self, model: nn.Module, cfg: TrainingConfig, groups: ParallelGroups, device: torch.device) -> None:
+        self.model = self.module = model
+        self.cfg, self.groups = cfg, groups
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                         cfg.adam_eps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
+        self.num_micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's mean loss, scaled to its share of the global batch."""
+        self.scaler.scale(loss / self.num_micro_batches).backward()
+
+    def step(self, loss_is_finite: bool) -> StepResult:
+        tp_group = self.groups.tensor_model_parallel_group
+        # Sum the partial gradients of replicated weights over TP, average everything over DP x CP (each CP
+        # rank's gradients are those of its slice's tokens).
+        finalize_model_grads(self.model, tp_group, self.groups.data_context_parallel_group, self.cfg.sequence_parallel)
+        self.scaler.unscale_(self.optimizer)
+        all_reduce_found_inf(self.scaler, self.optimizer, tp_group)
+        grad_norm = clip_grad_norm(self.model, self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf, tp_group)
+        applied = loss_is_finite and math.isfinite(grad_norm)
+        if applied:  # otherwise skip the update rather than poison the weights (fp16: the scaler lowers the scale)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied, grad_norm, self.scaler.get_scale() if self.cfg.fp16 else None)
+
+    def save(self, root: str, iteration: int, client_state: dict) -> None:
+        """Every rank calls it; DP (and CP) rank 0 of each TP rank writes that rank's file."""
+        save_checkpoint(root, iteration, {
+            **client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "optimizer_param_names": optimizer_param_names(self.model, self.optimizer)},
+            tensor_parallel_rank=self.groups.tensor_model_parallel_rank,
+            write=self.groups.data_parallel_rank == 0 and self.groups.context_parallel_rank == 0)
+
+    def read_checkpoint(self, root: str, iteration: int | None, load_optimizer: bool) -> dict | None:
+        """This TP rank's checkpoint state (a ZeRO checkpoint is consolidated into the same format)."""
+        return load_checkpoint(root, iteration, self.groups.tensor_model_parallel_rank,
+                               self.groups.tensor_model_parallel_size)
+
+    def load_state(self, state: dict, load_optimizer: bool) -> None:
+        load_model_state(self.model, state["model"], state.get("iteration"))
+        if load_optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
+
+
+def load_model_state(model: nn.Module, weights: dict, iteration) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint of iteration {iteration} does not fit the model: "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO 1-3
+
+def _sum_over_tensor_parallel(grad: torch.Tensor, group) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
+class _DictOutput(dict):
+    """The model's output as a dict, still read as out.logits. DeepSpeed hooks its backward pre-processing (which,
+    among others, clears the bf16 optimizer's gradients between micro batches) onto the tensors of the forward's
+    output, and it looks inside tensors, tuples, lists and dicts only, not inside our CausalLMOutput dataclass."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _output_as_dict(module: nn.Module, args, output):
+    return _DictOutput((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
+
+
+class DeepSpeedDataParallel:
+    """ZeRO stage 1-3 through DeepSpeed's engine (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainingConfig, groups: ParallelGroups, device: torch.device,
+                 ds_config: dict) -> None:
+        import deepspeed
+
+        self.cfg, self.groups, self.ds_config = cfg, groups, ds_config
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        self.mpu = ModelParallelUnit(groups)
+        mark_tensor_parallel_parameters(model)
+        if groups.tensor_model_parallel_size > 1:
+            # Each TP rank computes only its heads' (or tokens') part of a replicated weight's gradient. The sum
+            # must happen before DeepSpeed reduces and partitions the gradient, so it is a hook on the parameter
+            # (it runs before the gradient is accumulated into .grad, on every micro batch).
+            for name, param in model.named_parameters():
+                if rule_for(name).needs_grad_all_reduce(cfg.sequence_parallel):
+                    param.register_hook(partial(_sum_over_tensor_parallel, group=groups.tensor_model_parallel_group))
+        model.register_forward_hook(_output_as_dict)
+        param_groups = parameter_groups(model, cfg.weight_decay)
+        self.param_names = [name for name, _ in model.named_parameters()]
+        if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam) from our two parameter groups
+            optimizer = None
+            ds_config["optimizer"].setdefault("params", {}).update(
+                lr=cfg.lr, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        else:
+            fused = device.type == "cuda" or None
+            optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          eps=cfg.adam_eps, fused=fused)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None,
+            config=ds_config, mpu=self.mpu, dist_init_required=False)
+        self.model = self.engine  # forward through the engine: ZeRO-3 gathers parameters in its hooks
+        self.module = model
+        # What must match for DeepSpeed's own loader to take a checkpoint as it is (else it is consolidated).
+        self.layout = {"zero_stage": self.zero_stage, "data_parallel_size": self.mpu.get_data_parallel_world_size(),
+                       "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"}
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's mean loss (DeepSpeed divides it by the accumulation steps). DeepSpeed
+        counts micro batches in step(): before the last one of the iteration, step() only advances the count."""
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self, loss_is_finite: bool) -> StepResult:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        scale = float(self.engine.optimizer.cur_scale) if self.cfg.fp16 else None
+        return StepResult(bool(self.engine.was_step_applied()), norm, scale)
+
+    # Checkpoints ----------------------------------------------------------------------------------
+
+    def save(self, root: str, iteration: int, client_state: dict) -> None:
+        """Collective. DeepSpeed writes every rank's partition into the temporary directory, each rank flushes
+        its files, and checkpointing.commit_save renames the directory into place and writes the tracker."""
+        partial_path = begin_save(root, iteration)
+        self.engine.save_checkpoint(str(partial_path.parent), tag=partial_path.name, save_latest=False,
+                                    client_state={**client_state, "deepspeed_layout": self.layout})
+        tp, dp = self.groups.tensor_model_parallel_rank, self.mpu.get_data_parallel_rank()
+        for path in partial_path.iterdir():  # the files this rank wrote: its partition, and DP rank 0 the module
+            if f"mp_rank_{tp:02d}" in path.name and (f"zero_pp_rank_{dp}_" in path.name or
+                                                     (dp == 0 and not path.name.startswith(("zero", "bf16")))):
+                fsync_path(path)
+        commit_save(root, iteration)
+
+    def read_checkpoint(self, root: str, iteration: int | None, load_optimizer: bool) -> dict | None:
+        """This TP rank's checkpoint state. A ZeRO checkpoint of this run's layout (stage, DP x CP size,
+        precision) is left to DeepSpeed's loader (its own partition only); anything else (another layout, a
+        built-in checkpoint, --finetune / --no-load-optim) is consolidated to full fp32 state first."""
+        from .zero_checkpoint import check_deepspeed_pickles, deepspeed_layout, is_deepspeed_checkpoint, \
+            read_client_state
+
+        if iteration is None:
+            iteration = read_tracker(root)
+            if iteration is None:
+                return None
+        directory = iteration_dir(root, iteration)
+        tp_rank, tp = self.groups.tensor_model_parallel_rank, self.groups.tensor_model_parallel_size
+        if is_deepspeed_checkpoint(directory):
+            saved_tp = deepspeed_layout(directory)["tensor_parallel_size"]
+            if saved_tp != tp:
+                raise CheckpointError(tensor_parallel_mismatch(root, saved_tp, tp))
+            client = read_client_state(directory, tp_rank)
+            if load_optimizer and client.get("deepspeed_layout") == self.layout:
+                check_deepspeed_pickles(directory)
+                return {"iteration": iteration, **client, "deepspeed_checkpoint": str(directory)}
+        return load_checkpoint(root, iteration, tp_rank, tp)
+
+    def load_state(self, state: dict, load_optimizer: bool) -> None:
+        if "deepspeed_checkpoint" in state:  # same layout: DeepSpeed reads this rank's partition as it wrote it
+            directory = Path(state["deepspeed_checkpoint"])
+            path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {directory}")
+            return
+        self._load_full_state(state, load_optimizer)
+
+    def _load_full_state(self, state: dict, load_optimizer: bool) -> None:
+        """Put a full (unpartitioned) fp32 state into the partitioned engine: the working weights (bf16/fp16 or
+        fp32) into the module, the fp32 master weights and the Adam moments into this rank's partitions."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        weights = state["model"]
+        params = dict(self.module.named_parameters())  # tied weights appear once
+        missing = sorted(set(params) - set(weights))
+        unexpected = sorted(set(weights) - set(self.module.state_dict()))
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint of iteration {state.get('iteration')} does not fit the model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for name, param in params.items():
+            if tuple(weights[name].shape) != tuple(getattr(param, "ds_shape", param.shape)):
+                raise CheckpointError(f"checkpoint of iteration {state.get('iteration')} does not fit the model: "
+                                      f"{name} is {tuple(weights[name].shape)} there and "
+                                      f"{tuple(getattr(param, 'ds_shape', param.shape))} here")
+        self._set_working_weights(params, weights)
+        moments, step = {}, None
+        if load_optimizer:
+            names = state["optimizer_param_names"]
+            for index, entry in state["optimizer"]["state"].items():
+                moments[names[int(index)]] = entry
+                step = entry["step"]
+            if step is not None:
+                self._create_adam_state(float(step))
+        for name, param in params.items():
+            safe_set_full_fp32_param(param, weights[name].float().to(self.engine.device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                if name in moments:
+                    safe_set_full_optimizer_state(param, moments[name][key].float().to(self.engine.device), key)
+
+    def _set_working_weights(self, params: dict[str, nn.Parameter], weights: dict) -> None:
+        import deepspeed
+
+        with torch.no_grad():
+            if self.zero_stage == 3:  # gather, overwrite identically on every rank, re-partition from DP rank 0
+                with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                    for name, param in params.items():
+                        param.copy_(weights[name])
+            else:
+                for name, param in params.items():
+                    param.copy_(weights[name])
+
+    def _create_adam_state(self, step: float) -> None:
+        """AdamW creates its state at the first step; a resumed partitioned optimizer needs it before that, to
+        receive the moments. Zeros here, filled by safe_set_full_optimizer_state."""
+        zero_optimizer = self.engine.optimizer
+        inner = zero_optimizer.optimizer
+        if self.zero_stage == 3:
+            flats = list(zero_optimizer.fp32_partitioned_groups_flat)
+        else:
+            flats = [p for group in inner.param_groups for p in group["params"]]
+        on_device = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
+        for flat in flats:
+            inner.state[flat] = {"step": torch.tensor(step, dtype=torch.float32,
+                                                      device=flat.device if on_device else "cpu"),
+                                 "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if self.zero_stage != 3:
+            # ZeRO 1/2 link each parameter to its slice of the flat optimizer state lazily, after the first
+            # step (DeepSpeed's private hook; safe_set_full_optimizer_state needs the link).
+            zero_optimizer._lazy_init_hp_params_optimizer_state()
