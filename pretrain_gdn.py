@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
@@ -54,7 +55,8 @@ from megatron_gdn.training.checkpointing import CheckpointError, check_model_con
 from megatron_gdn.training.deepspeed_config import deepspeed_config_for, read_deepspeed_config, resolve_zero_stage
 from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
-from megatron_gdn.training.logging import TensorBoardLogger, format_iteration_line, format_validation_line
+from megatron_gdn.training.logging import (TensorBoardLogger, format_iteration_line, format_memory_line,
+                                           format_validation_line)
 from megatron_gdn.training.lr_schedule import LRSchedule
 
 
@@ -183,7 +185,7 @@ def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, devic
     local_rank = initialize_distributed(device.type, cfg.distributed_timeout_minutes, single_process)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
-    groups = initialize_model_parallel(tp, cp)
+    groups = initialize_model_parallel(tp, cp, cfg.distributed_timeout_minutes)
     return groups, device
 
 
@@ -383,6 +385,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
                 scalars["mfu"] = mfu
             if device.type == "cuda":
                 scalars["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated(device)
+                if iteration == cfg.log_interval or iteration == cfg.train_iters:  # once early, once at the end
+                    print_rank_0(format_memory_line(iteration, get_rank(), device))
             tensorboard.log(scalars, iteration, consumed_samples)
             interval_losses, nan_iterations = [], 0
             interval_start = time.time()
@@ -419,6 +423,13 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     return {"losses": losses, "iteration": iteration, "exit_reason": exit_reason}
 
 
+def lost_another_rank(error: RuntimeError) -> bool:
+    """A collective failed because another rank is gone or silent: NCCL raises DistBackendError, gloo a plain
+    RuntimeError from its transport (connection reset or closed by the peer, or --distributed-timeout-minutes)."""
+    return isinstance(error, dist.DistError) or any(
+        sign in str(error) for sign in ("gloo/transport", "Connection reset", "Connection closed", "Timed out waiting"))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Ranks from the launcher (srun and mpirun included) before any flag is checked against the world size.
@@ -433,11 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"error: rank {get_rank()}: {e}", file=sys.stderr)
         return 3
-    except dist.DistError as e:  # a collective failed or timed out (--distributed-timeout-minutes)
+    except RuntimeError as e:
+        if not lost_another_rank(e):
+            raise
         print(f"error: rank {get_rank()} lost contact with another rank, which died, was killed or hangs "
               f"({' '.join(str(e).split())[:300]}); see that rank's output. Nothing was saved after the last "
-              f"checkpoint; the run resumes from it with --load.", file=sys.stderr)
-        return 4
+              f"checkpoint; the run resumes from it with --load.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(4)  # no orderly shutdown: tearing down a process group whose peer is gone can block
     finally:
         shutdown_distributed()
     return 0

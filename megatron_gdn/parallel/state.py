@@ -152,8 +152,10 @@ def rank_grid(world_size: int, tensor_model_parallel_size: int,
     }
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_parallel_size: int = 1) -> ParallelGroups:
-    """Build the TP, CP, DP and DP x CP groups (every process must call this, in the same order).
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                              timeout_minutes: float | None = None) -> ParallelGroups:
+    """Build the TP, CP, DP and DP x CP groups (every process must call this, in the same order). A collective
+    on them that waits longer than timeout_minutes raises (None: torch's default, 30 min for gloo, 10 for NCCL).
 
     Raises ValueError when the world size is not divisible by TP x CP, and RuntimeError when the
     groups already exist with other sizes (call destroy_model_parallel first).
@@ -167,13 +169,14 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_paral
             return _GROUPS
         raise RuntimeError("model parallel groups already exist with other sizes; call destroy_model_parallel first")
     world_size, rank = get_world_size(), get_rank()
+    timeout = timedelta(minutes=timeout_minutes) if timeout_minutes is not None else None
     grid = rank_grid(world_size, tensor_model_parallel_size, context_parallel_size)
     mine: dict[str, ProcessGroup | None] = {}
     for kind, groups in grid.items():
         mine[kind] = None
         for ranks in groups:
             # new_group is collective: every process creates every group, keeping the one it belongs to.
-            group = dist.new_group(ranks) if dist.is_initialized() else None
+            group = dist.new_group(ranks, timeout=timeout) if dist.is_initialized() else None
             if rank in ranks:
                 mine[kind] = group
     tp, cp = tensor_model_parallel_size, context_parallel_size

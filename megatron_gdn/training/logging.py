@@ -31,6 +31,18 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
     return " | ".join(parts) + " |"
 
 
+def format_memory_line(iteration: int, rank: int, device) -> str:
+    """Megatron's memory report: this GPU's current and peak allocated and reserved memory (MB)."""
+    import torch
+
+    mb = 2.0**20
+    return (f"[Rank {rank}] (after {iteration} iterations) memory (MB) | "
+            f"allocated: {torch.cuda.memory_allocated(device) / mb:.1f} | "
+            f"max allocated: {torch.cuda.max_memory_allocated(device) / mb:.1f} | "
+            f"reserved: {torch.cuda.memory_reserved(device) / mb:.1f} | "
+            f"max reserved: {torch.cuda.max_memory_reserved(device) / mb:.1f}")
+
+
 def format_validation_line(iteration: int, loss: float, split: str = "validation") -> str:
     ppl = math.exp(min(20.0, loss))
     return f" {split} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
