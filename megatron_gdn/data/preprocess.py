@@ -17,6 +17,8 @@ Design, for throughput close to SentencePiece's own batched encode and memory fl
 
 from __future__ import annotations
 
+import ctypes
+import io
 import multiprocessing
 import os
 import shutil
@@ -40,7 +42,9 @@ from megatron_gdn.data.tokenizer import SentencePieceTokenizer
 # per-call overhead vanishes, small enough that the id arrays of one batch stay a few MB.
 BATCH_CHARS = 1 << 20
 MIN_TASK_BYTES = 1 << 20
-MAX_TASK_BYTES = 64 << 20
+MAX_TASK_BYTES = 16 << 20
+# .gz tasks carry their lines from the parent (two per worker in flight), so they stay small.
+MAX_GZIP_TASK_BYTES = 4 << 20
 
 
 @dataclass
@@ -90,7 +94,8 @@ class TaskResult:
 
 
 def task_size(total_bytes: int, workers: int) -> int:
-    """About 32 tasks per worker, so the last tasks balance well, within [1 MB, 64 MB]."""
+    """About 32 tasks per worker, so the last tasks balance well, within [1 MB, 16 MB]. A worker streams its
+    task line by line, so the task size does not change its memory (except for .gz payloads)."""
     return int(min(MAX_TASK_BYTES, max(MIN_TASK_BYTES, total_bytes // (32 * max(workers, 1)))))
 
 
@@ -118,7 +123,7 @@ def iter_tasks(units: list[Unit], task_bytes: int, first_number: int = 0) -> Ite
         offset, line = 0, 1
         with open_binary(unit.path) as stream:
             while True:
-                block = stream.read(task_bytes)
+                block = stream.read(min(task_bytes, MAX_GZIP_TASK_BYTES))
                 if not block:
                     break
                 if not block.endswith(b"\n"):
@@ -129,20 +134,25 @@ def iter_tasks(units: list[Unit], task_bytes: int, first_number: int = 0) -> Ite
                 line += block.count(b"\n")
 
 
-def read_task_lines(task: Task) -> tuple[int, bytes]:
-    """(byte offset, bytes) of the whole lines that start in [task.start, task.end) of a plain file."""
-    with open(task.path, "rb") as f:
+def task_lines(task: Task) -> Iterator[tuple[int, int, bytes]]:
+    """(line index in the task, byte offset in the file, line) of every line the task owns, streamed.
+
+    A plain-file task owns the lines that start in [task.start, task.end); a .gz task owns its payload."""
+    if task.payload is not None:
+        stream, position = io.BytesIO(task.payload), task.start
+    else:
+        stream = open(task.path, "rb")
         if task.start > 0:
             # The line running across task.start belongs to the previous task: skip to its end.
-            f.seek(task.start - 1)
-            f.readline()
-        position = f.tell()
-        if position >= task.end:
-            return position, b""
-        data = f.read(task.end - position)
-        if not data.endswith(b"\n"):
-            data += f.readline()
-        return position, data
+            stream.seek(task.start - 1)
+            stream.readline()
+        position = stream.tell()
+    with stream:
+        for index, line in enumerate(iter(stream.readline, b"")):
+            if task.payload is None and position >= task.end:
+                return
+            yield index, position, line
+            position += len(line)
 
 
 def line_number(path: str, offset: int) -> int:
@@ -169,10 +179,6 @@ class _Encoder:
         self.shard_directory = shard_directory
 
     def run(self, task: Task) -> TaskResult:
-        if task.payload is not None:
-            base, data = task.start, task.payload
-        else:
-            base, data = read_task_lines(task)
         shards = [
             (os.path.join(self.shard_directory, f"{task.number:09d}.{k}.bin"),
              os.path.join(self.shard_directory, f"{task.number:09d}.{k}.npy"))
@@ -182,12 +188,12 @@ class _Encoder:
         lengths: list[list[np.ndarray]] = [[] for _ in self.keys]
         batch: list[list[str]] = [[] for _ in self.keys]
         batch_lines: list[tuple[int, int]] = []  # (line index, byte offset) of each batched document
-        batch_chars, documents, tokens, offset = 0, 0, 0, 0
+        batch_chars = documents = tokens = consumed = 0
 
-        def where(index: int, start: int) -> str:
+        def where(index: int, offset: int) -> str:
             if task.payload is not None:
                 return f"{task.path}:{task.first_line + index}"
-            return f"{task.path}:{line_number(task.path, base + start)}"
+            return f"{task.path}:{line_number(task.path, offset)}"
 
         def flush() -> int:
             try:
@@ -197,8 +203,7 @@ class _Encoder:
                 bad = next((batch_lines[i] for i, texts in enumerate(zip(*batch)) if not _encodable(texts)), None)
                 if bad is None:
                     raise
-                index, start = bad
-                raise DataError(f"{where(index, start)}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                raise DataError(f"{where(*bad)}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
                                 f"which is not valid Unicode") from None
             finally:
                 batch_lines.clear()
@@ -206,18 +211,18 @@ class _Encoder:
                     texts.clear()
 
         try:
-            for index, line in enumerate(data.split(b"\n")):
-                start, offset = offset, offset + len(line) + 1
+            for index, offset, line in task_lines(task):
+                consumed += len(line)
                 if not line.strip():
                     continue
                 try:
                     texts = parse_json_line(line, self.keys)
                 except BadLine as error:
-                    raise DataError(f"{where(index, start)}: {error}") from None
+                    raise DataError(f"{where(index, offset)}: {error}") from None
                 for k, text in enumerate(texts):
                     batch[k].append(text)
                     batch_chars += len(text)
-                batch_lines.append((index, start))
+                batch_lines.append((index, offset))
                 documents += 1
                 if batch_chars >= BATCH_CHARS:
                     tokens += flush()
@@ -228,7 +233,7 @@ class _Encoder:
                 output.close()
         for (_, lengths_path), pieces in zip(shards, lengths):
             np.save(lengths_path, np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32))
-        return TaskResult(task.number, shards, documents, tokens, len(data))
+        return TaskResult(task.number, shards, documents, tokens, consumed)
 
     def _encode(self, batch: list[list[str]], outputs: list, lengths: list[list[np.ndarray]]) -> int:
         """Encode one batch per JSON key with a single SentencePiece call; append tokens and lengths."""
@@ -271,9 +276,29 @@ def _init_worker(config: PreprocessConfig, shard_directory: str) -> None:
     _worker = _Encoder(config, shard_directory)
 
 
+def _release_free_memory() -> None:
+    """Give memory freed by the last task back to the OS (glibc keeps it otherwise: the large, varying
+    allocations of texts and id arrays fragment its heap, and a worker's footprint would creep upwards)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_libc = _load_libc()
+
+
 def _run_task(task: Task) -> TaskResult:
     assert _worker is not None
-    return _worker.run(task)
+    result = _worker.run(task)
+    _release_free_memory()
+    return result
 
 
 class Progress:
@@ -344,6 +369,7 @@ def encode_units(config: PreprocessConfig, units: list[Unit], output_prefixes: l
             encoder = _Encoder(config, shard_directory)
             for task in tasks:
                 merge(encoder.run(task))
+                _release_free_memory()
         else:
             _encode_in_pool(config, shard_directory, tasks, merge)
         if documents == 0 and require_documents:
