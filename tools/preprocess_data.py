@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines (0: none)")
     group.add_argument("--task-mb", type=float, default=0.0,
-                       help="MB of input per task (0: about 32 tasks per worker, between 1 and 64 MB)")
+                       help="MB of input per task (0: about 32 tasks per worker, between 1 and 16 MB)")
     group.add_argument("--no-progress-bar", action="store_true", help="log lines instead of a bar, even on a terminal")
     group.add_argument("--mpi", action="store_true", help="split the corpus over the ranks of mpiexec (needs mpi4py)")
     args = parser.parse_args(argv)
