@@ -44,9 +44,19 @@ def runs(tmp_path_factory) -> Path:
     """One spawn of 2 ranks (DP=2) trains with ZeRO 0, 1, 2 and 3, each saving at iterations 3 and 6; one process
     trains the same with the built-in path and saves at 3. Losses in <name>.json, checkpoints in <name>/."""
     out = tmp_path_factory.mktemp("zero")
+    # A --deepspeed-config with DeepSpeed's own tuning keys and an optimizer section (built by DeepSpeed from our
+    # parameter groups; torch's AdamW, since FusedAdam would be compiled first on a CPU).
+    ds_file = out / "ds.json"
+    ds_file.write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 10000,
+                              "allgather_bucket_size": 10000, "contiguous_gradients": True},
+        "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, "wall_clock_breakdown": False}))
     run_distributed(2, _train_runs, [
-        (f"zero{stage}", flags("--zero-stage", str(stage), "--save", str(out / f"zero{stage}"), "--save-interval", "3"))
-        for stage in (0, 1, 2, 3)], str(out))
+        *[(f"zero{stage}", flags("--zero-stage", str(stage), "--save", str(out / f"zero{stage}"),
+                                 "--save-interval", "3")) for stage in (0, 1, 2, 3)],
+        ("zero2_file", flags("--deepspeed-config", str(ds_file))),
+        # context parallelism: DeepSpeed's data-parallel group is DP x CP (here CP = 2, DP = 1)
+        ("cp2_zero2", flags("--context-parallel-size", "2", "--zero-stage", "2"))], str(out))
     losses = train(flags("--save", str(out / "single"), "--save-interval", "3"))
     (out / "single.json").write_text(json.dumps(losses))
     return out
@@ -57,6 +67,8 @@ def test_zero_stages_match_single_process(runs):
     assert reference[6] < reference[1]  # it learns
     for stage in (0, 1, 2, 3):
         assert_same_losses(read_losses(runs / f"zero{stage}.json"), reference, f"ZeRO-{stage}, 2 DP ranks")
+    assert_same_losses(read_losses(runs / "zero2_file.json"), reference, "ZeRO-2 from a --deepspeed-config file")
+    assert_same_losses(read_losses(runs / "cp2_zero2.json"), reference, "ZeRO-2 with context parallelism 2")
     # ZeRO 1-3 checkpoints are DeepSpeed's: one partition of the optimizer state per data-parallel rank.
     for stage in (1, 2, 3):
         layout = deepspeed_layout(iteration_dir(runs / f"zero{stage}", 3))
@@ -111,11 +123,11 @@ def test_resume_same_layout_is_bit_identical(runs, tmp_path):
 
 
 def test_resume_with_another_data_parallel_size(runs):
-    """ZeRO checkpoints of 2 DP ranks resume in one process (consolidated, then re-partitioned): ZeRO-1 and ZeRO-2
+    """ZeRO checkpoints of 2 DP ranks resume in one process (consolidated, then re-partitioned): ZeRO-1, 2 and 3
     into DeepSpeed at DP=1, ZeRO-3 into the built-in path, and the built-in DP=2 checkpoint into ZeRO-2."""
     continued = {it: loss for it, loss in read_losses(runs / "single.json").items() if it > 3}
-    cases = [("zero1", ["--zero-stage", "1"]), ("zero2", ["--zero-stage", "2"]), ("zero3", []),
-             ("zero0", ["--zero-stage", "2"])]
+    cases = [("zero1", ["--zero-stage", "1"]), ("zero2", ["--zero-stage", "2"]), ("zero3", ["--zero-stage", "3"]),
+             ("zero3", []), ("zero0", ["--zero-stage", "2"])]
     for checkpoint, extra in cases:
         losses = train(flags(*extra, "--load", str(runs / checkpoint), "--ckpt-step", "3"))
         assert_same_losses(losses, continued, f"{checkpoint} resumed at DP=1 with {extra or 'the built-in path'}")
@@ -204,3 +216,19 @@ def test_load_zero_checkpoint_of_another_model_shape_is_refused(runs, main_error
     argv[argv.index("--hidden-size") + 1] = "96"
     err = main_error(argv)
     assert "another model shape" in err and "hidden_size: checkpoint 64 vs run 96" in err
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_example_deepspeed_configs_are_accepted(stage):
+    """examples/ds_config_zero{1,2,3}.json merge with the flags and pass DeepSpeed's own validation."""
+    from megatron_gdn.training.deepspeed_config import (build_deepspeed_config, merge_deepspeed_config,
+                                                         read_deepspeed_config, resolve_zero_stage,
+                                                         validate_with_deepspeed)
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"ds_config_zero{stage}.json"
+    _, cfg = parse_args(flags("--deepspeed-config", str(path)))
+    file_config = read_deepspeed_config(cfg.deepspeed_config)
+    assert resolve_zero_stage(cfg, file_config) == stage
+    merged = merge_deepspeed_config(build_deepspeed_config(cfg, stage, 1, 1), file_config, cfg, 1)
+    validate_with_deepspeed(merged, None)
+    assert merged["zero_optimization"]["stage"] == stage and merged["train_micro_batch_size_per_gpu"] == 2
