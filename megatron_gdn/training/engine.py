@@ -108,9 +108,16 @@ class BuiltinDataParallel:
     def load_state(self, state: dict, load_optimizer: bool) -> None:
         load_model_state(self.model, state["model"], state.get("iteration"))
         if load_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state(state))
             if "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
+
+
+def optimizer_state(state: dict) -> dict:
+    if "optimizer" not in state:
+        raise CheckpointError(f"the checkpoint of iteration {state.get('iteration')} holds no optimizer state (a "
+                              f"converted or exported model?): start from it with --finetune or --no-load-optim")
+    return state["optimizer"]
 
 
 def load_model_state(model: nn.Module, weights: dict, iteration) -> None:
@@ -166,7 +173,6 @@ class DeepSpeedDataParallel:
                     param.register_hook(partial(_sum_over_tensor_parallel, group=groups.tensor_model_parallel_group))
         model.register_forward_hook(_output_as_dict)
         param_groups = parameter_groups(model, cfg.weight_decay)
-        self.param_names = [name for name, _ in model.named_parameters()]
         if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam) from our two parameter groups
             optimizer = None
             ds_config["optimizer"].setdefault("params", {}).update(
@@ -271,7 +277,7 @@ class DeepSpeedDataParallel:
         moments, step = {}, None
         if load_optimizer:
             names = state["optimizer_param_names"]
-            for index, entry in state["optimizer"]["state"].items():
+            for index, entry in optimizer_state(state)["state"].items():
                 moments[names[int(index)]] = entry
                 step = entry["step"]
             if step is not None:
