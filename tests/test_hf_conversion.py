@@ -361,3 +361,32 @@ def test_hf_export_doc_lists_every_flag():
     flags = [a.option_strings[0] for p in parsers for a in p._actions if a.option_strings[0] != "-h"]
     missing = [f for f in flags if f"`{f}`" not in doc]
     assert not missing, f"docs/HF_EXPORT.md does not document {missing}"
+
+
+def test_tp2_zero2_checkpoint_exports_to_both_formats(tmp_path):
+    """Issue 8's path from a ZeRO-2 run: TP=2 x DP=2 (4 gloo ranks) -> consolidated -> fla and qwen3_next."""
+    zero, single = tmp_path / "zero2", tmp_path / "single"
+    flags = ["--global-batch-size", "4", "--lr", "1e-3"]
+    run_distributed(4, _train_runs, [("zero2", train_flags(zero, 3, *flags, "--tensor-model-parallel-size", "2",
+                                                           "--zero-stage", "2"))], str(tmp_path))
+    pretrain_gdn.train(*parse_args(train_flags(single, 3, *flags)))
+    assert any(zero.rglob("*zero_pp_rank_*")), "expected DeepSpeed's ZeRO partition files"
+    merged, reference = read_full_checkpoint(zero), read_full_checkpoint(single)
+    assert merged.iteration == 3 and merged.state.keys() == reference.state.keys()
+    for name, ref in reference.state.items():  # the same training as one process, up to fp32 rounding
+        assert torch.allclose(merged.state[name], ref, rtol=1e-3, atol=2e-4), name
+    ours = our_model(zero)
+    fla_dir = tmp_path / "fla"
+    assert export_tool.main(["--load", str(zero), "--save", str(fla_dir), "--format", "fla", "--dtype", "fp32",
+                             "--no-tokenizer"]) == 0
+    x = batch(vocab=PADDED_VOCAB)
+    with torch.no_grad():
+        assert torch.equal(GatedDeltaNetForCausalLM.from_pretrained(str(fla_dir)).eval()(x).logits, ours(x).logits)
+    transformers = pytest.importorskip("transformers")
+    qwen_dir = tmp_path / "qwen3_next"
+    assert export_tool.main(["--load", str(zero), "--save", str(qwen_dir), "--format", "qwen3_next", "--dtype",
+                             "fp32", "--no-tokenizer"]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(qwen_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, got = ours(x).logits, hf_model(x).logits
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
