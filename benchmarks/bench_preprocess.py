@@ -12,7 +12,8 @@ What it does, all in one run so the numbers are comparable:
 3. ours: tools/preprocess_data.py --append-eod --workers 1 and 2, wall time of the whole command;
 4. a Megatron-style preprocessor written here for comparison (Pool.imap of one JSON line per task,
    each document's ids pickled back to one writer that keeps a Python list of lengths), 1 and 2 workers;
-5. ours again on the first half of the corpus, to show that memory does not grow with corpus size.
+5. ours again on the first half of the corpus and (once) on the corpus three times over, to show that
+   memory does not grow with corpus size.
 
 Memory is the peak of PSS summed over the process and all its descendants (/proc/PID/smaps_rollup,
 sampled every 250 ms, so that the sampling itself takes no noticeable CPU from the 2 cores measured).
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -123,7 +125,7 @@ def run_measured(command: list[str]) -> tuple[float, float, float]:
     return wall, peak, cpu
 
 
-def prepare(work: Path, size_mb: float, vocab_size: int) -> tuple[Path, Path, Path]:
+def prepare(work: Path, size_mb: float, vocab_size: int) -> tuple[Path, Path, Path, Path]:
     corpus = work / f"corpus_{size_mb:g}mb.jsonl"
     if not corpus.exists():
         subprocess.run([sys.executable, str(REPO / "tools" / "build_demo_corpus.py"), "--output", str(corpus),
@@ -136,13 +138,19 @@ def prepare(work: Path, size_mb: float, vocab_size: int) -> tuple[Path, Path, Pa
                 if target.tell() >= limit:
                     break
                 target.write(line)
+    triple = work / f"corpus_{size_mb:g}mb_x3.jsonl"
+    if not triple.exists():
+        with open(triple, "wb") as target:
+            for _ in range(3):
+                with open(corpus, "rb") as source:
+                    shutil.copyfileobj(source, target)
     model = work / f"bpe{vocab_size}.model"
     if not model.exists():
         config = TokenizerTrainingConfig(inputs=[str(corpus)], output_prefix=str(model.with_suffix("")),
                                          vocab_size=vocab_size, model_type="bpe", input_sentence_size=1_000_000)
         with open(os.devnull, "w") as quiet:
             train_sentencepiece(config, log_stream=quiet)
-    return corpus, half, model
+    return corpus, half, triple, model
 
 
 def cpu_seconds() -> float:
@@ -219,7 +227,7 @@ def main() -> int:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    corpus, half, model = prepare(work, args.size_mb, args.vocab_size)
+    corpus, half, triple, model = prepare(work, args.size_mb, args.vocab_size)
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
     size_mb = corpus.stat().st_size / 1e6
     print(f"corpus {corpus} ({size_mb:.1f} MB, {len(texts)} documents), tokenizer {model}", flush=True)
@@ -264,6 +272,10 @@ def main() -> int:
                     sys.executable, __file__, "--megatron-style-worker", str(corpus), str(model),
                     str(work / f"baseline_w{workers}"), str(workers)])
                 keep(Row("Megatron-style (per-document IPC)", workers, seconds, sp_tokens / seconds, peak, cpu))
+
+    # Memory against corpus size, once: the corpus three times over (same documents, 3x the bytes).
+    seconds, peak, cpu = ours(2, triple, "ours_x3")
+    keep(Row("preprocess_data.py, corpus x3", 2, seconds, 3 * sp_tokens / seconds, peak, cpu))
 
     same = all(open(work / f"ours_w{w}_text_document{s}", "rb").read() == open(work / f"ours_w1_text_document{s}", "rb").read()
                for w in (2,) for s in (".bin", ".idx"))

@@ -177,6 +177,7 @@ class _Encoder:
         self.keys = config.json_keys
         self.eod = np.array([self.tokenizer.eod], dtype=self.dtype) if config.append_eod else None
         self.shard_directory = shard_directory
+        self._tokens = np.empty(1 << 20, dtype=self.dtype)  # output buffer, grown to the largest batch
 
     def run(self, task: Task) -> TaskResult:
         shards = [
@@ -252,9 +253,15 @@ class _Encoder:
                     sizes[i] = len(ids) + 1
                 else:
                     sizes[i] = len(ids)
-            outputs[k].write(np.concatenate(pieces).astype(self.dtype, copy=False).tobytes())
+            count = int(sizes.sum(dtype=np.int64))
+            if len(self._tokens) < count:
+                self._tokens = np.empty(max(count, 2 * len(self._tokens)), dtype=self.dtype)
+            # Into one reused buffer, cast on the way: no large temporary arrays per batch, which would
+            # fragment the heap and make a long-running worker's memory creep up.
+            np.concatenate(pieces, out=self._tokens[:count], casting="unsafe")
+            outputs[k].write(memoryview(self._tokens[:count]))
             lengths[k].append(sizes)
-            written += int(sizes.sum(dtype=np.int64))
+            written += count
         return written
 
 
