@@ -17,7 +17,6 @@ Design, for throughput close to SentencePiece's own batched encode and memory fl
 
 from __future__ import annotations
 
-import ctypes
 import io
 import multiprocessing
 import os
@@ -283,29 +282,9 @@ def _init_worker(config: PreprocessConfig, shard_directory: str) -> None:
     _worker = _Encoder(config, shard_directory)
 
 
-def _release_free_memory() -> None:
-    """Give memory freed by the last task back to the OS (glibc keeps it otherwise: the large, varying
-    allocations of texts and id arrays fragment its heap, and a worker's footprint would creep upwards)."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_libc = _load_libc()
-
-
 def _run_task(task: Task) -> TaskResult:
     assert _worker is not None
-    result = _worker.run(task)
-    _release_free_memory()
-    return result
+    return _worker.run(task)
 
 
 class Progress:
@@ -376,7 +355,6 @@ def encode_units(config: PreprocessConfig, units: list[Unit], output_prefixes: l
             encoder = _Encoder(config, shard_directory)
             for task in tasks:
                 merge(encoder.run(task))
-                _release_free_memory()
         else:
             _encode_in_pool(config, shard_directory, tasks, merge)
         if documents == 0 and require_documents:
@@ -399,9 +377,17 @@ def _encode_in_pool(config: PreprocessConfig, shard_directory: str, tasks: Itera
     result is merged as soon as the tasks before it are. A process pool executor, unlike
     multiprocessing.Pool, notices a worker that dies (e.g. killed for memory) instead of waiting forever."""
     # fork shares the loaded modules with the workers; spawn where fork does not exist.
+    global _worker
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        # Load the tokenizer once, before the fork: the workers share its pages instead of each loading
+        # a copy (measured: a few MB less and slightly faster with 2 workers).
+        _worker = _Encoder(config, shard_directory)
+        initializer, initargs = None, ()
+    else:
+        initializer, initargs = _init_worker, (config, shard_directory)
     with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context(method),
-                             initializer=_init_worker, initargs=(config, shard_directory)) as pool:
+                             initializer=initializer, initargs=initargs) as pool:
         pending: deque[tuple[Task, Future]] = deque()
 
         def merge_oldest() -> None:
@@ -421,6 +407,7 @@ def _encode_in_pool(config: PreprocessConfig, shard_directory: str, tasks: Itera
             raise DataError(f"a tokenizer worker process died{where}; was it killed for lack of memory?") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            _worker = None
 
 
 def preprocess(config: PreprocessConfig) -> tuple[int, int]:
