@@ -53,11 +53,12 @@ from megatron_gdn.parallel.context_parallel import apply_context_parallel, check
 from megatron_gdn.parallel.launch import consume_launcher_arguments, describe_topology, discover_launch_environment
 from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, saved_tensor_parallel_size
 from megatron_gdn.training.deepspeed_config import deepspeed_config_for, read_deepspeed_config, resolve_zero_stage
-from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel
+from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel, StepResult
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
 from megatron_gdn.training.logging import (TensorBoardLogger, format_iteration_line, format_memory_line,
                                            format_validation_line)
 from megatron_gdn.training.lr_schedule import LRSchedule
+from megatron_gdn.training.recompute import apply_activation_recompute
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,6 +190,67 @@ def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, devic
     return groups, device
 
 
+def setup_run(model_config: GatedDeltaNetConfig,
+              cfg: TrainingConfig) -> tuple[ParallelGroups, torch.device, dict | None]:
+    """The process groups, the device and the DeepSpeed config (None: the built-in engine, ZeRO stage 0) of a run.
+    A bad precision, --deepspeed-config or layout fails here, before the data or the model are built."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
+        raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
+    # The data-parallel engine: DeepSpeed for ZeRO 1-3, else the built-in path (training/engine.py).
+    file_config = read_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
+    zero_stage = resolve_zero_stage(cfg, file_config)
+    groups, device = setup_parallel(model_config, cfg, device, single_process=zero_stage > 0)
+    ds_config = deepspeed_config_for(cfg, zero_stage, file_config, groups, device) if zero_stage else None
+    return groups, device, ds_config
+
+
+def autocast_dtype_of(cfg: TrainingConfig) -> torch.dtype | None:
+    """The autocast precision of --bf16 / --fp16 (None: fp32, no autocast)."""
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+
+
+def build_engine(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, groups: ParallelGroups, device: torch.device,
+                 ds_config: dict | None) -> tuple[BuiltinDataParallel | DeepSpeedDataParallel, int]:
+    """The model on its data-parallel engine, and the full model's parameter count. Every rank builds the full
+    model from the shared seed and keeps its shard (the same weights as one process); tensor and context
+    parallelism and activation recomputation are applied to it from outside, in that order."""
+    model = GatedDeltaNetForCausalLM(model_config)
+    num_params = sum(p.numel() for p in model.parameters())
+    if groups.tensor_model_parallel_size > 1:
+        parallelize_model(model, groups.tensor_model_parallel_group, cfg.sequence_parallel)
+    if groups.context_parallel_size > 1:
+        apply_context_parallel(model, groups.context_parallel_group, cfg.cp_comm_type)
+    if cfg.recompute_granularity:
+        apply_activation_recompute(model, cfg.recompute_granularity)
+    model = model.to(device)
+    engine = (DeepSpeedDataParallel(model, cfg, groups, device, ds_config) if ds_config
+              else BuiltinDataParallel(model, cfg, groups, device))
+    return engine, num_params
+
+
+def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterator[dict[str, torch.Tensor]],
+               cfg: TrainingConfig, device: torch.device, groups: ParallelGroups,
+               inject_nan: bool = False) -> tuple[float, bool, StepResult]:
+    """One iteration: forward and backward over the micro batches (gradient accumulation up to the global batch),
+    then the engine reduces the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and
+    steps. Returns the loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens), whether it
+    is finite on every rank, and the engine's StepResult. inject_nan makes this rank's first loss NaN."""
+    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
+    total = 0.0
+    for micro in range(num_micro):
+        loss = lm_loss(engine.model, next(data), device, autocast_dtype_of(cfg), groups.tensor_model_parallel_group,
+                       groups.context_parallel_group)
+        if micro == 0 and inject_nan:
+            loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
+        engine.backward(loss)
+        total += loss.item() / num_micro
+    dp_cp = groups.data_parallel_size * groups.context_parallel_size
+    total = all_reduce_scalar(total, groups.data_context_parallel_group) / dp_cp
+    loss_is_finite = all_reduce_scalar(float(not math.isfinite(total)), op="max") == 0  # every rank agrees
+    return total, loss_is_finite, engine.step(loss_is_finite)
+
+
 # Why a run stops early, in increasing priority: every rank must stop at the same iteration.
 EXIT_REASONS = (None, "exit-interval", "exit-duration-in-mins", "signal")
 
@@ -234,19 +296,12 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     """
     exit_request = exit_request or ExitRequest()
     start_time = time.time()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
-        raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
-    autocast_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
-    # The data-parallel engine: DeepSpeed for ZeRO 1-3, else the built-in path (training/engine.py). A bad
-    # --deepspeed-config fails here and below, before the data or the model are built.
-    file_config = read_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
-    zero_stage = resolve_zero_stage(cfg, file_config)
-    groups, device = setup_parallel(model_config, cfg, device, single_process=zero_stage > 0)
-    ds_config = deepspeed_config_for(cfg, zero_stage, file_config, groups, device) if zero_stage else None
+    groups, device, ds_config = setup_run(model_config, cfg)
+    autocast_dtype = autocast_dtype_of(cfg)
+    zero_stage = ds_config["zero_optimization"]["stage"] if ds_config else 0
     topology = describe_topology(groups, device, zero_stage)  # collective: every rank takes part
     print_rank_0(topology)
-    tp, tp_group, dp = groups.tensor_model_parallel_size, groups.tensor_model_parallel_group, groups.data_parallel_size
+    tp, dp = groups.tensor_model_parallel_size, groups.data_parallel_size
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -254,17 +309,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     true_vocab_size, train_data, valid_data = build_datasets(cfg)
     vocab_size = padded_vocab_size(true_vocab_size, cfg.make_vocab_size_divisible_by, tp)
     model_config = dataclasses.replace(model_config, vocab_size=vocab_size)
-    # Every rank builds the full model from the shared seed and keeps its shard: the same weights as one process.
-    model = GatedDeltaNetForCausalLM(model_config)
-    num_params = sum(p.numel() for p in model.parameters())
-    if tp > 1:
-        parallelize_model(model, tp_group, cfg.sequence_parallel)
-    if groups.context_parallel_size > 1:
-        apply_context_parallel(model, groups.context_parallel_group, cfg.cp_comm_type)
-    model = model.to(device)
+    engine, num_params = build_engine(model_config, cfg, groups, device, ds_config)
     rng_tracker = model_parallel_rng_tracker(cfg.seed, groups.tensor_model_parallel_rank)
-    engine = (DeepSpeedDataParallel(model, cfg, groups, device, ds_config) if zero_stage
-              else BuiltinDataParallel(model, cfg, groups, device))
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, decay_iters, cfg.lr_decay_style,
                           cfg.lr_wsd_decay_iters if cfg.lr_wsd_decay_iters is not None else decay_iters // 10,
@@ -315,7 +361,6 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     tensorboard = TensorBoardLogger(cfg.tensorboard_dir if is_rank_zero() else None)
     flops_per_token = training_flops_per_token(model_config)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
     data = (batches(train_data, consumed_samples, cfg.micro_batch_size, groups.data_parallel_rank, dp)
             if iteration < cfg.train_iters else iter(()))
     losses: dict[int, float] = {}
@@ -325,20 +370,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
-        # Forward and backward over the micro batches: gradient accumulation up to the global batch.
-        total = 0.0
-        for micro in range(num_micro):
-            loss = lm_loss(engine.model, next(data), device, autocast_dtype, tp_group, groups.context_parallel_group)
-            if micro == 0 and iteration + 1 in cfg.inject_nan_at and get_rank() == 0:
-                loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
-            engine.backward(loss)
-            total += loss.item() / num_micro
-        # The loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens). The engine reduces
-        # the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and steps.
-        dp_cp, dp_cp_group = dp * groups.context_parallel_size, groups.data_context_parallel_group
-        total = all_reduce_scalar(total, dp_cp_group) / dp_cp
-        loss_is_finite = all_reduce_scalar(float(not math.isfinite(total)), op="max") == 0  # every rank agrees
-        step = engine.step(loss_is_finite)
+        total, loss_is_finite, step = train_step(engine, data, cfg, device, groups,
+                                                 inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0)
         grad_norm = step.grad_norm
         iteration += 1
         consumed_samples += cfg.global_batch_size

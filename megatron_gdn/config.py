@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .models.configuration import MODEL_PRESETS, GatedDeltaNetConfig
+from .training.recompute import RECOMPUTE_GRANULARITIES
 
 
 def arg(default, help: str, **argparse_kwargs):
@@ -70,6 +71,15 @@ class TrainingConfig:
                             "all-gather of the slices' recurrent-state summaries per layer) or all_to_all "
                             "(Megatron's head-parallel exchange of the activations; needs heads / TP divisible by CP)",
                             choices=["state_passing", "all_to_all"])
+    # Activation memory (megatron_gdn/training/recompute.py)
+    recompute_activations: bool = arg(False, "recompute activations in backward instead of keeping them for it: "
+                                      "less memory for longer sequences or larger micro batches, more compute "
+                                      "(selective unless --recompute-granularity says otherwise)")
+    recompute_granularity: str | None = arg(None, "what is recomputed: selective (each block's GDN mixer: its "
+                                            "projections, convolutions, delta rule and gated norm; ~15%% more "
+                                            "FLOPs) or full (each whole block: one hidden-state tensor per block is "
+                                            "kept; ~30%% more FLOPs); giving it turns recomputation on",
+                                            choices=list(RECOMPUTE_GRANULARITIES))
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")
@@ -102,6 +112,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size
+        if self.recompute_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "selective"  # Megatron's meaning of --recompute-activations
         if self.bf16 and self.fp16:
             raise ValueError("choose one of --bf16 and --fp16")
         if self.global_batch_size % self.micro_batch_size:

@@ -55,7 +55,7 @@ def test_no_gate_budget_with_key_dim_hidden():
 
 def test_presets():
     expected = {"tiny": (256, 6, 4, 64), "small": (768, 12, 12, 64), "medium": (1024, 24, 16, 64),
-                "large": (1280, 36, 20, 64)}
+                "large": (1280, 36, 20, 64), "1.3b": (2048, 21, 6, 256)}
     for name, (h, layers, heads, hd) in expected.items():
         cfg = GatedDeltaNetConfig.from_preset(name, vocab_size=32000)
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_heads, cfg.head_dim) == (h, layers, heads, hd)
@@ -63,6 +63,12 @@ def test_presets():
     # The GPT-2-small-size preset has fla's parameter count for this shape (163M with vocab 32000).
     model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig.from_preset("small", vocab_size=32000))
     assert 162e6 < sum(p.numel() for p in model.parameters()) < 164e6
+    # The 1.3B preset is fla's default shape: its SwiGLU width (256 x ceil(2048 x 4 x 2/3 / 256)) and 1.39B
+    # parameters with vocab 32000 (counted on the meta device: no memory for the weights).
+    with torch.device("meta"):
+        model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig.from_preset("1.3b", vocab_size=32000))
+    assert model.config.intermediate_size == 5632
+    assert 1.385e9 < sum(p.numel() for p in model.parameters()) < 1.395e9
 
 
 def test_initialisation():

@@ -6,12 +6,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-# Named model sizes (q/k heads x head_dim = hidden; expand_v = 2, so value_dim = 2 x hidden).
+# Named model sizes, expand_v = 2. tiny to large: q/k heads x head_dim = hidden, so value_dim = 2 x hidden.
+# 1.3b: flash-linear-attention's default shape (the paper's 1.3B; key_dim = 0.75 x hidden, value_dim = 1.5 x hidden;
+# 1.39B parameters with a 32000 vocabulary).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=6, num_heads=4, head_dim=64),
     "small": dict(hidden_size=768, num_hidden_layers=12, num_heads=12, head_dim=64),
     "medium": dict(hidden_size=1024, num_hidden_layers=24, num_heads=16, head_dim=64),
     "large": dict(hidden_size=1280, num_hidden_layers=36, num_heads=20, head_dim=64),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256),
 }
 
 
@@ -83,7 +86,7 @@ class GatedDeltaNetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GatedDeltaNetConfig":
-        """A named size (tiny, small, medium, large); keyword arguments override its fields."""
+        """A named size (tiny, small, medium, large, 1.3b); keyword arguments override its fields."""
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
         return cls(**{**MODEL_PRESETS[name], **overrides})
