@@ -19,10 +19,8 @@ OUT=${OUT:-runs/bench_zero}
 NPROC=${NPROC:-2}
 ITERS=${ITERS:-30}
 mkdir -p "$OUT"
-if ! python3 -c "import deepspeed" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/zero/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/use_wheels.sh
+use_wheels deepspeed .whl/zero || exit 1
 # NVLink multicast stays off on shared machines (see the device notes); unbuffered output for the logs.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 # Micro batch 8 x 2048 tokens per GPU, no accumulation (the setting of the tensor-parallel table).

@@ -1,0 +1,309 @@
+"""Training throughput end to end: tokens/s per GPU, MFU and peak memory of a training step, ours against
+flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 loop, on the same GPU in one process.
+
+    python benchmarks/bench_train.py                                   # every configuration, ours and fla's
+    python benchmarks/bench_train.py --configs small,1.3b --steps 20 --markdown bench.md
+    python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
+    torchrun --nproc-per-node 4 benchmarks/bench_train.py --configs 1.3b --zero-stage 1 --no-fla   # data parallel
+
+Ours runs the training path of pretrain_gdn.py itself (its setup_run, build_engine and train_step): the same model
+construction, mixed precision (fp32 weights and AdamW under bf16 autocast), engine (the built-in one, or DeepSpeed
+with --zero-stage), loss (pretrain_gdn.lm_loss) and step (gradient reduction, clipping, AdamW), on --mock-data.
+fla's model runs the loop its users write: bf16 weights, torch.optim.AdamW(fused=True), the loss from its forward
+with labels, gradient checkpointing (its `gradient_checkpointing_enable()`) where the configuration recomputes.
+Both see the same tokens.
+
+Each run: warm-up steps (Triton compilation and autotuning), then --steps steps each timed between
+torch.cuda.synchronize() calls; the table gives the median. Memory is torch.cuda.max_memory_allocated over the
+whole run (weights, optimizer state and the step), reset between runs. MFU is given twice: by our FLOPs model
+(megatron_gdn/training/flops.py, docs/PERFORMANCE.md "FLOPs model and MFU") and by 6 x parameters per token (the
+convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
+of GPU memory is reported as OOM and the next one starts after its memory is freed.
+
+Under torchrun every rank runs ours with its own micro batch (global batch = batch x ranks, no accumulation) and rank
+0 prints tokens/s per GPU; fla's loop is single-GPU, so it runs only without torchrun.
+benchmarks/bench_dp_scaling.sh runs this at 1, 2 and 4 GPUs and prints the scaling efficiency.
+
+fla 0.6.0 refuses its gated backward on Hopper with Triton in [3.4, 3.7.1) (its issue #640); for timing only this
+script lifts that guard, as benchmarks/bench_kernels.py does (see its docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pretrain_gdn  # noqa: E402
+from megatron_gdn.config import parse_args  # noqa: E402
+from megatron_gdn.data.mock_dataset import MockGPTDataset  # noqa: E402
+from megatron_gdn.models import GatedDeltaNetConfig  # noqa: E402
+from megatron_gdn.parallel import destroy_model_parallel, get_rank, launched_world_size  # noqa: E402
+from megatron_gdn.training.flops import peak_flops, training_flops_per_token  # noqa: E402
+
+VOCAB_SIZE = 32000
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration: a model preset, the tokens of a step per GPU, and what each side recomputes."""
+
+    preset: str
+    seq_length: int
+    batch: int
+    recompute: str | None = None       # ours: --recompute-granularity (None: no recomputation)
+    fla_checkpointing: bool = False    # fla: gradient_checkpointing_enable()
+    with_fla: bool = True              # run fla's model too (the 256K check is ours only)
+    vocab_size: int = VOCAB_SIZE
+    shape: dict | None = None          # explicit shape instead of the preset (the tiny smoke configuration)
+
+
+CASES = {
+    "small": Case("small", 4096, 8),
+    "1.3b": Case("1.3b", 4096, 4),
+    "1.3b-16k": Case("1.3b", 16384, 1, recompute="selective", fla_checkpointing=True),
+    "1.3b-64k": Case("1.3b", 65536, 1, recompute="full", fla_checkpointing=True),
+    "1.3b-256k": Case("1.3b", 262144, 1, recompute="full", with_fla=False),
+}
+# --tiny: a model of a few hundred thousand parameters that steps on a CPU in milliseconds.
+TINY = Case("tiny", 64, 2, recompute="full", shape=dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=16), vocab_size=512)
+DEFAULT_CONFIGS = ",".join(CASES)
+
+
+@dataclasses.dataclass
+class Result:
+    config: str
+    implementation: str
+    recompute: str
+    tokens_per_step: int          # per GPU
+    parameters: int = 0
+    step_ms: float | None = None  # median
+    peak_gib: float | None = None
+    status: str = "ok"            # or "OOM", or why the run was skipped
+
+    def tokens_per_sec(self) -> float | None:
+        return self.tokens_per_step / (self.step_ms / 1e3) if self.step_ms else None
+
+
+def model_config(case: Case) -> GatedDeltaNetConfig:
+    if case.shape:
+        return GatedDeltaNetConfig(vocab_size=case.vocab_size, **case.shape)
+    return GatedDeltaNetConfig.from_preset(case.preset, vocab_size=case.vocab_size)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Run warm-up steps, then time each of `steps` steps between synchronisations; the median in ms."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
+    """pretrain_gdn.py's flags for this case: mock data, one micro batch per GPU per step, constant lr."""
+    shape = (["--num-layers", str(case.shape["num_hidden_layers"]), "--hidden-size", str(case.shape["hidden_size"]),
+              "--num-attention-heads", str(case.shape["num_heads"]), "--head-dim", str(case.shape["head_dim"])]
+             if case.shape else ["--model-size", case.preset])
+    flags = [*shape, "--mock-data", "--vocab-size", str(case.vocab_size), "--seq-length", str(case.seq_length),
+             "--micro-batch-size", str(case.batch), "--global-batch-size", str(case.batch * data_parallel_size),
+             "--train-iters", str(args.warmup + args.steps), "--lr", "1e-4", "--lr-decay-style", "constant"]
+    if args.device == "cuda":
+        flags.append("--bf16")
+    else:
+        flags += ["--device", "cpu"]
+    if case.recompute:
+        flags += ["--recompute-granularity", case.recompute]
+    if args.zero_stage is not None:
+        flags += ["--zero-stage", str(args.zero_stage)]
+    return flags
+
+
+def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
+    """pretrain_gdn's training step, as train() runs it (minus logging, evaluation and checkpoints)."""
+    config, cfg = parse_args(training_flags(case, args, launched_world_size()))
+    groups, device, ds_config = pretrain_gdn.setup_run(config, cfg)
+    torch.manual_seed(cfg.seed)
+    _, train_data, _ = pretrain_gdn.build_datasets(cfg)
+    config = dataclasses.replace(config, vocab_size=case.vocab_size)  # 32000 needs no padding (a multiple of 128)
+    engine, result.parameters = pretrain_gdn.build_engine(config, cfg, groups, device, ds_config)
+    engine.set_lr(cfg.lr)
+    engine.model.train()
+    data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size, groups.data_parallel_rank,
+                                groups.data_parallel_size)
+    result.step_ms = median_step_ms(lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups),
+                                    args.warmup, args.steps, device)
+    return result
+
+
+def load_fla_model():
+    """fla's model class and config, or the reason they do not import (fla.models needs transformers)."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.models import GatedDeltaNetConfig as FlaConfig
+        from fla.models import GatedDeltaNetForCausalLM as FlaModel
+    except Exception as e:  # noqa: BLE001 - any import failure means "no fla here"
+        return None, f"fla not importable ({type(e).__name__}: {e})"
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: see the module docstring
+    return (FlaConfig, FlaModel), None
+
+
+def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result:
+    """fla's model in a plain bf16 AdamW loop, on the same tokens as ours."""
+    FlaConfig, FlaModel = fla
+    ours = model_config(case)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = FlaConfig(hidden_size=ours.hidden_size, num_hidden_layers=ours.num_hidden_layers,
+                       num_heads=ours.num_heads, head_dim=ours.head_dim, expand_v=ours.expand_v,
+                       intermediate_size=ours.intermediate_size, vocab_size=case.vocab_size, use_cache=False)
+    model = FlaModel(config).to(device=device, dtype=torch.bfloat16)
+    result.parameters = sum(p.numel() for p in model.parameters())
+    if case.fla_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    # The samples of ours' --mock-data (pretrain_gdn's default --seed 1234): a pure function of seed and index.
+    data = pretrain_gdn.batches(MockGPTDataset(case.batch * (args.warmup + args.steps), case.seq_length,
+                                               case.vocab_size, seed=1234), 0, case.batch)
+
+    def step() -> float:
+        inputs = next(data)["tokens"][:, :-1].to(device, non_blocking=True)
+        loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss  # labels shift inside
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    result.step_ms = median_step_ms(step, args.warmup, args.steps, device)
+    return result
+
+
+def measured(run: Callable[..., Result], case: Case, args: argparse.Namespace, result: Result, *extra) -> Result:
+    """run(case, args, result, *extra) with its peak memory, or result marked OOM; either way the run's memory is
+    freed afterwards."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        result = run(case, args, result, *extra)
+    except torch.cuda.OutOfMemoryError:
+        result.status = "OOM"
+    # The failed run's frames (and its tensors) are gone once the except block is left.
+    if device.type == "cuda":
+        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    destroy_model_parallel()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def versions(device: torch.device, fla_note: str | None) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "device: CPU",
+             f"torch {torch.__version__}"]
+    for package in ("triton", "flash-linear-attention", "deepspeed"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    if fla_note:
+        parts.append(fla_note)
+    return "; ".join(parts)
+
+
+def table(results: list[Result], cases: dict[str, Case], header: str, peak: float | None) -> str:
+    """The markdown table: one row per run, MFU by both counts, ours' speed-up over fla's model."""
+    lines = [header, "",
+             "| config | tokens/step/GPU | model | recompute | parameters | step (ms) | tokens/s/GPU | "
+             "MFU (FLOPs model) | MFU (6N) | peak memory (GiB) | speed-up vs fla |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        tps = r.tokens_per_sec()
+        flops = training_flops_per_token(model_config(cases[r.config]))
+        fla = next((f for f in results if f.config == r.config and f.implementation == "fla" and f.step_ms), None)
+        speedup = f"{tps / fla.tokens_per_sec():.2f}x" if r.implementation == "ours" and tps and fla else ""
+        mfu = (f"{100 * tps * flops / peak:.1f}% | {100 * tps * 6 * r.parameters / peak:.1f}%"
+               if tps and peak else " | ")
+        memory = f"{r.peak_gib:.1f}" if r.peak_gib is not None else ""
+        measured_cells = (f"{r.step_ms:.1f} | {tps:,.0f} | {mfu}" if tps else f"{r.status} | | | ")
+        lines.append(f"| {r.config} | {r.tokens_per_step:,} | {r.implementation} | {r.recompute} | "
+                     f"{r.parameters / 1e6:,.1f}M | {measured_cells} | {memory} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {DEFAULT_CONFIGS}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, autotuning)")
+    parser.add_argument("--no-fla", action="store_true", help="time ours only")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                        help="ours through DeepSpeed ZeRO (as pretrain_gdn.py --zero-stage)")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--json", help="also write the results to this file (benchmarks/bench_dp_scaling.sh reads it)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")
+    args = parser.parse_args(argv)
+    args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.device == "cpu" and not args.tiny:
+        parser.error("no GPU: the benchmark configurations need one (use --tiny for the CPU smoke run)")
+    cases = {"tiny": TINY} if args.tiny else {}
+    for name in ([] if args.tiny else args.configs.split(",")):
+        if name not in CASES:
+            parser.error(f"unknown configuration {name!r}; choose from {DEFAULT_CONFIGS}")
+        cases[name] = CASES[name]
+
+    world_size = launched_world_size()  # torchrun's WORLD_SIZE; 1 when run directly
+    if args.tiny or args.no_fla or world_size > 1:
+        fla, fla_note = None, "fla's model not run (--tiny, --no-fla or several ranks)"
+    else:
+        fla, fla_note = load_fla_model()
+    results = []
+    for name, case in cases.items():
+        tokens = case.seq_length * case.batch
+        results.append(measured(run_ours, case, args, Result(name, "ours", case.recompute or "none", tokens)))
+        if get_rank() == 0:
+            print(results[-1], flush=True)
+        if fla and case.with_fla:
+            recompute = "gradient checkpointing" if case.fla_checkpointing else "none"
+            results.append(measured(run_fla, case, args, Result(name, "fla", recompute, tokens), fla))
+            print(results[-1], flush=True)
+
+    if get_rank() == 0:
+        device = torch.device(args.device)
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        header = versions(device, fla_note) + f"; ours on {world_size} rank(s), ZeRO stage {args.zero_stage or 0}"
+        text = table(results, cases, header, peak)
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"world_size": world_size, "zero_stage": args.zero_stage,
+                                                   "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    pretrain_gdn.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
