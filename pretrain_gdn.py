@@ -170,19 +170,26 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Parallelism (docs/PARALLELISM.md)
 
+def check_parallel_layout(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, world_size: int) -> None:
+    """Raise ValueError, saying what to change, when the flags' TP x CP x DP layout cannot work on world_size
+    processes (pure arithmetic: tests check the examples' flags with it)."""
+    tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
+    check_context_parallel_config(model_config, cp, cfg.cp_comm_type, cfg.seq_length, tp, cfg.sequence_parallel)
+    check_tensor_parallel_config(model_config, tp)
+    rank_grid(world_size, tp, cp)  # raises unless the world size is a multiple of TP x CP
+    dp = world_size // (tp * cp)
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size ({cfg.global_batch_size}) must be a multiple of --micro-batch-size "
+                         f"x data-parallel size ({cfg.micro_batch_size} x {dp})")
+
+
 def setup_parallel(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, device: torch.device,
                    single_process: bool = False) -> tuple[ParallelGroups, torch.device]:
     """Check the parallel layout, join torch.distributed (under any launcher; single_process=True joins a group
     of one, which DeepSpeed needs) and build the TP/CP/DP groups. The checks come first, so a layout that cannot
     work fails before any communication or data work."""
     tp, cp = cfg.tensor_model_parallel_size, cfg.context_parallel_size
-    check_context_parallel_config(model_config, cp, cfg.cp_comm_type, cfg.seq_length, tp, cfg.sequence_parallel)
-    check_tensor_parallel_config(model_config, tp)
-    rank_grid(launched_world_size(), tp, cp)  # raises unless the world size is a multiple of TP x CP
-    dp = launched_world_size() // (tp * cp)
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size ({cfg.global_batch_size}) must be a multiple of --micro-batch-size "
-                         f"x data-parallel size ({cfg.micro_batch_size} x {dp})")
+    check_parallel_layout(model_config, cfg, launched_world_size())
     local_rank = initialize_distributed(device.type, cfg.distributed_timeout_minutes, single_process)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
