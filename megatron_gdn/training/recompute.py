@@ -25,7 +25,8 @@ Why it composes with the parallel code:
   it, all-gather included; every rank recomputes the same layers in the same order, so the collectives of the
   recomputation (tensor parallel, the context-parallel state passing and halo) pair up like those of the forward.
 - Gradients reach the parameters through the same hooks (TP-replicated weights, DeepSpeed's reduction), once per
-  parameter use, so ZeRO and the built-in data-parallel path see the same gradients.
+  parameter use, so ZeRO and the built-in data-parallel path see the same gradients. ZeRO-3 gathers a module's
+  partitioned parameters again when backward reaches the module, before its recomputation needs them.
 - Autocast is recorded and replayed by torch.utils.checkpoint, so the recomputation runs in the same precision.
 - Randomness: the model draws no random numbers in forward (no dropout; tests/test_recompute.py checks it), so the
   recomputation is exactly the forward. preserve_rng_state stays on (the default): it restores the default
