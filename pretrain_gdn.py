@@ -48,7 +48,8 @@ from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, check_tensor_parallel_config, get_rank,
                                    get_world_size, initialize_distributed, initialize_model_parallel, is_rank_zero,
                                    launched_world_size, model_parallel_rng_tracker, parallelize_model,
-                                   print_rank_0, rank_grid, shutdown_distributed, vocab_parallel_cross_entropy)
+                                   lm_head_cross_entropy, print_rank_0, rank_grid, shutdown_distributed,
+                                   vocab_parallel_cross_entropy)
 from megatron_gdn.parallel.context_parallel import apply_context_parallel, check_context_parallel_config, split_sequence
 from megatron_gdn.parallel.launch import consume_launcher_arguments, describe_topology, discover_launch_environment
 from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, saved_tensor_parallel_size
@@ -105,7 +106,10 @@ def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], dev
     Under tensor parallelism the logits are this rank's vocabulary slice (never gathered). Under context
     parallelism this rank takes its contiguous slice of every row (or of the packed row) of inputs and targets,
     the model gets the whole row's document offsets, and the loss is the mean over the slice: every rank holds
-    as many tokens, so averaging it over the CP ranks gives the token-weighted mean of the whole batch."""
+    as many tokens, so averaging it over the CP ranks gives the token-weighted mean of the whole batch.
+    On GPUs the lm head is applied inside the fused cross entropy, chunk by chunk, so the logits of the whole batch
+    never exist (kernels/cross_entropy.py); not under ZeRO-3, which gathers the partitioned head weight only for
+    the head's own forward (DeepSpeed marks such parameters with ds_id)."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cu_seqlens = batch.get("cu_seqlens")
@@ -113,6 +117,9 @@ def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], dev
         inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens.to(device)
     inputs, targets = split_sequence(inputs, context_parallel_group), split_sequence(targets, context_parallel_group)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        if device.type == "cuda" and not hasattr(model.lm_head.weight, "ds_id"):
+            hidden = model(inputs, cu_seqlens=cu_seqlens, return_hidden=True).last_hidden_state
+            return lm_head_cross_entropy(model.lm_head, hidden, targets, reduction="sum") / targets.numel()
         logits = model(inputs, cu_seqlens=cu_seqlens).logits
     return vocab_parallel_cross_entropy(logits, targets.reshape(logits.shape[:-1]), tensor_parallel_group).mean()
 

@@ -8,8 +8,13 @@ output, the final state and every gradient.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +30,22 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     err = (ref - x).pow(2).mean().sqrt()
     return (err / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def interpreter_results(script: str, shares: list[list[str]]) -> dict:
+    """Run `python script --worker CASE...` once per share of the cases, the workers side by side, with
+    TRITON_INTERPRET=1 (Triton reads it when a kernel is defined, so it needs a fresh process); each prints a JSON
+    dict of its cases' results as its last line. Returns them merged; a failing worker fails the test."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    procs = [subprocess.Popen([sys.executable, script, "--worker", *share], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for share in shares]
+    merged = {}
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{err[-4000:]}")
+        merged.update(json.loads(out.strip().splitlines()[-1]))
+    return merged
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
-from kernel_cases import over_budget, run_case  # noqa: E402
+from kernel_cases import interpreter_results, over_budget, run_case  # noqa: E402
 
 from megatron_gdn.kernels import MAX_TRITON_HEAD_DIM, check_inputs, chunk_gated_delta_rule  # noqa: E402
 
@@ -106,18 +105,8 @@ ALL_CASES = [*CHUNK_CASES, *RECURRENT_CASES, *EXTRA_CASES]
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
     # Split the cases over the workers, longest (biggest) first, round robin.
-    shares = [ALL_CASES[i::WORKERS] for i in range(WORKERS)]
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *share], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for share in shares]
-    merged = {}
-    for proc in procs:
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{err[-4000:]}")
-        merged.update(json.loads(out.strip().splitlines()[-1]))
-    return merged
+    return interpreter_results(os.path.abspath(__file__), [ALL_CASES[i::WORKERS] for i in range(WORKERS)])
 
 
 @pytest.mark.parametrize("name", list(CHUNK_CASES))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm
+from ..kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm, short_conv
 from .utils import Cache, LayerState
 
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
@@ -26,17 +26,22 @@ RECURRENT_MAX_TOKENS = 64
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dimension, computed in fp32."""
+    """x / rms(x) * weight over the last dimension, computed in fp32.
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    forward(x, residual) fuses the pre-norm residual add: it returns (norm(x + residual), x + residual).
+    backend ('auto' | 'triton' | 'torch', as in megatron_gdn.kernels) picks the fused Triton kernel or the
+    PyTorch reference; 'auto' runs Triton on CUDA tensors.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto") -> None:
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
 
 
 class ShortConvolution(nn.Module):
@@ -46,37 +51,20 @@ class ShortConvolution(nn.Module):
     (packed documents, B == 1) no input leaks across a document start. cu_seqlens[0] may be negative: the
     first document then began -cu_seqlens[0] tokens before x, and its taps reach into `past` (context
     parallelism passes a slice's offsets this way, with the previous rank's last inputs as `past`).
+    Returns (y, the last W - 1 inputs). backend as RMSNorm's: the Triton kernels of kernels/short_conv.py
+    (training and one-token decoding) or the PyTorch reference (kernels/fused_reference.py).
     """
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool = False) -> None:
+    def __init__(self, dim: int, kernel_size: int, bias: bool = False, backend: str = "auto") -> None:
         super().__init__()
         self.kernel_size = kernel_size
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, D = x.shape
-        W = self.kernel_size
-        if past is None:
-            past = x.new_zeros(B, W - 1, D)
-        x_ext = torch.cat([past.to(x.dtype), x], dim=1)  # [B, W - 1 + T, D]
-        if cu_seqlens is not None:
-            # Position of each token inside its document: a tap that reaches further back is cut.
-            starts = torch.zeros(T, dtype=torch.long, device=x.device)
-            starts[cu_seqlens[1:-1].long()] = 1
-            doc = starts.cumsum(0)
-            pos_in_doc = torch.arange(T, device=x.device) - cu_seqlens.long()[doc]
-        weight = self.weight.to(x.dtype)
-        y = 0
-        for shift in range(W):  # output t sums weight[:, W-1-shift] * x[t - shift]
-            tap = x_ext[:, W - 1 - shift: W - 1 - shift + T] * weight[:, 0, W - 1 - shift]
-            if cu_seqlens is not None:
-                tap = torch.where((pos_in_doc >= shift)[None, :, None], tap, 0)
-            y = y + tap
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return F.silu(y), x_ext[:, T:]
+        return short_conv(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend)
 
 
 class GatedDeltaNet(nn.Module):

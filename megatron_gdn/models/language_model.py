@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import swiglu
 from .configuration import GatedDeltaNetConfig
 from .gated_deltanet import GatedDeltaNet, RMSNorm
 from .hf_conversion import DEFAULT_MAX_SHARD_SIZE, FLA, load_hf_model_state, write_hf_model
@@ -19,20 +20,22 @@ from .utils import Cache
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). backend picks the fused activation kernel (as RMSNorm's)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = backend
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
 
 
 class GatedDeltaNetBlock(nn.Module):
-    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)); the second residual add is fused
+    into mlp_norm (one pass computes both the sum and its norm)."""
 
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int) -> None:
         super().__init__()
@@ -50,8 +53,8 @@ class GatedDeltaNetBlock(nn.Module):
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         mixed, _, _ = self.attn(self.attn_norm(x), past_key_values=past_key_values, use_cache=use_cache,
                                 cu_seqlens=cu_seqlens)
-        x = x + mixed
-        return x + self.mlp(self.mlp_norm(x))
+        normed, x = self.mlp_norm(mixed, residual=x)  # x + mixed, and its norm
+        return x + self.mlp(normed)
 
 
 class GatedDeltaNetModel(nn.Module):
@@ -73,9 +76,10 @@ class GatedDeltaNetModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     past_key_values: Cache | None = None
+    last_hidden_state: torch.Tensor | None = None  # only with return_hidden=True (and then no logits)
 
 
 class GatedDeltaNetForCausalLM(nn.Module):
@@ -83,6 +87,8 @@ class GatedDeltaNetForCausalLM(nn.Module):
 
     forward(input_ids, labels=None, past_key_values=None, use_cache=False, cu_seqlens=None) -> CausalLMOutput.
     labels are shifted inside (Hugging Face convention: pass labels = input_ids); -100 is ignored.
+    return_hidden=True skips the lm head and returns the final norm's output as last_hidden_state (logits None),
+    for a loss that applies the head itself without forming the logits (parallel.lm_head_cross_entropy).
     """
 
     def __init__(self, config: GatedDeltaNetConfig) -> None:
@@ -114,12 +120,18 @@ class GatedDeltaNetForCausalLM(nn.Module):
         use_cache: bool = False,
         cu_seqlens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> CausalLMOutput:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding masks are not supported: pack the sequences and pass cu_seqlens instead")
+        if return_hidden and labels is not None:
+            raise ValueError("return_hidden=True skips the lm head, so there are no logits to compute a loss from: "
+                             "pass labels without it, or apply the head to last_hidden_state yourself")
         if use_cache and past_key_values is None:
             past_key_values = Cache()
         hidden = self.model(input_ids, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
+        if return_hidden:
+            return CausalLMOutput(past_key_values=past_key_values if use_cache else None, last_hidden_state=hidden)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

@@ -2,7 +2,7 @@
 layers and communication, vocab-parallel cross entropy, the RNG tracker, and the sharding rule of every
 parameter. See docs/PARALLELISM.md."""
 
-from .cross_entropy import vocab_parallel_cross_entropy
+from .cross_entropy import fused_linear_cross_entropy, lm_head_cross_entropy, vocab_parallel_cross_entropy
 from .grads import all_reduce_found_inf, clip_grad_norm, finalize_model_grads
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from .mappings import (copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
@@ -21,7 +21,8 @@ from .state import (ParallelGroups, all_reduce_scalar, barrier, destroy_model_pa
                     print_rank_0, rank_grid, shutdown_distributed)
 
 __all__ = [
-    "ParallelGroups", "vocab_parallel_cross_entropy", "all_reduce_found_inf", "clip_grad_norm", "finalize_model_grads",
+    "ParallelGroups", "vocab_parallel_cross_entropy", "fused_linear_cross_entropy", "lm_head_cross_entropy",
+    "all_reduce_found_inf", "clip_grad_norm", "finalize_model_grads",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
     "copy_to_tensor_model_parallel_region", "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",

@@ -371,7 +371,7 @@ class ContextParallelShortConvolution(ShortConvolution):
 
     @classmethod
     def replacing(cls, conv: ShortConvolution, group: ProcessGroup | None) -> "ContextParallelShortConvolution":
-        new = cls(conv.weight.shape[0], conv.kernel_size, bias=False)
+        new = cls(conv.weight.shape[0], conv.kernel_size, bias=False, backend=conv.backend)
         new.weight, new.bias, new.group = conv.weight, conv.bias, group
         return new
 

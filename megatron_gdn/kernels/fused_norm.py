@@ -1,0 +1,113 @@
+"""RMSNorm with the residual add fused, in Triton: (y, h) = (rmsnorm(x + residual) * weight, x + residual).
+
+The pre-norm block's `h = x + mixed; y = norm(h)` in one pass over memory instead of three. h is rounded to
+its dtype (the promotion of x's and the residual's, as `x + residual` would be) before the statistics, so the
+norm sees exactly the tensor the PyTorch reference (fused_reference.rms_norm) sees; the statistics and y are
+computed in fp32 and y is stored in h's dtype. Without a residual this is the plain RMSNorm of x.
+Backward: dh = (w dy - n mean(w dy n)) rstd + (the gradient of the h output), with n = h rstd; dx and
+dresidual are dh in their dtypes; the weight gradient is reduced per program, then summed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows per program such that a [rows, D] fp32 tile stays within this many elements (at least one row).
+TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def rms_norm_fwd_kernel(x, residual, weight, y, h, rstd, N, eps, D: tl.constexpr, BR: tl.constexpr,
+                        BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    i_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (i_r < N)[:, None] & (o_d < D)[None, :]
+    p = i_r[:, None] * D + o_d[None, :]
+    b_h = tl.load(x + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
+    if HAS_RESIDUAL:
+        b_h += tl.load(residual + p, mask=m, other=0.).to(tl.float32)
+        # Round the sum as PyTorch's add would, and normalise that rounded value.
+        b_h = b_h.to(h.dtype.element_ty)
+        tl.store(h + p, b_h, mask=m)
+        b_h = b_h.to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)  # [BD]
+    b_rstd = 1. / tl.sqrt(tl.sum(b_h * b_h, axis=1) / D + eps)  # [BR]
+    tl.store(y + p, (b_h * b_rstd[:, None] * b_w[None, :]).to(y.dtype.element_ty), mask=m)
+    tl.store(rstd + i_r, b_rstd, mask=i_r < N)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(h, weight, rstd, dy, dh_out, dh, dweight, N, D: tl.constexpr, BR: tl.constexpr,
+                        BD: tl.constexpr, HAS_DH_OUT: tl.constexpr):
+    i_p = tl.program_id(0).to(tl.int64)
+    i_r = i_p * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (i_r < N)[:, None] & (o_d < D)[None, :]
+    p = i_r[:, None] * D + o_d[None, :]
+    b_h = tl.load(h + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
+    b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
+    b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)  # [BR]
+    b_n = b_h * b_rstd[:, None]  # the normalised h
+    tl.store(dweight + i_p * D + o_d, tl.sum(b_dy * b_n, axis=0), mask=o_d < D)
+    b_dn = b_dy * b_w[None, :]
+    b_dh = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
+    if HAS_DH_OUT:  # h is also an output (the residual stream): its own gradient adds here
+        b_dh += tl.load(dh_out + p, mask=m, other=0.).to(tl.float32)
+    tl.store(dh + p, b_dh.to(dh.dtype.element_ty), mask=m)
+
+
+def _rows_per_program(D: int) -> tuple[int, int]:
+    BD = triton.next_power_of_2(D)
+    return max(1, min(16, TILE_ELEMENTS // BD)), BD
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Returns y for residual None, else (y, h)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        shape, D = x.shape, x.shape[-1]
+        x = x.reshape(-1, D).contiguous()
+        N = x.shape[0]
+        if residual is None:
+            h = x
+        else:
+            residual = residual.reshape(N, D).contiguous()
+            h = torch.empty(N, D, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        y = torch.empty_like(h)
+        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+        BR, BD = _rows_per_program(D)
+        rms_norm_fwd_kernel[(triton.cdiv(N, BR),)](x, residual, weight, y, h, rstd, N, eps, D=D, BR=BR, BD=BD,
+                                                    HAS_RESIDUAL=residual is not None)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+        if residual is None:
+            return y.view(shape)
+        return y.view(shape), h.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh_out=None):
+        h, weight, rstd = ctx.saved_tensors
+        N, D = h.shape
+        shape = dy.shape
+        dy = dy.reshape(N, D).contiguous()
+        if dh_out is not None:
+            dh_out = dh_out.reshape(N, D).contiguous()
+        dh = torch.empty_like(h)
+        BR, BD = _rows_per_program(D)
+        grid = triton.cdiv(N, BR)
+        dweight = torch.empty(grid, D, dtype=torch.float32, device=h.device)
+        rms_norm_bwd_kernel[(grid,)](h, weight, rstd, dy, dh_out, dh, dweight, N, D=D, BR=BR, BD=BD,
+                                     HAS_DH_OUT=dh_out is not None)
+        x_dtype, residual_dtype = ctx.dtypes
+        dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
+        return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x (+ residual)) * weight; returns y, or (y, x + residual). Differentiable in every tensor."""
+    return RMSNormFunction.apply(x, residual, weight, eps)

@@ -1,0 +1,204 @@
+"""The GDN layer's short convolution in Triton: depthwise causal convolution over time, then SiLU.
+
+    y[t] = silu(bias + sum_{s < W} weight[:, W-1-s] * x[t - s])       x[t < 0] comes from `past`
+
+The semantics are fused_reference.short_conv's (the ShortConvolution module's): `past` holds the W - 1 inputs
+before x (zeros when absent); with packed documents a tap s is cut at token t when t is fewer than s tokens
+into its document (document_positions, which lets the first document start inside `past`). fp32 inside, y in
+x's dtype.
+
+Forward: one program per (block of tokens, block of channels, sequence). Backward: one program per block of
+*input* rows, which start W - 1 rows before x so that the first program also produces the gradient of `past`;
+it recomputes the pre-activation of the W outputs each input feeds (W loads each, cached) instead of storing it,
+and writes per-program partial sums of the weight and bias gradients. Decoding one token has its own kernel
+(short_conv_step), which also shifts the cached inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_reference import document_positions
+
+BT, BD = 32, 128  # tokens x channels per program
+
+
+@triton.jit
+def load_inputs(x, past, i_b, o_t, o_d, T, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
+    """[len(o_t), len(o_d)] fp32 inputs of sequence i_b at rows o_t: rows < 0 from past (zero without it)."""
+    m_d = (o_d < D)[None, :]
+    b_x = tl.load(x + (i_b * T + o_t)[:, None] * D + o_d[None, :],
+                  mask=((o_t >= 0) & (o_t < T))[:, None] & m_d, other=0.).to(tl.float32)
+    if HAS_PAST:  # past is [B, W - 1, D]: row -1 is its last
+        b_x += tl.load(past + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :],
+                       mask=((o_t < 0) & (o_t >= 1 - W))[:, None] & m_d, other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D: tl.constexpr, W: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_DOCS: tl.constexpr):
+    """[BT, BD] fp32 bias + sum_s weight[:, W-1-s] x[t - s] at rows o_t, with the taps that reach before the
+    token's document start cut."""
+    b_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        b_acc += tl.load(bias + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
+    if HAS_DOCS:
+        b_pos = tl.load(pos + o_t, mask=(o_t >= 0) & (o_t < T), other=0)  # [BT] position inside the document
+    for s in tl.static_range(W):
+        b_w = tl.load(weight + o_d * W + W - 1 - s, mask=o_d < D, other=0.).to(tl.float32)  # [BD]
+        b_x = load_inputs(x, past, i_b, o_t - s, o_d, T, D, W, HAS_PAST)
+        if HAS_DOCS:
+            b_x = tl.where((b_pos >= s)[:, None], b_x, 0.)
+        b_acc += b_x * b_w[None, :]
+    return b_acc
+
+
+@triton.jit
+def conv_dpreact(x, past, weight, bias, pos, dy, i_b, o_t, o_d, T, D: tl.constexpr, W: tl.constexpr,
+                 BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_DOCS: tl.constexpr):
+    """[BT, BD] fp32 gradient of the pre-activation at rows o_t (zero at rows outside [0, T))."""
+    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :],
+                   mask=((o_t >= 0) & (o_t < T))[:, None] & (o_d < D)[None, :], other=0.).to(tl.float32)
+    b_s = tl.sigmoid(b_a)
+    return b_dy * b_s * (1. + b_a * (1. - b_s))
+
+
+@triton.jit
+def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                          BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], (b_a * tl.sigmoid(b_a)).to(y.dtype.element_ty),
+             mask=(o_t < T)[:, None] & (o_d < D)[None, :])
+
+
+@triton.jit
+def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, NT, D: tl.constexpr,
+                          W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BT - (W - 1) + tl.arange(0, BT)  # input rows; the first program starts inside past
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    i_p = i_b * NT + i_t  # this program's row of the partial sums
+
+    # Weight and bias: output row t contributes dpre[t] * x[t - s] to weight[:, W-1-s].
+    b_dpre = conv_dpreact(x, past, weight, bias, pos, dy, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS,
+                          HAS_DOCS)  # [BT, BD]
+    if HAS_DOCS:
+        b_pos = tl.load(pos + o_t, mask=(o_t >= 0) & (o_t < T), other=0)
+    for s in tl.static_range(W):
+        b_x = load_inputs(x, past, i_b, o_t - s, o_d, T, D, W, HAS_PAST)
+        if HAS_DOCS:
+            b_x = tl.where((b_pos >= s)[:, None], b_x, 0.)
+        tl.store(dweight + (i_p * D + o_d) * W + W - 1 - s, tl.sum(b_dpre * b_x, axis=0), mask=m_d)
+    if HAS_BIAS:
+        tl.store(dbias + i_p * D + o_d, tl.sum(b_dpre, axis=0), mask=m_d)
+
+    # Inputs: x[t] feeds output t + s through weight[:, W-1-s], unless that tap is cut at t + s.
+    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for s in tl.static_range(W):
+        if s > 0:
+            b_dpre = conv_dpreact(x, past, weight, bias, pos, dy, i_b, o_t + s, o_d, T, D, W, BT, BD, HAS_PAST,
+                                  HAS_BIAS, HAS_DOCS)
+        if HAS_DOCS:
+            b_pos_out = tl.load(pos + o_t + s, mask=(o_t + s >= 0) & (o_t + s < T), other=0)
+            b_dpre = tl.where((b_pos_out >= s)[:, None], b_dpre, 0.)
+        b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
+        b_dx += b_dpre * b_w[None, :]
+    tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
+    if HAS_PAST:
+        tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dpast.dtype.element_ty),
+                 mask=(o_t < 0)[:, None] & m_d[None, :])
+
+
+@triton.jit
+def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr, W: tl.constexpr,
+                           BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    i_d, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_acc = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        b_acc += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
+    for s in tl.static_range(W - 1):  # the cached inputs, oldest first, meet weight column s
+        b_s = tl.load(state + (i_b * (W - 1) + s) * D + o_d, mask=m_d, other=0.)  # [BD]
+        b_acc += b_s.to(tl.float32) * tl.load(weight + o_d * W + s, mask=m_d, other=0.).to(tl.float32)
+        if s > 0:  # shift the cache by one token
+            tl.store(new_state + (i_b * (W - 1) + s - 1) * D + o_d, b_s.to(new_state.dtype.element_ty), mask=m_d)
+    b_x = tl.load(x + i_b * D + o_d, mask=m_d, other=0.)
+    b_acc += b_x.to(tl.float32) * tl.load(weight + o_d * W + W - 1, mask=m_d, other=0.).to(tl.float32)
+    if W > 1:
+        tl.store(new_state + (i_b * (W - 1) + W - 2) * D + o_d, b_x.to(new_state.dtype.element_ty), mask=m_d)
+    tl.store(y + i_b * D + o_d, (b_acc * tl.sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
+
+
+class ShortConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, past, pos):
+        B, T, D = x.shape
+        W = weight.shape[-1]
+        x, weight = x.contiguous(), weight.reshape(D, W).contiguous()
+        past = None if past is None else past.contiguous()
+        y = torch.empty_like(x)
+        short_conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
+            x, past, weight, bias, pos, y, T, D=D, W=W, BT=BT, BD=BD, HAS_PAST=past is not None,
+            HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+        ctx.save_for_backward(x, weight, bias, past, pos)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, past, pos = ctx.saved_tensors
+        B, T, D = x.shape
+        W = weight.shape[-1]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        dpast = None if past is None else torch.empty_like(past)
+        NT = triton.cdiv(T + W - 1, BT)  # blocks of input rows, past's included
+        dweight = torch.empty(B * NT, D, W, dtype=torch.float32, device=x.device)
+        dbias = None if bias is None else torch.empty(B * NT, D, dtype=torch.float32, device=x.device)
+        short_conv_bwd_kernel[(NT, triton.cdiv(D, BD), B)](
+            x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, NT, D=D, W=W, BT=BT, BD=BD,
+            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+        dweight = dweight.sum(0).to(weight.dtype).view(D, 1, W)
+        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
+
+
+def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      past: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(causal depthwise conv(x)), the last W - 1 inputs): fused_reference.short_conv's contract.
+
+    Differentiable in x, weight, bias and past. The returned tail is a small torch slice (autograd follows it).
+    """
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    pos = None if cu_seqlens is None else document_positions(cu_seqlens, T).to(torch.int32)
+    y = ShortConvFunction.apply(x, weight, bias, past, pos)
+    past_or_zeros = x.new_zeros(B, W - 1, D) if past is None else past.to(x.dtype)
+    last = torch.cat([past_or_zeros, x[:, max(0, T - (W - 1)):]], dim=1)  # at least W - 1 rows
+    return y, last[:, last.shape[1] - (W - 1):]
+
+
+def short_conv_step_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: x [B, D] after the cached inputs conv_state [B, W - 1, D] -> (y [B, D], the new cache
+    [B, W - 1, D] in x's dtype: conv_state shifted by one token, x last). Forward only."""
+    B, D = x.shape
+    W = weight.shape[-1]
+    x, conv_state, weight = x.contiguous(), conv_state.contiguous(), weight.reshape(D, W).contiguous()
+    y = torch.empty_like(x)
+    new_state = torch.empty(B, W - 1, D, dtype=x.dtype, device=x.device)
+    short_conv_step_kernel[(triton.cdiv(D, BD), B)](x, conv_state, weight, bias, y, new_state, D=D, W=W, BD=BD,
+                                                   HAS_BIAS=bias is not None)
+    return y, new_state
