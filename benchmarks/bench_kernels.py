@@ -136,11 +136,14 @@ def breakdown(xs):
     cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     ci, co = C.chunk_tables(cu)
     scale = K ** -0.5
-    prep = lambda: C._prep(q, k, v, g, beta, None, None, scale, cu, ci, False, None, store_ai=False)  # noqa: E731
-    G, _, _, Aqk, w, u = prep()
+    intra = lambda: C._intra(k, g, beta, None, None, cu, ci, False, None)  # noqa: E731
+    G, beta_f, Ai = intra()
+    wu = lambda: C._wu(q, k, v, G, beta_f, Ai, scale, cu, ci)  # noqa: E731
+    Aqk, w, u = wu()
     scan = lambda: C._scan_fwd(q, k, w, u, G, Aqk, None, cu, co, len(ci), scale, False, store_states=False)  # noqa
     ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
-    return {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "prep": ms(prep), "scan": ms(scan),
+    return {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra": ms(intra), "wu": ms(wu), "scan": ms(scan),
+            "intra config": str(C.chunk_intra_kernel.best_config), "wu config": str(C.chunk_wu_kernel.best_config),
             "scan config": str(C.chunk_scan_fwd_kernel.best_config)}
 
 

@@ -51,12 +51,13 @@ def report(kernel, constexprs: dict, num_warps: int) -> str:
 
 def main():
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
-    runs = [("prep", C.chunk_prep_kernel, dict(base, BC=C.SUB_CHUNK, BK=64, BV=64, GATE_IN_KERNEL=True,
-                                               BETA_SIGMOID=True, BETA_SCALE=1.0, STORE_AI=True,
-                                               PRECISION="tf32x3"), C.CHUNK_WARPS),
-            ("dqkw", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=64), C.CHUNK_WARPS),
-            ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, GATE_IN_KERNEL=True, BETA_SIGMOID=True,
-                                               BETA_SCALE=1.0), C.CHUNK_WARPS)]
+    gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
+    runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64, PRECISION="tf32", **gate), nw)
+            for nw in (4, 8)]
+    runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps)
+             for cfg in C.WU_CONFIGS]
+    runs += [("dqkw", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=64), C.CHUNK_WARPS),
+             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS)]
     for cfg in C.SCAN_CONFIGS:
         bv, nw = cfg.kwargs["BV"], cfg.num_warps
         runs += [(f"scan fwd (o) BV={bv}", C.chunk_scan_fwd_kernel, dict(base, BK=128, BV=bv, USE_H0=True,

@@ -9,10 +9,11 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
     o     = scale gamma q S + Aqk vn
     S'    = exp(G_last) S + (k exp(G_last - G))^T vn
 
-Forward: ``prep`` (one program per chunk and head: gate, cumsum, beta, A, its inverse, w, u, Aqk), then
-``scan`` (one program per sequence, head and block of V columns: the sequential pass over chunks, which also
-writes o, so the per-chunk states never reach memory). Backward recomputes prep and the forward scan (this
-time storing the per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqkw`` (per chunk:
+Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu``
+(per chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V
+columns: the sequential pass over chunks, which also writes o, so the per-chunk states never reach memory).
+Backward reuses the forward's G, beta and Ai, recomputes wu and the forward scan (this time storing the
+per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqkw`` (per chunk:
 dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
 Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the
 gradients of the fused gate and beta sigmoid).
@@ -32,11 +33,20 @@ from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
                            load_gates, load_rows, load_rows_t, softplus, store_rows)
 
-# Sub-block of the triangular inverse: diagonal blocks are inverted by substitution, then merged.
-SUB_CHUNK = 16
-# Precision of the fp32 products that merge the inverse's blocks: tf32x3 keeps fp32 accuracy on the tensor
-# cores (plain tf32 would lose 13 mantissa bits in the step that amplifies errors most).
-MERGE_PRECISION = "ieee" if INTERPRET else "tf32x3"
+# Sub-block of the triangular inverse: diagonal blocks are inverted by substitution (SUB_CHUNK - 1 sequential
+# steps, each two reductions over the tile), then merged pairwise by matrix products (log2(64 / SUB_CHUNK)
+# levels on the tensor cores). Measured on an H200 (B4 T4096 H16 K128), 4 is the fastest.
+SUB_CHUNK = 4
+# Precision of the fp32 products that merge the inverse's blocks. tf32 loses mantissa bits in a step that can
+# amplify errors, but the inverse is stored in the input dtype (bf16 in training) right after, and measured on
+# an H200 against the fp64 reference, tf32 left the bf16 output error unchanged at 3 digits on random inputs
+# (4.06e-3 both) and raised it 3% on nearly identical keys without decay (3.45e-2 -> 3.55e-2, the
+# worst-conditioned inverse), while tf32x3 made the whole forward's prep 1.2-1.7x slower. fp32 inputs keep
+# tf32x3 (fp32 accuracy), and the interpreter computes in ieee.
+def merge_precision(dtype: torch.dtype) -> str:
+    if INTERPRET:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -68,14 +78,21 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     return b_Ai
 
 
+# The inverse's per-program work differs a lot with the head dim; the warps are tuned per shape.
+INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (8, 4)]
+
+
+@triton.autotune(configs=configs(INTRA_CONFIGS), key=["H", "HV", "K", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
 @triton.jit
-def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w, u,
-                      cu_seqlens, chunk_indices, scale,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
-                      STORE_AI: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of one value head: G, beta, Aqk, Ai = (I + A)^-1, w, u (see the module docstring)."""
+def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, chunk_indices,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                       BK: tl.constexpr, GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                       BETA_SCALE: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, and Ai = (I + A)^-1.
+
+    Ai is stored (input dtype, [rows, HV, BT]) for chunk_wu_kernel and for the backward, which then
+    never inverts again.
+    """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
@@ -83,7 +100,6 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
     m_t = t0 + o_t < eos
     r, c = o_t[:, None], o_t[None, :]
     p_tok = (t0 + o_t) * HV + i_hv  # [BT] offsets into [rows, HV] tensors
-    DT = k.dtype.element_ty
 
     b_g = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32)
     if GATE_IN_KERNEL:
@@ -96,29 +112,46 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
         b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
     tl.store(beta_out + p_tok, b_beta, mask=m_t)
 
-    # A first, then its inverse, w and u; Aqk last, so that no more [BT, BT] tiles than needed are live at once
-    # (the kernel ran out of registers otherwise).
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
     b_A = tl.where(r > c, b_kk * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)) * b_beta[:, None], 0.)
-    b_Ai = unit_lower_inverse(b_A, BT, BC, PRECISION).to(DT)
-    if STORE_AI:
-        store_rows(Ai, b_Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    store_rows(Ai, unit_lower_inverse(b_A, BT, BC, PRECISION), t0, eos, i_hv, HV, BT, o_t, BT)
+
+
+# ptxas (benchmarks/kernel_resources.py, K = V = 128): no spills with 32-wide blocks and 8 warps; 64-wide
+# blocks or 4 warps spill (the Ai tile and the q k^T accumulator stay live across the loops).
+WU_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=nw) for bk, bv, nw in ((32, 32, 8), (64, 64, 8),
+                                                                                  (32, 32, 4))]
+
+
+@triton.autotune(configs=configs(WU_CONFIGS), key=["H", "HV", "K", "V"])
+@triton.jit
+def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One chunk of one value head, from the stored inverse: w, u and Aqk (see the module docstring)."""
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    r, c = o_t[:, None], o_t[None, :]
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_beta = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=t0 + o_t < eos, other=0.)
     b_bg = b_beta * tl.exp(b_G)  # [BT]
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
-        store_rows(w, tl.dot(b_Ai, (b_k * b_bg[:, None]).to(DT)), t0, eos, i_hv, HV, K, o_k, BT)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)
-        store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
+    b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
+        store_rows(w, tl.dot(b_Ai, (b_k * b_bg[:, None]).to(DT)), t0, eos, i_hv, HV, K, o_k, BT)
         b_qk += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
+        store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
     b_qk = tl.where(r >= c, b_qk * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)) * scale, 0.)
     store_rows(Aqk, b_qk, t0, eos, i_hv, HV, BT, o_t, BT)
 
@@ -127,7 +160,8 @@ def chunk_prep_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w,
 # ptxas reports no register spills for (32, 8) and (16, 8) and some for the others (benchmarks/kernel_resources.py).
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
-# The per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they spilled registers.
+# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they spill registers
+# (at K = 128, 4.3 KB per thread in dqkw; benchmarks/kernel_resources.py).
 CHUNK_WARPS = 8
 
 
@@ -290,7 +324,7 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
 
 
 @triton.jit
-def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias, beta_in,
+def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
                         dg, dbeta, dA_log, ddt_bias, cu_seqlens, chunk_indices, ROWS,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
@@ -377,25 +411,32 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(triton.next_power_of_2(n), least)
 
 
-def _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale,
-          store_ai):
-    """Launch chunk_prep_kernel on packed [rows, heads, dim] inputs."""
+def _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale):
+    """Launch chunk_intra_kernel on packed [rows, heads, dim] inputs: (G, beta, Ai)."""
     rows, H, K = k.shape
-    HV, V = v.shape[1:]
+    HV = g.shape[1]
     G = torch.empty(rows, HV, dtype=torch.float32, device=k.device)
     beta_f = torch.empty_like(G)
-    Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device) if store_ai else G
+    Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device)
+    chunk_intra_kernel[(len(chunk_indices), HV)](
+        k, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G, G, beta_f, Ai,
+        cu_seqlens, chunk_indices, H=H, HV=HV, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=min(_pow2(K), 64),
+        GATE_IN_KERNEL=gate_in_kernel, BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0,
+        PRECISION=merge_precision(k.dtype))
+    return G, beta_f, Ai
+
+
+def _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices):
+    """Launch chunk_wu_kernel: (Aqk, w, u)."""
+    rows, H, K = k.shape
+    HV, V = v.shape[1:]
     Aqk = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device)
     w = torch.empty(rows, HV, K, dtype=k.dtype, device=k.device)
     u = torch.empty(rows, HV, V, dtype=k.dtype, device=k.device)
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
-    chunk_prep_kernel[(len(chunk_indices), HV)](
-        q, k, v, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G,
-        G, beta_f, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BV, GATE_IN_KERNEL=gate_in_kernel,
-        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, STORE_AI=store_ai,
-        PRECISION=MERGE_PRECISION, num_warps=CHUNK_WARPS)
-    return G, beta_f, (Ai if store_ai else None), Aqk, w, u
+    chunk_wu_kernel[(len(chunk_indices), HV)](
+        q, k, v, G, beta_f, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK)
+    return Aqk, w, u
 
 
 def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
@@ -439,18 +480,22 @@ def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, s
 
 def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, A_log=None, dt_bias=None,
               beta_scale=None):
-    """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]). Returns (o, ht)."""
+    """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]).
+
+    Returns (o, ht, (G, beta, Ai)): the last three are what the backward reuses instead of recomputing.
+    """
     chunk_indices, chunk_offsets = chunk_tables(cu_seqlens)
-    G, beta_f, _, Aqk, w, u = _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices,
-                                    A_log is not None, beta_scale, store_ai=False)
+    G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
+    Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
     o, _, _, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
                             scale, output_final_state, store_states=False)
-    return o, ht
+    return o, ht, (G, beta_f, Ai)
 
 
-def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log=None, dt_bias=None,
+def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved, A_log=None, dt_bias=None,
               beta_scale=None):
-    """Backward on packed inputs: recompute prep and the states, then the reverse scan, dqkw and wy.
+    """Backward on packed inputs: recompute w, u, Aqk (from the forward's saved (G, beta, Ai)) and the
+    states, then the reverse scan, dqkw and wy.
 
     Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
     """
@@ -459,8 +504,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log
     rows, H, K = k.shape
     HV, V = v.shape[1:]
     gate = A_log is not None
-    G, beta_f, Ai, Aqk, w, u = _prep(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate,
-                                     beta_scale, store_ai=True)
+    G, beta_f, Ai = saved
+    Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
     _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
@@ -482,7 +527,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log
     ddt_bias = torch.empty_like(dA_log) if gate else None
     # 32-wide blocks here: with 64, ptxas reported 828 bytes of register spills per thread, with 32, 144
     chunk_bwd_wy_kernel[(num_chunks, HV)](
-        k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G, beta,
+        k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
         dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, 32), BV=min(BV, 32), NK=NK, GATE_IN_KERNEL=gate,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
@@ -495,7 +540,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, A_log
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over chunk_fwd / chunk_bwd, with the optional in-kernel q/k L2 norm, gate and beta sigmoid.
 
-    Saves only the (normalised) inputs: w, u, the inverse and the states are recomputed in backward.
+    Saves the (normalised) inputs and, from the forward, G, beta and the inverse Ai (BT values per token and
+    value head, like v's size for V = 64): the backward recomputes w, u, Aqk and the states, never the inverse.
     """
 
     @staticmethod
@@ -511,27 +557,27 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             k, k_rstd = l2norm_fwd(k)
         cu = cu_seqlens_int32(cu_seqlens, B, T, q.device)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, A_log, dt_bias, beta_scale)
-        ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias)
+        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, A_log, dt_bias, beta_scale)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias, *saved)
         ctx.meta = (B, T, scale, beta_scale)
         return o.reshape(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias = ctx.saved_tensors
+        q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias, *saved = ctx.saved_tensors
         B, T, scale, beta_scale = ctx.meta
         rows, H, K = q.shape
         HV, V = v.shape[1:]
         do = do.reshape(rows, HV, V).contiguous().to(v.dtype)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_bwd(
-            q, k, v, g, beta, scale, h0, cu, do, dht, A_log, dt_bias, beta_scale)
+            q, k, v, g, beta, scale, h0, cu, do, dht, saved, A_log, dt_bias, beta_scale)
         if HV != H:  # value heads of one q/k head share its gradient
             dq = dq.view(rows, H, HV // H, K).sum(2)
             dk = dk.view(rows, H, HV // H, K).sum(2)
         if q_rstd is not None:
-            dq = l2norm_bwd(q, q_rstd, dq)
-            dk = l2norm_bwd(k, k_rstd, dk)
+            dq = l2norm_bwd(q, q_rstd, dq, q.dtype)
+            dk = l2norm_bwd(k, k_rstd, dk, k.dtype)
         dq, dk = dq.to(q.dtype).view(B, T, H, K), dk.to(k.dtype).view(B, T, H, K)
         return (dq, dk, dv.view(B, T, HV, V), dg.view(B, T, HV), dbeta.view(B, T, HV), None, dh0, None, None,
                 None, dA_log, ddt_bias, None)

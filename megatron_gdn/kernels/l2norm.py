@@ -48,12 +48,14 @@ def l2norm_fwd(x: torch.Tensor, eps: float = L2NORM_EPS) -> tuple[torch.Tensor, 
     return y, rstd
 
 
-def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """The gradient of x from y = l2norm(x), its rstd and dy (any float dtype; returned in fp32)."""
+def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The gradient of x from y = l2norm(x), its rstd and dy (any float dtype), computed in fp32 and returned
+    in ``dtype`` (the input's dtype saves the caller a separate cast)."""
     D = y.shape[-1]
     N = y.numel() // D
     dy = dy.contiguous()
-    dx = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    dx = torch.empty(y.shape, dtype=dtype, device=y.device)
     l2norm_bwd_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM),)](y, rstd, dy, dx, N, D=D, BR=ROWS_PER_PROGRAM,
                                                            BD=triton.next_power_of_2(D))
     return dx
