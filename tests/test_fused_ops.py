@@ -26,7 +26,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
 from kernel_cases import interpreter_results, poisoned_empty, rel_rms  # noqa: E402
 
-from megatron_gdn.kernels import rms_norm, short_conv, short_conv_step, swiglu  # noqa: E402
+from megatron_gdn.kernels import rms_norm, short_conv_silu, short_conv_silu_step, silu_mul  # noqa: E402
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedMLP  # noqa: E402
 from megatron_gdn.models.gated_deltanet import RMSNorm, ShortConvolution  # noqa: E402
 from megatron_gdn.parallel import fused_linear_cross_entropy, lm_head_cross_entropy  # noqa: E402
@@ -69,7 +69,7 @@ def _norm(backend, x, weight, residual=None):
 
 def _conv(cu_seqlens=None):
     def op(backend, x, weight, bias=None, past=None):
-        return short_conv(x, weight, bias, past, cu_seqlens, backend=backend)
+        return short_conv_silu(x, weight, bias, past, cu_seqlens, backend=backend)
     return op
 
 
@@ -95,7 +95,7 @@ CASES = {
     "norm_bf16_into_fp32_residual": lambda: op_errors(_norm, x=randn(5, 64, dtype=torch.bfloat16),
                                                       weight=1 + randn(64, seed=1, scale=0.1),
                                                       residual=randn(5, 64, seed=2)),
-    "swiglu": lambda: op_errors(lambda b, gate, up: swiglu(gate, up, backend=b), gate=randn(5, 301, scale=3),
+    "swiglu": lambda: op_errors(lambda b, gate, up: silu_mul(gate, up, backend=b), gate=randn(5, 301, scale=3),
                                 up=randn(5, 301, seed=1)),
     "conv_dense_bias": lambda: op_errors(_conv(), x=randn(2, 37, 150), weight=randn(150, 1, 4, seed=1),
                                          bias=randn(150, seed=2)),
@@ -123,14 +123,14 @@ def conv_decode_errors(device: str = "cpu", dtype: torch.dtype = torch.float32, 
     x = randn(3, 15, D, dtype=dtype).to(device)
     weight, bias = randn(D, 1, 4, seed=1).to(device), randn(D, seed=2).to(device)
     with torch.no_grad():
-        y, cache = short_conv(x[:, :10], weight, bias, backend="triton")
+        y, cache = short_conv_silu(x[:, :10], weight, bias, backend="triton")
         ys = [y]
         for t in range(10, 15):
-            y_t, cache = short_conv_step(x[:, t], cache, weight, bias, backend="triton")
+            y_t, cache = short_conv_silu_step(x[:, t], cache, weight, bias, backend="triton")
             ys.append(y_t[:, None])
-        ref, ref_cache = short_conv(x.double(), weight.double(), bias.double(), backend="torch")
+        ref, ref_cache = short_conv_silu(x.double(), weight.double(), bias.double(), backend="torch")
         # the model's path: a one-token short_conv with a cache runs the step kernel too
-        y_model, _ = short_conv(x[:, 14:15], weight, bias, x[:, 11:14], backend="triton")
+        y_model, _ = short_conv_silu(x[:, 14:15], weight, bias, x[:, 11:14], backend="triton")
     return {"y": rel_rms(torch.cat(ys, 1), ref), "cache": rel_rms(cache, ref_cache),
             "one_token_call": rel_rms(y_model, ref[:, 14:15])}
 
@@ -246,9 +246,9 @@ def test_fused_op_matches_reference(results, name):
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="share shape and dtype"):
-        swiglu(torch.randn(2, 3), torch.randn(3))
+        silu_mul(torch.randn(2, 3), torch.randn(3))
     with pytest.raises(ValueError, match=r"weight \[D, 1, W\]"):
-        short_conv(torch.randn(1, 4, 6), torch.randn(6, 4))
+        short_conv_silu(torch.randn(1, 4, 6), torch.randn(6, 4))
     with pytest.raises(ValueError, match="residual"):
         rms_norm(torch.randn(2, 6), torch.ones(6), 1e-5, torch.randn(3, 6))
     with pytest.raises(ValueError, match="'mean' or 'sum'"):
@@ -312,7 +312,7 @@ GPU_CASES = {
     "norm_residual": lambda: bf16_errors(_norm, x=randn(4, 1000, 2048), weight=1 + randn(2048, seed=1, scale=0.1),
                                          residual=randn(4, 1000, 2048, seed=2)),
     "norm_odd_hidden": lambda: bf16_errors(_norm, x=randn(3000, 1000), weight=1 + randn(1000, seed=1, scale=0.1)),
-    "swiglu": lambda: bf16_errors(lambda b, gate, up: swiglu(gate, up, backend=b), gate=randn(4096, 5632, scale=3),
+    "swiglu": lambda: bf16_errors(lambda b, gate, up: silu_mul(gate, up, backend=b), gate=randn(4096, 5632, scale=3),
                                   up=randn(4096, 5632, seed=1)),
     "conv_dense": lambda: bf16_errors(_conv(), x=randn(4, 4096, 1536), weight=randn(1536, 1, 4, seed=1, scale=0.5),
                                       bias=randn(1536, seed=2)),

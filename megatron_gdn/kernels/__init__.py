@@ -31,7 +31,7 @@ from . import fused_reference
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
            "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "BACKENDS", "slice_summary", "fold_summaries",
-           "rms_norm", "swiglu", "short_conv", "short_conv_step"]
+           "rms_norm", "silu_mul", "short_conv_silu", "short_conv_silu_step"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
@@ -226,18 +226,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return fused_norm.rms_norm_triton(x, weight, eps, residual)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up (the SwiGLU MLP's activation); one Triton kernel each way (swiglu.py) on CUDA tensors."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must share shape and dtype; got {tuple(gate.shape)} {gate.dtype} and "
                          f"{tuple(up.shape)} {up.dtype}")
     kernel = _triton_module("swiglu", gate, backend)
     if kernel is None:
-        return fused_reference.swiglu(gate, up)
+        return fused_reference.silu_mul(gate, up)
     return kernel.swiglu_triton(gate, up)
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal convolution then SiLU: (y [B, T, D], the last W - 1 inputs [B, W - 1, D]).
@@ -245,14 +245,14 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x: [B, T, D]; weight: [D, 1, W]; bias: [D]; past: the W - 1 inputs before x (zeros when None);
     cu_seqlens: packed documents (no tap crosses a document start; cu_seqlens[0] may be negative: the first
     document then starts inside past). Triton (short_conv.py) on CUDA tensors with backend='auto'; a single
-    token with a cache and no gradient to record runs the decoding kernel (short_conv_step).
+    token with a cache and no gradient to record runs the decoding kernel (short_conv_silu_step).
     """
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[::2] != (x.shape[2], weight.shape[2]):
-        raise ValueError(f"short_conv takes x [B, T, D] and weight [D, 1, W]; got {tuple(x.shape)}, "
+        raise ValueError(f"short_conv_silu takes x [B, T, D] and weight [D, 1, W]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
     kernel = _triton_module("short_conv", x, backend)
     if kernel is None:
-        return fused_reference.short_conv(x, weight, bias, past, cu_seqlens)
+        return fused_reference.short_conv_silu(x, weight, bias, past, cu_seqlens)
     decoding = x.shape[1] == 1 and past is not None and cu_seqlens is None and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, past)))
     if decoding:
@@ -261,16 +261,16 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens)
 
 
-def short_conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+def short_conv_silu_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of short_conv: x [B, D] after the cached inputs conv_state [B, W - 1, D].
+    """One decoding step of short_conv_silu: x [B, D] after the cached inputs conv_state [B, W - 1, D].
 
     Returns (y [B, D], the new cache [B, W - 1, D]: conv_state shifted by one token, x last). Forward only on
     the Triton path.
     """
     kernel = _triton_module("short_conv", x, backend)
     if kernel is None:
-        y, new_state = fused_reference.short_conv(x[:, None], weight, bias, conv_state)
+        y, new_state = fused_reference.short_conv_silu(x[:, None], weight, bias, conv_state)
         return y[:, 0], new_state
     return kernel.short_conv_step_triton(x, conv_state, weight, bias)
 

@@ -1,8 +1,8 @@
 """The model's small ops in plain PyTorch: the CPU path and the oracle of the fused Triton kernels.
 
-    rms_norm(x, weight, eps, residual=None)       RMSNorm, optionally of x + residual     (fused_norm.py)
-    swiglu(gate, up)                              silu(gate) * up                          (swiglu.py)
-    short_conv(x, weight, bias, past, cu_seqlens) depthwise causal convolution, then SiLU  (short_conv.py)
+    rms_norm(x, weight, eps, residual=None)              RMSNorm, optionally of x + residual   (fused_norm.py)
+    silu_mul(gate, up)                                   silu(gate) * up, SwiGLU's activation  (swiglu.py)
+    short_conv_silu(x, weight, bias, past, cu_seqlens)   depthwise causal convolution, SiLU    (short_conv.py)
 
 Each is differentiable through autograd in every tensor input. The linear + cross entropy op's reference is
 the logits followed by parallel/cross_entropy.py's vocab-parallel cross entropy.
@@ -26,7 +26,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y if residual is None else (y, h)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, the SwiGLU MLP's activation."""
     return F.silu(gate) * up
 
@@ -43,7 +43,7 @@ def document_positions(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
     return t - bounds[doc]
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                past: torch.Tensor | None = None,
                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(depthwise causal conv(x) + bias) and the last W - 1 inputs (the next call's `past`).

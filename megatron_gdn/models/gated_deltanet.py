@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm, short_conv
+from ..kernels import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm,
+                       short_conv_silu)
 from .utils import Cache, LayerState
 
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
@@ -64,7 +65,7 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return short_conv(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend)
+        return short_conv_silu(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend)
 
 
 class GatedDeltaNet(nn.Module):

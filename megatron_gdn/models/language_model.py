@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import swiglu
+from ..kernels import silu_mul
 from .configuration import GatedDeltaNetConfig
 from .gated_deltanet import GatedDeltaNet, RMSNorm
 from .hf_conversion import DEFAULT_MAX_SHARD_SIZE, FLA, load_hf_model_state, write_hf_model
@@ -30,7 +30,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend=self.backend))
 
 
 class GatedDeltaNetBlock(nn.Module):
