@@ -378,6 +378,33 @@ def test_model_fused_ops_gpu():
     assert not failures, failures
 
 
+@pytest.mark.gpu
+@requires_gpu
+def test_lm_loss_without_logits_gpu():
+    """pretrain_gdn.lm_loss on a GPU (the head inside the fused cross entropy, packed documents) against the mean
+    cross entropy of the logits, in bf16 autocast: the loss and the gradients of the head and the embeddings."""
+    import pretrain_gdn
+    torch.manual_seed(0)
+    config = GatedDeltaNetConfig(hidden_size=256, num_hidden_layers=2, num_heads=4, head_dim=64, vocab_size=4096)
+    model = GatedDeltaNetForCausalLM(config).cuda()
+    batch = {"tokens": torch.randint(0, 4096, (2, 1025)), "cu_seqlens": torch.tensor([0, 1, 700, 2048])}
+    device = torch.device("cuda")
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            loss = pretrain_gdn.lm_loss(model, batch, device, torch.bfloat16)
+        else:
+            tokens = batch["tokens"].cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens[:, :-1].reshape(1, -1), cu_seqlens=batch["cu_seqlens"].cuda()).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        results.append([loss.detach(), model.lm_head.weight.grad.clone(), model.model.embeddings.weight.grad.clone()])
+    errors = {name: rel_rms(a, b) for name, a, b in zip(("loss", "dlm_head", "dembeddings"), *results)}
+    assert errors["loss"] <= 2e-3 and errors["dlm_head"] <= 2e-2 and errors["dembeddings"] <= 5e-2, errors
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--worker":
         print(json.dumps(_worker(sys.argv[2:])))
