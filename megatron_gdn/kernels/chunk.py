@@ -510,7 +510,9 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
+    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 312 KB (ptxas, sm_90a),
+    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (156 KB).
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64 if k.element_size() == 2 else 32)
     NK = triton.cdiv(K, BK)
     dev = k.device
     dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
