@@ -41,7 +41,7 @@ SUB_CHUNK = 4
 # amplify errors, but the inverse is stored in the input dtype (bf16 in training) right after, and measured on
 # an H200 against the fp64 reference, tf32 left the bf16 output error unchanged at 3 digits on random inputs
 # (4.06e-3 both) and raised it 3% on nearly identical keys without decay (3.45e-2 -> 3.55e-2, the
-# worst-conditioned inverse), while tf32x3 made the whole forward's prep 1.2-1.7x slower. fp32 inputs keep
+# worst-conditioned inverse), while tf32x3 made the per-chunk kernel that held the inverse 1.2-1.7x slower. fp32 inputs keep
 # tf32x3 (fp32 accuracy), and the interpreter computes in ieee.
 def merge_precision(dtype: torch.dtype) -> str:
     if INTERPRET:
