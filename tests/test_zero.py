@@ -18,7 +18,6 @@ import pretrain_gdn
 from megatron_gdn.config import parse_args
 from megatron_gdn.training.checkpointing import iteration_dir, read_tracker
 from megatron_gdn.training.full_checkpoint import read_full_checkpoint
-from megatron_gdn.training.resharding import load_merged_checkpoint
 from megatron_gdn.training.zero_checkpoint import deepspeed_layout
 
 # 4 q/k heads and 8 value heads, so that the same model splits over 2 tensor-parallel ranks.
@@ -77,16 +76,16 @@ def test_zero_stages_match_single_process(runs):
 
 
 def test_zero_checkpoints_consolidate_to_the_full_model(runs):
-    """read_full_checkpoint (the Hugging Face export's reader) and load_merged_checkpoint (tools) see a ZeRO
-    checkpoint as the single-process one of the same iteration: fp32 weights and Adam moments within fp32 noise."""
-    single = load_merged_checkpoint(runs / "single", 3)
+    """read_full_checkpoint (the reader of every checkpoint tool) sees a ZeRO checkpoint as the single-process one
+    of the same iteration: fp32 weights and, with the training state, Adam moments within fp32 noise."""
+    single = read_full_checkpoint(runs / "single", 3, with_training_state=True).training_state
     for stage in (1, 2, 3):
         full = read_full_checkpoint(runs / f"zero{stage}", 3)
-        assert full.iteration == 3 and set(full.state) == set(single["model"])
+        assert full.iteration == 3 and set(full.state) == set(single["model"]) and full.training_state is None
         for name, tensor in single["model"].items():
             assert full.state[name].dtype == torch.float32
             assert rel_err(full.state[name], tensor) < TOLERANCE, f"ZeRO-{stage} {name}"
-        merged = load_merged_checkpoint(runs / f"zero{stage}", 3)
+        merged = read_full_checkpoint(runs / f"zero{stage}", 3, with_training_state=True).training_state
         assert merged["optimizer_param_names"] == single["optimizer_param_names"]
         for index, entry in single["optimizer"]["state"].items():
             for key in ("exp_avg", "exp_avg_sq"):

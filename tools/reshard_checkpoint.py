@@ -19,18 +19,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gdn.training.checkpointing import CheckpointError, save_checkpoint_shards  # noqa: E402
-from megatron_gdn.training.resharding import load_merged_checkpoint, reshard_checkpoint_state  # noqa: E402
+from megatron_gdn.training.full_checkpoint import read_full_checkpoint  # noqa: E402
+from megatron_gdn.training.resharding import reshard_checkpoint_state  # noqa: E402
 
 
 def reshard(load: str, save: str, target_tensor_model_parallel_size: int, iteration: int | None = None) -> Path:
     """Write the checkpoint of `load` (its latest iteration unless given) to `save` at the target TP size."""
     if Path(load).resolve() == Path(save).resolve():
         raise CheckpointError("--save must be another directory than --load (the source stays untouched)")
-    full = load_merged_checkpoint(load, iteration)
-    if full is None:
-        raise CheckpointError(f"no checkpoint in {load} (no latest_checkpointed_iteration.txt)")
-    states = reshard_checkpoint_state(full, target_tensor_model_parallel_size)
-    return save_checkpoint_shards(save, full["iteration"], states)
+    # The optimizer state too: the converted checkpoint resumes training, not only the weights.
+    checkpoint = read_full_checkpoint(load, iteration, with_training_state=True)
+    states = reshard_checkpoint_state(checkpoint.training_state, target_tensor_model_parallel_size)
+    return save_checkpoint_shards(save, checkpoint.iteration, states)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """The full (unsharded) model of a training checkpoint: read and merge one, or write one at any TP size.
 
-Used by tools/convert_checkpoint_to_hf.py and tools/convert_hf_to_checkpoint.py. How a parameter is
-split across tensor-parallel ranks is parallel/sharding.py's rule (merge_state_dicts / shard_state_dict);
-nothing here decides it.
+read_full_checkpoint is the project's one reader of a whole checkpoint (every TP rank merged), used by
+tools/convert_checkpoint_to_hf.py, tools/generate_text.py and tools/reshard_checkpoint.py (which asks for
+the optimizer state too); write_full_checkpoint by tools/convert_hf_to_checkpoint.py. How a parameter is
+split across tensor-parallel ranks is parallel/sharding.py's rule (merge_state_dicts / shard_state_dict),
+and how the rest of a training state merges is resharding.py's; nothing here decides either.
 
 Reading goes in two steps per TP rank, so that other checkpoint layouts plug in at one place:
   1. `read_rank_model_state` gives that rank's full model shard: the "model" entry of
@@ -21,20 +23,28 @@ from pathlib import Path
 
 import torch
 
+from ..models import GatedDeltaNetForCausalLM
 from ..models.configuration import GatedDeltaNetConfig
 from ..parallel.sharding import check_tensor_parallel_config, merge_state_dicts, shard_state_dict
 from .checkpointing import (CHECKPOINT_VERSION, TRACKER, CheckpointError, checkpoint_file, iteration_dir,
                             load_checkpoint, read_tracker, saved_tensor_parallel_size)
+from .resharding import merge_tensor_parallel_states
+
 
 @dataclass
 class FullCheckpoint:
-    """A training checkpoint's full model: state dict (fp32, padded vocabulary), config, and the run's args."""
+    """A training checkpoint's full model: state dict (fp32, padded vocabulary), config, and the run's args.
+
+    training_state is filled only by read_full_checkpoint(..., with_training_state=True): everything the TP
+    ranks saved, merged into the state one process would have saved ("model" in its saved dtype, "optimizer"
+    merged by the sharding rules, the data position, ...; the per-TP-rank RNG streams are dropped)."""
 
     iteration: int
     model_config: GatedDeltaNetConfig
     state: dict[str, torch.Tensor]
     args: dict = field(default_factory=dict)
     tensor_parallel_size: int = 1
+    training_state: dict | None = None
 
 
 def resolve_iteration(root: str | os.PathLike, iteration: int | None) -> int:
@@ -63,8 +73,26 @@ def read_rank_model_state(root: str | os.PathLike, iteration: int, tp_rank: int)
     return state
 
 
-def read_full_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> FullCheckpoint:
-    """Read every TP rank of a checkpoint and merge the shards into the full model."""
+def check_full_state_shapes(state: dict[str, torch.Tensor], model_config: GatedDeltaNetConfig, where: str) -> None:
+    """A merged model state (read from `where`) must have exactly the tensors of the single-process model of its
+    config."""
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        expected = {name: tuple(t.shape) for name, t in GatedDeltaNetForCausalLM(model_config).state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if got != expected:
+        diffs = sorted(f"{n}: {got.get(n)} vs {expected.get(n)}" for n in set(got) | set(expected)
+                       if got.get(n) != expected.get(n))
+        raise CheckpointError(f"the merged model of {where} does not match its model_config: {'; '.join(diffs[:5])}")
+
+
+def read_full_checkpoint(root: str | os.PathLike, iteration: int | None = None,
+                         with_training_state: bool = False) -> FullCheckpoint:
+    """Read every TP rank of a checkpoint (the tracker's iteration unless given) and merge the shards into the
+    full model. Every problem is a CheckpointError that names the directory or file and what is wrong.
+
+    with_training_state=True also merges the optimizer state and keeps the rest of what the ranks saved
+    (FullCheckpoint.training_state), for tools that write a training checkpoint again. Off by default: an
+    export needs only the weights, and merged Adam moments would take another twice the model's memory."""
     iteration = resolve_iteration(root, iteration)
     tp = saved_tensor_parallel_size(root, iteration)
     expected = {f"mp_rank_{r:02d}" for r in range(tp)}
@@ -80,14 +108,21 @@ def read_full_checkpoint(root: str | os.PathLike, iteration: int | None = None) 
         raise CheckpointError(f"{checkpoint_file(root, iteration, 0)} has no model_config; it was not written by "
                               f"megatron_gdn")
     model_config = GatedDeltaNetConfig.from_dict(first["model_config"])
+    training_state = None
     try:
-        state = merge_state_dicts([r["model"] for r in ranks])
+        # One rank has nothing to merge: its state is the full one (merging would copy every tensor).
+        if with_training_state:
+            training_state = merge_tensor_parallel_states(ranks) if tp > 1 else first
+            state = training_state["model"]
+        else:
+            state = merge_state_dicts([r["model"] for r in ranks]) if tp > 1 else first["model"]
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot merge the {tp} tensor-parallel shards of {iteration_dir(root, iteration)}: "
                               f"{str(e).splitlines()[0]}") from None
+    check_full_state_shapes(state, model_config, str(iteration_dir(root, iteration)))
     state = {k: v.float() for k, v in state.items()}
     return FullCheckpoint(iteration=first.get("iteration", iteration), model_config=model_config, state=state,
-                          args=dict(first.get("args") or {}), tensor_parallel_size=tp)
+                          args=dict(first.get("args") or {}), tensor_parallel_size=tp, training_state=training_state)
 
 
 def write_full_checkpoint(directory: str | os.PathLike, checkpoint: FullCheckpoint,

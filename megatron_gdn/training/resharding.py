@@ -1,5 +1,8 @@
 """Change a checkpoint's tensor-parallel size: merge its mp_rank files into one full state, split it again.
 
+This module works on checkpoint states in memory; reading a checkpoint directory into the merged state is
+full_checkpoint.read_full_checkpoint(..., with_training_state=True), which calls merge_tensor_parallel_states.
+
 Model weights and the optimizer's per-parameter state (AdamW's moments) are merged and split by the
 sharding rules of parallel/sharding.py, the same rules that sharded them in training, so a resharded
 checkpoint resumes: the next losses are those the original run would have had (up to the rounding of
@@ -16,15 +19,13 @@ streams of the RNG tracker cannot be mapped between sizes and are dropped (the r
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..data.tokenizer import padded_vocab_size
-from ..models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-from ..parallel.sharding import (VOCABULARY, ShardRule, check_tensor_parallel_config, merge_shards, rule_for,
-                                 shard_tensor)
-from .checkpointing import CheckpointError, load_checkpoint, read_tracker, saved_tensor_parallel_size
+from ..models import GatedDeltaNetConfig
+from ..parallel.sharding import (VOCABULARY, ShardRule, check_tensor_parallel_config, merge_shards,
+                                 merge_state_dicts, rule_for, shard_state_dict, shard_tensor)
+from .checkpointing import CheckpointError
 
 REPLICATED = ShardRule(dim=None)
 # Entries of a checkpoint that belong to one TP rank and are rebuilt (or dropped) by a conversion.
@@ -56,8 +57,7 @@ def merge_tensor_parallel_states(states: list[dict]) -> dict:
     """The TP=1 checkpoint state of the TP ranks' states (states[r]: mp_rank_r as load_checkpoint reads it)."""
     first = states[0]
     merged = {key: value for key, value in first.items() if key not in PER_RANK_KEYS}
-    merged["model"] = {name: merge_shards([s["model"][name] for s in states], rule_for(name), name)
-                       for name in first["model"]}
+    merged["model"] = merge_state_dicts([s["model"] for s in states])
     if "optimizer" in first:
         state = _map_optimizer([s["optimizer"] for s in states], _param_names(first), merge_shards)
         merged["optimizer"] = {"state": state, "param_groups": first["optimizer"]["param_groups"]}
@@ -72,7 +72,7 @@ def split_tensor_parallel_state(full: dict, tensor_model_parallel_size: int) -> 
     shards = []
     for rank in range(tp):
         state = {key: value for key, value in full.items() if key not in PER_RANK_KEYS}
-        state["model"] = {name: shard_tensor(t, rule_for(name), rank, tp) for name, t in full["model"].items()}
+        state["model"] = shard_state_dict(full["model"], rank, tp)
         if "optimizer" in full:
             per_entry = _map_optimizer([full["optimizer"]], _param_names(full),
                                        lambda values, rule, label: shard_tensor(values[0], rule, rank, tp))
@@ -108,33 +108,6 @@ def repad_vocabulary(full: dict, tensor_model_parallel_size: int) -> dict:
                          for key, v in entries.items()}
                  for index, entries in full["optimizer"]["state"].items()}
         full["optimizer"] = {**full["optimizer"], "state": state}
-    return full
-
-
-def check_full_state_shapes(full: dict) -> None:
-    """A merged model state must have exactly the tensors of the single-process model of its config."""
-    config = GatedDeltaNetConfig.from_dict(full["model_config"])
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in GatedDeltaNetForCausalLM(config).state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in full["model"].items()}
-    if got != expected:
-        diffs = sorted(f"{n}: {got.get(n)} vs {expected.get(n)}" for n in set(got) | set(expected)
-                       if got.get(n) != expected.get(n))
-        raise CheckpointError(f"merged checkpoint does not match its model config: {'; '.join(diffs[:5])}")
-
-
-def load_merged_checkpoint(root: str | os.PathLike, iteration: int | None = None) -> dict | None:
-    """Read every mp_rank file of a checkpoint and merge them: the state a single process would have saved."""
-    if iteration is None:
-        iteration = read_tracker(root)
-        if iteration is None:
-            return None
-    tp = saved_tensor_parallel_size(root, iteration)
-    if tp == 0:
-        raise CheckpointError(f"{root} holds no mp_rank_* files for iteration {iteration}")
-    states = [load_checkpoint(root, iteration, rank, tp) for rank in range(tp)]
-    full = merge_tensor_parallel_states(states) if tp > 1 else states[0]
-    check_full_state_shapes(full)
     return full
 
 
