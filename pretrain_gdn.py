@@ -45,7 +45,7 @@ from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
 from megatron_gdn.data.tokenizer import padded_vocab_size
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, check_tensor_parallel_config, get_rank,
+from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, barrier, check_tensor_parallel_config, get_rank,
                                    get_world_size, initialize_distributed, initialize_model_parallel, is_rank_zero,
                                    launched_world_size, model_parallel_rng_tracker, parallelize_model,
                                    lm_head_cross_entropy, print_rank_0, rank_grid, shutdown_distributed,
@@ -67,21 +67,40 @@ from megatron_gdn.training.recompute import apply_activation_recompute
 
 def build_datasets(cfg: TrainingConfig) -> tuple[int, torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
     """(tokenizer vocabulary size, train dataset, validation dataset) for --mock-data or --data-path.
-    The model's vocabulary is this padded to a multiple of --make-vocab-size-divisible-by x TP (train())."""
+    The model's vocabulary is this padded to a multiple of --make-vocab-size-divisible-by x TP (train()).
+
+    Every rank calls this. With --data-path, rank 0 checks that the token ids of the .bin files fit the tokenizer,
+    then builds the index cache (gpt_dataset.py) while the other ranks wait at a barrier and then load it."""
     num_train = cfg.train_iters * cfg.global_batch_size
     num_valid = (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * cfg.global_batch_size
     if cfg.mock_data:
         train = MockGPTDataset(num_train, cfg.seq_length, cfg.vocab_size, cfg.seed)
         valid = MockGPTDataset(num_valid, cfg.seq_length, cfg.vocab_size, cfg.seed, split=1)
         return cfg.vocab_size, train, valid
-    from megatron_gdn.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_gdn.data.errors import DataError
+    from megatron_gdn.data.gpt_dataset import build_train_valid_test_datasets, check_data_vocab
     from megatron_gdn.data.tokenizer import SentencePieceTokenizer
 
     tokenizer = SentencePieceTokenizer(cfg.tokenizer_model)
     vocab_size = tokenizer.vocab_size
+    # Data made with another tokenizer holds ids past the embedding table: an index error deep in the model on a
+    # CPU, a device-side assert or a silent wrong row on a GPU. One pass over the .bin files on rank 0 says which
+    # file instead. Rank 0 sends its verdict to every rank, so that all of them fail with its message and none
+    # waits for it in a later collective.
+    problem = [None]
+    if is_rank_zero():
+        print_rank_0(f"> checking that the token ids of --data-path fit the tokenizer's vocabulary of {vocab_size}")
+        try:
+            check_data_vocab(cfg.data_path, vocab_size)
+        except DataError as error:
+            problem = [str(error)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise DataError(problem[0])
     train, valid, _ = build_train_valid_test_datasets(
         cfg.data_path, cfg.split, cfg.seq_length, cfg.seed, (num_train, num_valid, 0),
-        cfg.reset_state_at_eod, tokenizer.eod)
+        cfg.reset_state_at_eod, tokenizer.eod, is_rank_zero=is_rank_zero(), barrier=barrier)
     if train is None:
         raise ValueError(f"--split {cfg.split} leaves no training documents")
     return vocab_size, train, valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -11,11 +12,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from test_data_corpus import train_tiny_tokenizer
+from test_gpt_dataset import write_dataset
+from test_tensor_parallel import run_distributed
 
 import pretrain_gdn
 from megatron_gdn.config import parse_args
+from megatron_gdn.data.errors import DataError
 from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
@@ -29,8 +36,8 @@ SMALL_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-head
 MOCK = ["--mock-data", "--vocab-size", "128", "--seq-length", "32"]
 
 
-def flags(*extra: str, iters: int = 6) -> list[str]:
-    return [*SMALL_MODEL, *MOCK, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+def flags(*extra: str, iters: int = 6, data: list[str] = MOCK) -> list[str]:
+    return [*SMALL_MODEL, *data, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
             "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "1000",
             "--eval-iters", "1", *extra]
 
@@ -209,6 +216,58 @@ def test_error_load_from_other_model_shape(tmp_path, capsys):
     argv[argv.index("--hidden-size") + 1] = "96"
     err = main_error(argv, capsys)
     assert "another model shape" in err and "hidden_size: checkpoint 64 vs run 96" in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# --data-path: token ids checked against the tokenizer, the index cache built once
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory) -> str:
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))  # 600 pieces
+
+
+def data_flags(prefix: Path, tokenizer_model: str) -> list[str]:
+    """Two iterations on a .bin/.idx dataset; all documents in the train split."""
+    return flags(iters=2, data=["--data-path", str(prefix), "--tokenizer-model", tokenizer_model,
+                                "--seq-length", "16", "--split", "1,0,0"])
+
+
+def test_data_past_the_tokenizer_vocabulary_is_refused(tmp_path, tokenizer_model, capsys):
+    write_dataset(str(tmp_path / "wide"), count=100, seed=0)  # distinct ids up to 1864, past the 600 pieces
+    err = main_error(data_flags(tmp_path / "wide", tokenizer_model), capsys)
+    assert re.search(r"wide\.bin: token id \d+ in document \d+ .* outside the model's vocabulary of 600", err), err
+    assert not (tmp_path / "cache").exists()  # refused before any index was built
+
+
+def _build_datasets_in_rank(bad_argv: list[str], good_argv: list[str], out_dir: str) -> None:
+    """pretrain_gdn.build_datasets in this rank on data past the vocabulary, then on good data; rank r writes
+    the error it got, whether its train indices were loaded from the cache files, and a few samples."""
+    try:
+        pretrain_gdn.build_datasets(parse_args(bad_argv)[1])
+        error = None
+    except DataError as e:
+        error = str(e)
+    _, train, _ = pretrain_gdn.build_datasets(parse_args(good_argv)[1])
+    seen = {"error": error, "loaded": isinstance(train.shuffle_index, np.memmap),
+            "samples": [train[k]["tokens"].tolist() for k in range(4)]}
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+
+
+def test_two_ranks_share_rank_zero_vocabulary_check_and_index_cache(tmp_path, tokenizer_model):
+    """2 gloo ranks: rank 0's vocabulary error reaches rank 1 (no rank waits for a failed one), and on good data
+    rank 0 builds the index cache while rank 1 waits at the barrier and memory-maps the files rank 0 wrote."""
+    write_dataset(str(tmp_path / "wide"), count=100, seed=0)
+    good = tmp_path / "good" / "corpus"
+    good.parent.mkdir()
+    write_dataset(str(good), count=20, seed=1)  # ids up to 334: within the 600 pieces
+    run_distributed(2, _build_datasets_in_rank, data_flags(tmp_path / "wide", tokenizer_model),
+                    data_flags(good, tokenizer_model), str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert "wide.bin: token id" in rank0["error"] and rank1["error"] == rank0["error"]
+    assert rank0["loaded"] is False and rank1["loaded"] is True  # built once, by rank 0
+    assert rank1["samples"] == rank0["samples"]
+    cache = tmp_path / "good" / "cache" / "GPTDataset_indices"
+    assert len(list(cache.glob("*.npy"))) == 3  # the train split's document, sample and shuffle indices
 
 
 class Payload:
