@@ -307,6 +307,30 @@ def test_check_data_vocab(tmp_path):
     assert size > 100
 
 
+def test_check_data_vocab_remembers_a_passed_corpus(tmp_path, monkeypatch):
+    """A restart does not read the corpus again; a rewritten .bin and another vocabulary are checked again."""
+    import megatron_gdn.data.gpt_dataset as gpt_dataset
+    prefix = str(tmp_path / "a")
+    write_dataset(prefix, 20, seed=1)
+    reads = []
+    real = gpt_dataset.validate_vocab
+    monkeypatch.setattr(gpt_dataset, "validate_vocab", lambda p, v: (reads.append((p, v)), real(p, v)))
+    check_data_vocab([prefix], 10_000)
+    check_data_vocab([prefix], 10_000)
+    assert reads == [(prefix, 10_000)]
+    assert len(list((tmp_path / "cache" / "GPTDataset_indices").glob("*-vocab_ok"))) == 1
+    check_data_vocab([prefix], 20_000)
+    assert len(reads) == 2
+    # The same name rewritten with ids past the vocabulary (the modification time moves on): checked again.
+    st = os.stat(prefix + ".bin")
+    with IndexedDatasetBuilder(prefix, np.int32) as builder:
+        builder.add_document([5, 50_000])
+        builder.finalize()
+    os.utime(prefix + ".bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(DataError, match="token id 50000"):
+        check_data_vocab([prefix], 10_000)
+
+
 def test_split_without_tokens_is_an_error(tmp_path):
     with IndexedDatasetBuilder(str(tmp_path / "tiny"), np.int32) as builder:
         builder.add_document([5])

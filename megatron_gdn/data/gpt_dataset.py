@@ -346,12 +346,9 @@ def _build_split(prefixes: list[str], weights: list[float] | None, indexed: list
     if not present:
         return None
 
-    def directory(prefix: str) -> str:
-        return cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices")
-
     def gpt(d: int, samples: int) -> GPTDataset:
         return GPTDataset(indexed[d], split, ranges[d], samples, seq_length, seed, reset_state_at_eod, eod_token,
-                          directory(prefixes[d]), save_cache, log)
+                          index_cache_dir(prefixes[d], cache_dir), save_cache, log)
 
     if len(prefixes) == 1:
         dataset = gpt(0, num_samples)
@@ -369,7 +366,7 @@ def _build_split(prefixes: list[str], weights: list[float] | None, indexed: list
     key = json.dumps({"class": "BlendedDataset", "datasets": [os.path.abspath(prefixes[d]) for d in present],
                       "weights": shares, "split": split, "size": num_samples})
     stem = f"{hashlib.md5(key.encode()).hexdigest()}-BlendedDataset-{split}"
-    arrays = _load_or_build(directory(prefixes[present[0]]), stem, key,
+    arrays = _load_or_build(index_cache_dir(prefixes[present[0]], cache_dir), stem, key,
                             lambda: dict(zip(("dataset_index", "dataset_sample_index"), blending_indices(shares, num_samples))),
                             save_cache, log)
     dataset_index, dataset_sample_index = arrays["dataset_index"], arrays["dataset_sample_index"]
@@ -424,9 +421,32 @@ def build_train_valid_test_datasets(data_path: list[str], split: str, seq_length
     return datasets
 
 
-def check_data_vocab(data_path: list[str], vocab_size: int) -> None:
+def index_cache_dir(prefix: str, cache_dir: str | None = None) -> str:
+    """Where the index arrays of a dataset are cached: cache_dir, or ``cache/GPTDataset_indices`` next to it."""
+    return cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices")
+
+
+def check_data_vocab(data_path: list[str], vocab_size: int, cache_dir: str | None = None) -> None:
     """Raise DataError naming the file and document if any dataset of --data-path holds a token id
-    outside [0, vocab_size). One pass over each .bin (skipped where the dtype cannot hold such ids)."""
+    outside [0, vocab_size). One pass over each .bin (skipped where the dtype cannot hold such ids).
+
+    A dataset that passed is remembered by an empty marker file in its index cache directory, named by an md5
+    of the .bin's path, size and modification time and of vocab_size: restarting a run does not read a large
+    corpus again, and a rewritten .bin is checked again. Where the marker cannot be written (a read-only cache),
+    the next start simply checks again."""
     prefixes, _ = parse_data_path(data_path)
     for prefix in prefixes:
+        path = os.path.abspath(prefix + ".bin")
+        stat = os.stat(path) if os.path.exists(path) else None
+        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{vocab_size}" if stat else None
+        marker = os.path.join(index_cache_dir(prefix, cache_dir),
+                              f"{hashlib.md5(key.encode()).hexdigest()}-vocab_ok") if key else None
+        if marker and os.path.exists(marker):
+            continue
         validate_vocab(prefix, vocab_size)
+        if marker:
+            try:
+                os.makedirs(os.path.dirname(marker), exist_ok=True)
+                open(marker, "w").close()
+            except OSError:
+                pass
