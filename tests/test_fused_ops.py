@@ -345,17 +345,35 @@ def test_conv_decode_bf16_gpu():
 def test_model_fused_ops_gpu():
     """The whole model, forward and backward under bf16 autocast, with the fused ops (and the loss without logits)
     and with the PyTorch path, each against the fp32 PyTorch path: the fused one must be as close to fp32 as the
-    unfused bf16 one is (up to 25% + 2e-3), for the loss and every parameter's gradient."""
+    unfused bf16 one is (up to 25% + 2e-3), for the loss and every parameter's gradient.
+
+    A_log and dt_bias are judged by what they sum: their gradients are per-head sums over all tokens of the
+    gradient of the gate logits (a_proj's output), which cancel heavily (sqrt(T) x the per-token RMS over the
+    sum's magnitude was 2 to 156 in a CPU study), so their relative error measures rounding luck: on an H200 the
+    fused path's was 5.5x the unfused one's in one layer while every other gradient passed, and on CPU a pure
+    PyTorch path that only rounds in another order failed that comparison as often as the fused ops did. The
+    per-token gradient of the gate logits takes their place in the comparison (a_proj's weight gradient, also
+    compared, is the same per-token quantity weighted by the layer's input)."""
     torch.manual_seed(0)
     config = GatedDeltaNetConfig(hidden_size=512, num_hidden_layers=4, num_heads=4, head_dim=64, vocab_size=8192)
     model = GatedDeltaNetForCausalLM(config).cuda()
     ids = torch.randint(0, 8192, (1, 4096), device="cuda")
     targets = torch.randint(0, 8192, (1, 4096), device="cuda")
     cu_seqlens = torch.tensor([0, 1, 900, 901, 2500, 4096], device="cuda")
+    gate_grads = {}
+
+    def keep_gate_grad(layer: int):
+        def hook(module, inputs, output):
+            output.register_hook(lambda grad: gate_grads.__setitem__(f"layer {layer} gate logits", grad.float()))
+        return hook
+
+    for i, block in enumerate(model.model.layers):
+        block.attn.a_proj.register_forward_hook(keep_gate_grad(i))
 
     def run(fused: bool, dtype: torch.dtype | None) -> dict:
         set_fused_ops_backend(model, "auto" if fused else "torch")
         model.zero_grad()
+        gate_grads.clear()
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             if fused:
                 hidden = model(ids, cu_seqlens=cu_seqlens, return_hidden=True).last_hidden_state
@@ -364,11 +382,14 @@ def test_model_fused_ops_gpu():
                 logits = model(ids, cu_seqlens=cu_seqlens).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
-        return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+        return {"loss": loss.detach(), **dict(gate_grads),
+                **{n: p.grad.clone() for n, p in model.named_parameters() if not n.endswith(("A_log", "dt_bias"))}}
 
     with poisoned_empty():
         fused = run(True, torch.bfloat16)
     unfused, fp32 = run(False, torch.bfloat16), run(False, None)
+    assert len(fp32) == 1 + config.num_hidden_layers + sum(
+        not n.endswith(("A_log", "dt_bias")) for n, _ in model.named_parameters())
     failures = {}
     for name in fp32:
         e_fused, e_unfused = rel_rms(fused[name], fp32[name]), rel_rms(unfused[name], fp32[name])
