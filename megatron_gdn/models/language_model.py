@@ -35,7 +35,9 @@ class GatedMLP(nn.Module):
 
 class GatedDeltaNetBlock(nn.Module):
     """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)); the second residual add is fused
-    into mlp_norm (one pass computes both the sum and its norm)."""
+    into mlp_norm (one pass computes both the sum and its norm). The block's last add stays a plain add: fusing
+    it into the next block's attn_norm would make blocks pass (output, residual) pairs, and full activation
+    recomputation, which keeps only each block's input, would then keep two hidden-sized tensors per block."""
 
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int) -> None:
         super().__init__()
