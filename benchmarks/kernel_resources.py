@@ -1,15 +1,24 @@
-"""Compile the chunk kernels for sm_90a on any machine (no GPU needed) and print ptxas's resource report.
+"""Compile the Triton kernels for sm_90a on any machine (no GPU needed) and print ptxas's resource report.
 
-    python benchmarks/kernel_resources.py
+    python benchmarks/kernel_resources.py                  # chunk kernels (K = V = 128) and fused ops, 16-bit
+    python benchmarks/kernel_resources.py --dtype fp32     # the same with fp32 tensors
+    python benchmarks/kernel_resources.py --only fused     # or: chunk
 
-Registers, register spills and shared memory per kernel and configuration, for K = V = 128. Spills (local
-memory traffic) made the per-chunk kernels slow on the H200 (docs/PERFORMANCE.md, "Kernels"); check this after
-changing a kernel's tiles or warps. Uses Triton's bundled ptxas; PTX newer than that ptxas is relabelled
-to its version (8.8), which is enough for a resource report but is not how the code is built for a GPU.
+Registers, register spills and shared memory per kernel and launch configuration: the block sizes, warps and
+stages each wrapper chooses, at the sizes the model uses (hidden sizes, conv widths, vocabulary slices, head
+dims). A row marked OVER needs more shared memory than a Hopper block may have (227 KB), which raises
+OutOfResources at launch; a row marked FAILED did not compile. Spills (local memory traffic) made the per-chunk
+kernels slow on the H200 (docs/PERFORMANCE.md, "Kernels"); check this after changing a kernel's tiles or warps.
+Kernels are compiled as a launch compiles them: pointers 16-byte aligned and the launch's num_stages (an
+earlier version of this script had neither, so Triton did not pipeline loads through shared memory and the
+report missed most of it: 40 KB for dqkw where the H200 refused 304 KB). fp16 compiles like bf16. Uses
+Triton's bundled ptxas; PTX newer than that ptxas is relabelled to its version (8.8), which is enough for a
+resource report but is not how the code is built for a GPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -23,20 +32,40 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gdn.kernels import chunk as C  # noqa: E402
+from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, rmsnorm,  # noqa: E402
+                                  short_conv, swiglu)
 
+# Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dG", "dg",
-       "dbeta", "ddt_bias", "dA_log"}
-INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
-SCALARS = {"scale": "fp32", "NSEQ": "i32", "ROWS": "i32"}
+       "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
+INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
+INT64 = {"target"}
+SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
+           "V": "i32", "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
-def report(kernel, constexprs: dict, num_warps: int) -> str:
+def arg_type(name: str, dtype: str) -> str:
+    if name in SCALARS:
+        return SCALARS[name]
+    return "*i32" if name in INT32 else "*i64" if name in INT64 else "*fp32" if name in F32 else f"*{dtype}"
+
+
+def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16") -> str:
+    """ptxas's registers and spills and Triton's shared memory for one launch configuration. num_stages 3 is
+    a launch's default (and a triton.Config's)."""
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner wraps the JIT function
-    sig = {n: "constexpr" if n in constexprs else SCALARS.get(n, "*i32" if n in INT32 else "*fp32" if n in F32 else
-           "*bf16") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=2))
+    sig = {n: "constexpr" if n in constexprs else arg_type(n, dtype) for n in fn.arg_names}
+    # Pointers to torch tensors are 16-byte aligned, which a launch tells the compiler ("D" specialisation).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:  # e.g. a block over Triton's element limit
+        return f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", compiled.asm["ptx"], flags=re.M)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -45,27 +74,95 @@ def report(kernel, constexprs: dict, num_warps: int) -> str:
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     if not regs:
-        return f"ptxas failed: {out.stderr.strip()[:300]}"
-    return f"{regs.group(1)} registers, {spills.group(1)} B spill stores, {compiled.metadata.shared} B shared"
+        return f"FAILED: ptxas: {out.stderr.strip()[:300]}"
+    shared = compiled.metadata.shared
+    over = f"   OVER the {SHARED_LIMIT} B limit" if shared > SHARED_LIMIT else ""
+    return f"{regs.group(1):>3} registers, {spills.group(1):>5} B spill stores, {shared:>6} B shared{over}"
+
+
+def chunk_runs(dtype: str) -> list:
+    """The chunk kernels at K = V = 128 (the scans also at K = 256), with the configurations chunk.py launches.
+    The autotuned ones (wu, scans) skip a config that raises OutOfResources, so an OVER row there only fails
+    when every config of that shape is over."""
+    base = dict(H=4, HV=8, K=128, V=128, BT=64)
+    gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
+    precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
+    runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64,
+                                                 PRECISION=precision, **gate), nw, 3) for nw in (4, 8)]
+    runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
+              cfg.num_stages) for cfg in C.WU_CONFIGS]
+    bv = 64 if dtype != "fp32" else 32  # chunk._bwd's dqkw blocks
+    runs += [(f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
+             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
+    # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512.
+    for K, V in ((128, 128), (256, 512)):
+        shape = dict(base, K=K, V=V, BK=C._pow2(K))
+        for cfg in C.SCAN_CONFIGS:
+            bv, nw, ns = cfg.kwargs["BV"], cfg.num_warps, cfg.num_stages
+            runs += [(f"scan fwd (o) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
+                      STORE_HT=True, STORE_O=True, STORE_STATES=False), nw, ns),
+                     (f"scan fwd (h) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
+                      STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns),
+                     (f"scan bwd K={K} BV={bv}", C.chunk_scan_bwd_kernel, dict(shape, BV=bv, USE_DHT=True,
+                      STORE_DH0=True), nw, ns)]
+    return runs
+
+
+def fused_runs(dtype: str) -> list:
+    """The fused model ops, with the blocks their wrappers choose, every optional input present."""
+    runs = []
+    for D in (130, 256, 1024, 2048, 4096, 5632, 8192):  # hidden sizes (5632: the 1.3b preset's MLP width)
+        BR, BD = fused_norm._rows_per_program(D)
+        runs += [(f"rms_norm fwd D={D} BR={BR}", fused_norm.rms_norm_fwd_kernel,
+                  dict(D=D, BR=BR, BD=BD, HAS_RESIDUAL=True), 4, 3),
+                 (f"rms_norm bwd D={D} BR={BR}", fused_norm.rms_norm_bwd_kernel,
+                  dict(D=D, BR=BR, BD=BD, HAS_DH_OUT=True), 4, 3)]
+    for D in (64, 128, 130, 256, 512):  # head_v_dim (512: head_dim 256 x expand_v 2)
+        BD = triton.next_power_of_2(D)
+        runs += [(f"gated_rmsnorm fwd D={D}", rmsnorm.gated_rmsnorm_fwd_kernel,
+                  dict(D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
+                 (f"gated_rmsnorm bwd D={D}", rmsnorm.gated_rmsnorm_bwd_kernel,
+                  dict(D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
+    for D in (64, 128, 256):  # K (the Triton kernels take K <= 256)
+        BD = triton.next_power_of_2(D)
+        runs += [(f"l2norm fwd D={D}", l2norm.l2norm_fwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
+                 (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
+    runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3),
+             ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3)]
+    flags = dict(HAS_PAST=True, HAS_BIAS=True, HAS_DOCS=True)
+    for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
+        sc = dict(D=1024, W=W, BD=short_conv.BD)
+        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, BT=short_conv.BT_FWD, **flags),
+                  4, 3),
+                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(sc, BT=short_conv.BT_BWD, **flags),
+                  4, 3),
+                 (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
+    for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
+        BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
+        runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),
+                 (f"ce grad BV={BV}", cross_entropy.ce_grad_kernel, dict(BV=BV), 4, 3)]
+    fr = dict(H=4, HV=8, USE_H0=True, STORE_HT=True, L2NORM=True, GATE_IN_KERNEL=True, BETA_SIGMOID=True,
+              BETA_SCALE=1.0)
+    for K, V in ((128, 128), (256, 512)):  # head dims (256, 512: the 1.3b preset)
+        for cfg in recurrent.fused_recurrent_fwd_kernel.configs:
+            bv = cfg.kwargs["BV"]
+            runs.append((f"recurrent K={K} V={V} BV={bv}", recurrent.fused_recurrent_fwd_kernel,
+                         dict(fr, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv), cfg.num_warps, cfg.num_stages))
+    return runs
 
 
 def main():
-    base = dict(H=4, HV=8, K=128, V=128, BT=64)
-    gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
-    runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64, PRECISION="tf32", **gate), nw)
-            for nw in (4, 8)]
-    runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps)
-             for cfg in C.WU_CONFIGS]
-    runs += [("dqkw", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=64), C.CHUNK_WARPS),
-             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS)]
-    for cfg in C.SCAN_CONFIGS:
-        bv, nw = cfg.kwargs["BV"], cfg.num_warps
-        runs += [(f"scan fwd (o) BV={bv}", C.chunk_scan_fwd_kernel, dict(base, BK=128, BV=bv, USE_H0=True,
-                  STORE_HT=True, STORE_O=True, STORE_STATES=False), nw),
-                 (f"scan bwd BV={bv}", C.chunk_scan_bwd_kernel, dict(base, BK=128, BV=bv, USE_DHT=True,
-                  STORE_DH0=True), nw)]
-    for name, kernel, constexprs, num_warps in runs:
-        print(f"{name:24s} {num_warps} warps: {report(kernel, constexprs, num_warps)}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="dtype of the input and output tensors (fp16 compiles like bf16)")
+    parser.add_argument("--only", choices=("chunk", "fused"), help="report one family of kernels")
+    args = parser.parse_args()
+    runs = [] if args.only == "fused" else chunk_runs(args.dtype)
+    runs += [] if args.only == "chunk" else fused_runs(args.dtype)
+    print(f"sm_90a, {args.dtype} tensors")
+    for name, kernel, constexprs, num_warps, num_stages in runs:
+        print(f"{name:32s} {num_warps} warps {num_stages} stages: "
+              f"{report(kernel, constexprs, num_warps, num_stages, args.dtype)}", flush=True)
 
 
 if __name__ == "__main__":

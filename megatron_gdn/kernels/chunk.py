@@ -156,10 +156,13 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
     store_rows(Aqk, b_qk, t0, eos, i_hv, HV, BT, o_t, BT)
 
 
-# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. With K = 128,
-# ptxas reports no register spills for (32, 8) and (16, 8) and some for the others (benchmarks/kernel_resources.py).
-SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
-                for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
+# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. The pipelined
+# [BT, K] tiles take shared memory: with fp32 inputs and K >= 128 every 2-stage config needs more than Hopper's
+# 227 KB (262 KB at K = 128, BV = 32; benchmarks/kernel_resources.py --dtype fp32), so the last, unpipelined one
+# (at most 80 KB, 144 KB at K = 256) is what the autotuner, which skips configs that raise OutOfResources, runs
+# for them (stages only prefetch; they do not change the arithmetic).
+SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 8, 1))]
 # The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they spill registers
 # (at K = 128, 4.3 KB per thread in dqkw; benchmarks/kernel_resources.py).
 CHUNK_WARPS = 8
