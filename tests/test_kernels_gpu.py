@@ -62,6 +62,20 @@ def test_chunk_bf16_within_budget(name):
     assert not over_budget(errors, bf16=True), errors
 
 
+FP32_CASES = {name: GPU_CASES[name] for name in ("dense_fused_gate_beta", "K256_V512")}
+
+
+@pytest.mark.parametrize("name", list(FP32_CASES))
+def test_chunk_fp32_inputs_within_budget(name):
+    """fp32 inputs launch other tiles and configurations than bf16 ones: their tiles take twice the shared memory
+    (dqkw's 64-wide blocks and every pipelined scan configuration at K >= 128 exceed Hopper's 227 KB, and once
+    raised OutOfResources), so they get their own case. Their matrix products run in tf32 (Triton's default for
+    fp32 tl.dot), so the bf16 budgets apply."""
+    errors = run_case(backend="triton", op="chunk", **FP32_CASES[name], dtype=torch.float32, device="cuda")
+    print(name, " ".join(f"{k}={e:.1e}" for k, e in errors.items()))
+    assert not over_budget(errors, bf16=True), errors
+
+
 def test_varlen_case_has_50_docs_with_length_1():
     cu = GPU_CASES["varlen_50_docs"]["cu_seqlens"]
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
