@@ -437,16 +437,16 @@ def check_data_vocab(data_path: list[str], vocab_size: int, cache_dir: str | Non
     prefixes, _ = parse_data_path(data_path)
     for prefix in prefixes:
         path = os.path.abspath(prefix + ".bin")
-        stat = os.stat(path) if os.path.exists(path) else None
-        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{vocab_size}" if stat else None
-        marker = os.path.join(index_cache_dir(prefix, cache_dir),
-                              f"{hashlib.md5(key.encode()).hexdigest()}-vocab_ok") if key else None
-        if marker and os.path.exists(marker):
+        if not os.path.exists(path):
+            validate_vocab(prefix, vocab_size)  # raises the data module's error for a missing file
+        stat = os.stat(path)
+        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{vocab_size}"
+        marker = os.path.join(index_cache_dir(prefix, cache_dir), f"{hashlib.md5(key.encode()).hexdigest()}-vocab_ok")
+        if os.path.exists(marker):
             continue
         validate_vocab(prefix, vocab_size)
-        if marker:
-            try:
-                os.makedirs(os.path.dirname(marker), exist_ok=True)
-                open(marker, "w").close()
-            except OSError:
-                pass
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+        except OSError:  # a read-only cache: the next start checks again
+            pass

@@ -120,8 +120,7 @@ def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, 
     store_rows(Ai, unit_lower_inverse(b_A, BT, BC, PRECISION), t0, eos, i_hv, HV, BT, o_t, BT)
 
 
-# ptxas (benchmarks/kernel_resources.py, K = V = 128): no spills with 32-wide blocks and 8 warps; 64-wide
-# blocks or 4 warps spill (the Ai tile and the q k^T accumulator stay live across the loops).
+# None spills at K = V = 128 (benchmarks/kernel_resources.py); on the H200 the tuner took 64-wide blocks, 8 warps.
 WU_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=nw) for bk, bv, nw in ((32, 32, 8), (64, 64, 8),
                                                                                   (32, 32, 4))]
 
@@ -163,8 +162,8 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 # for them (stages only prefetch; they do not change the arithmetic).
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                 for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 8, 1))]
-# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they spill registers
-# (at K = 128, 4.3 KB per thread in dqkw; benchmarks/kernel_resources.py).
+# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they run out of registers
+# (K = 128: 255 registers and 308 B of spills per thread in dqkw; 8 warps: 184, none; kernel_resources.py).
 CHUNK_WARPS = 8
 
 
