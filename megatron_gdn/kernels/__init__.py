@@ -143,6 +143,12 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule by the chunked algorithm (training and prefill). Returns (o, final_state)."""
     chunk = _triton_module("chunk", q, backend)
+    if chunk is not None and q.is_cuda and q.dtype == torch.float32 and q.shape[-1] > chunk.FP32_MAX_HEAD_DIM:
+        if backend == "triton":
+            raise ValueError(f"the Triton chunk kernels take fp32 inputs on GPUs up to K={chunk.FP32_MAX_HEAD_DIM} "
+                             f"(got K={q.shape[-1]}: its fp32 tiles need more shared memory than an SM has); pass "
+                             "bf16/fp16 inputs (e.g. under autocast), or backend='torch' (what 'auto' falls back to)")
+        chunk = None  # auto: the PyTorch chunked path (fp32 training at K > 64 is rare; autocast runs Triton)
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias,
                  MAX_TRITON_HEAD_DIM if chunk else None)
     if chunk is not None:

@@ -155,13 +155,15 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
     store_rows(Aqk, b_qk, t0, eos, i_hv, HV, BT, o_t, BT)
 
 
-# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. The pipelined
-# [BT, K] tiles take shared memory: with fp32 inputs and K >= 128 every 2-stage config needs more than Hopper's
-# 227 KB (262 KB at K = 128, BV = 32; benchmarks/kernel_resources.py --dtype fp32), so the last, unpipelined one
-# (at most 80 KB, 144 KB at K = 256) is what the autotuner, which skips configs that raise OutOfResources, runs
-# for them (stages only prefetch; they do not change the arithmetic).
-SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 8, 1))]
+# Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. Every config is
+# pipelined (2 stages): an unpipelined (32, 8, 1) config raised "illegal memory access" on an H200 (Triton 3.6)
+# whenever the grid was larger than a few hundred programs (B4 T4096 H6 K256 V512; 50 documents at K = 128),
+# while it passed on small grids. The pipelined [BT, K] tiles take shared memory: with fp32 inputs and K > 64
+# every config needs more than Hopper's 227 KB (262 KB at K = 128; benchmarks/kernel_resources.py --dtype fp32),
+# so the Triton path takes fp32 inputs up to FP32_MAX_HEAD_DIM only (kernels/__init__.py falls back or says so).
+SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
+                for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
+FP32_MAX_HEAD_DIM = 64
 # The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they run out of registers
 # (K = 128: 255 registers and 308 B of spills per thread in dqkw; 8 warps: 184, none; kernel_resources.py).
 CHUNK_WARPS = 8
