@@ -249,6 +249,7 @@ def build_engine(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, groups:
     model from the shared seed and keeps its shard (the same weights as one process); tensor and context
     parallelism and activation recomputation are applied to it from outside, in that order."""
     model = GatedDeltaNetForCausalLM(model_config)
+    model.model.fp32_residual = cfg.fp32_residual_connection
     num_params = sum(p.numel() for p in model.parameters())
     if groups.tensor_model_parallel_size > 1:
         parallelize_model(model, groups.tensor_model_parallel_group, cfg.sequence_parallel)

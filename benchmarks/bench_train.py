@@ -3,6 +3,8 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
 
     python benchmarks/bench_train.py                                   # every configuration, ours and fla's
     python benchmarks/bench_train.py --configs small,1.3b --steps 20 --markdown bench.md
+    python benchmarks/bench_train.py --configs 1.3b --no-ours          # fla's model alone
+    python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
     torchrun --nproc-per-node 4 benchmarks/bench_train.py --configs 1.3b --zero-stage 1 --no-fla   # data parallel
 
@@ -120,13 +122,14 @@ def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: 
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
-    """pretrain_gdn.py's flags for this case: mock data, one micro batch per GPU per step, constant lr."""
+    """pretrain_gdn.py's flags for this case: mock data, one micro batch per GPU per step (and one for --profile),
+    constant lr."""
     shape = (["--num-layers", str(case.shape["num_hidden_layers"]), "--hidden-size", str(case.shape["hidden_size"]),
               "--num-attention-heads", str(case.shape["num_heads"]), "--head-dim", str(case.shape["head_dim"])]
              if case.shape else ["--model-size", case.preset])
     flags = [*shape, "--mock-data", "--vocab-size", str(case.vocab_size), "--seq-length", str(case.seq_length),
              "--micro-batch-size", str(case.batch), "--global-batch-size", str(case.batch * data_parallel_size),
-             "--train-iters", str(args.warmup + args.steps), "--lr", "1e-4", "--lr-decay-style", "constant"]
+             "--train-iters", str(args.warmup + args.steps + 1), "--lr", "1e-4", "--lr-decay-style", "constant"]
     if args.device == "cuda":
         flags.append("--bf16")
     else:
@@ -150,9 +153,24 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     engine.model.train()
     data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size, groups.data_parallel_rank,
                                 groups.data_parallel_size)
-    result.step_ms = median_step_ms(lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups),
-                                    args.warmup, args.steps, device)
+    step = lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups)  # noqa: E731
+    result.step_ms = median_step_ms(step, args.warmup, args.steps, device)
+    if args.profile and get_rank() == 0:
+        write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
+
+
+def write_profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
+    """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
 
 
 def load_fla_model():
@@ -259,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, autotuning)")
     parser.add_argument("--no-fla", action="store_true", help="time ours only")
+    parser.add_argument("--no-ours", action="store_true", help="time fla's model only (a run of its own: its "
+                        "compilation and autotuning at the 1.3b shapes take minutes)")
+    parser.add_argument("--profile", help="write torch.profiler's per-kernel table of one more step of ours to "
+                        "PROFILE/<config>.txt")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                         help="ours through DeepSpeed ZeRO (as pretrain_gdn.py --zero-stage)")
     parser.add_argument("--markdown", help="also write the table to this file")
@@ -266,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")
     args = parser.parse_args(argv)
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.no_ours and args.no_fla:
+        parser.error("--no-ours and --no-fla leave nothing to time")
     if args.device == "cpu" and not args.tiny:
         parser.error("no GPU: the benchmark configurations need one (use --tiny for the CPU smoke run)")
     cases = {"tiny": TINY} if args.tiny else {}
@@ -282,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, case in cases.items():
         tokens = case.seq_length * case.batch
-        results.append(measured(run_ours, case, args, Result(name, "ours", case.recompute or "none", tokens)))
-        if get_rank() == 0:
-            print(results[-1], flush=True)
+        if not args.no_ours:
+            results.append(measured(run_ours, case, args, Result(name, "ours", case.recompute or "none", tokens)))
+            if get_rank() == 0:
+                print(results[-1], flush=True)
         if fla and case.with_fla:
             recompute = "gradient checkpointing" if case.fla_checkpointing else "none"
             results.append(measured(run_fla, case, args, Result(name, "fla", recompute, tokens), fla))

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_train_tiny_runs_end_to_end(tmp_path):
     markdown, results = tmp_path / "bench.md", tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1",
-                          "--markdown", str(markdown), "--json", str(results)],
+                          "--markdown", str(markdown), "--json", str(results), "--profile", str(tmp_path / "prof")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     table = markdown.read_text()
@@ -22,3 +22,5 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     assert "| tiny | 128 | ours | full |" in table  # 2 x 64 tokens, with full recomputation
     (row,) = json.loads(results.read_text())["results"]
     assert row["status"] == "ok" and row["step_ms"] > 0 and row["parameters"] > 0
+    profile = (tmp_path / "prof" / "tiny.txt").read_text()
+    assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step

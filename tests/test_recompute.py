@@ -132,15 +132,18 @@ def saved_activation_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> in
     return sum(size for ptr, size in storages.items() if ptr not in parameters)
 
 
-def per_block_bytes(granularity: str | None, tokens: torch.Tensor) -> float:
+def per_block_bytes(granularity: str | None, tokens: torch.Tensor, autocast: torch.dtype | None = None,
+                    fp32_residual: bool = False) -> float:
     """Saved bytes per block: the difference between 4 and 2 blocks (embedding, head and loss cancel out)."""
     saved = {}
     for layers in (2, 4):
         torch.manual_seed(0)
         model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**{**TINY, "num_hidden_layers": layers}))
+        model.model.fp32_residual = fp32_residual
         if granularity:
             apply_activation_recompute(model, granularity)
-        saved[layers] = saved_activation_bytes(model, tokens, tokens)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            saved[layers] = saved_activation_bytes(model, tokens, tokens)
     return (saved[4] - saved[2]) / 2
 
 
@@ -159,3 +162,21 @@ def test_recomputation_saves_memory():
     # The mixer holds most of a block's activations (q, k, v, gate, the convolutions' and the delta rule's
     # intermediates: tens of hidden states), the MLP a few (its input and 4 x intermediate_size channels).
     assert selective < none / 2 and full < selective / 10
+
+
+def test_residual_stream_in_autocast_dtype_halves_what_full_recomputation_keeps():
+    """Under bf16 autocast the residual stream is bf16 (Megatron-LM's default under --bf16), so the one hidden
+    state a block keeps with full recomputation takes 2 bytes per value; --fp32-residual-connection keeps 4."""
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+    values = tokens.numel() * TINY["hidden_size"]
+    assert per_block_bytes("full", tokens, torch.bfloat16) == 2 * values
+    assert per_block_bytes("full", tokens, torch.bfloat16, fp32_residual=True) == 4 * values
+    flags = ["--mock-data", "--vocab-size", "512", "--num-layers", "1", "--hidden-size", "64", "--device", "cpu"]
+    for extra, expected in (([], False), (["--fp32-residual-connection"], True)):
+        config, cfg = parse_args(flags + extra)
+        groups, device, ds_config = pretrain_gdn.setup_run(config, cfg)
+        try:
+            engine, _ = pretrain_gdn.build_engine(config, cfg, groups, device, ds_config)
+            assert engine.model.model.fp32_residual is expected
+        finally:
+            destroy_model_parallel()

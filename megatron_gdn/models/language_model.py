@@ -67,10 +67,18 @@ class GatedDeltaNetModel(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GatedDeltaNetBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        # Under autocast the residual stream (the embeddings' output, every block's sums and the blocks' inputs)
+        # is kept in the autocast dtype, as Megatron-LM keeps it under --bf16 and as a bf16 model does: half the
+        # bytes of every hidden state kept for backward (the block inputs that full recomputation keeps: 21 GiB of
+        # the 1.3b model's at 256K tokens in fp32) and of the adds' and norms' traffic. True keeps it in fp32
+        # (pretrain_gdn's --fp32-residual-connection). Without autocast it has the parameters' dtype either way.
+        self.fp32_residual = False
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Cache | None = None, use_cache: bool = False,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embeddings(input_ids)
+        if not self.fp32_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for layer in self.layers:
             x = layer(x, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
         return self.norm(x)
