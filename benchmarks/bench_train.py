@@ -5,6 +5,7 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py --configs small,1.3b --steps 20 --markdown bench.md
     python benchmarks/bench_train.py --configs 1.3b --no-ours          # fla's model alone
     python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel
+    python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
     torchrun --nproc-per-node 4 benchmarks/bench_train.py --configs 1.3b --zero-stage 1 --no-fla   # data parallel
 
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fla", action="store_true", help="time ours only")
     parser.add_argument("--no-ours", action="store_true", help="time fla's model only (a run of its own: its "
                         "compilation and autotuning at the 1.3b shapes take minutes)")
+    parser.add_argument("--max-memory-gib", type=float, help="cap this process's GPU memory (torch's caching "
+                        "allocator) at this many GiB, e.g. 80 to check on a larger GPU what fits an 80 GB one: a run "
+                        "over it is reported as OOM")
     parser.add_argument("--profile", help="write torch.profiler's per-kernel table of one more step of ours to "
                         "PROFILE/<config>.txt")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
@@ -299,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         cases[name] = CASES[name]
 
     world_size = launched_world_size()  # torchrun's WORLD_SIZE; 1 when run directly
+    if args.max_memory_gib and world_size > 1:
+        parser.error("--max-memory-gib is for single-GPU runs (run without torchrun)")
+    if args.max_memory_gib and args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total), 0)
     if args.tiny or args.no_fla or world_size > 1:
         fla, fla_note = None, "fla's model not run (--tiny, --no-fla or several ranks)"
     else:
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         header = versions(device, fla_note) + f"; ours on {world_size} rank(s), ZeRO stage {args.zero_stage or 0}"
+        if args.max_memory_gib and device.type == "cuda":
+            header += f"; GPU memory capped at {args.max_memory_gib:g} GiB"
         text = table(results, cases, header, peak)
         print(text)
         if args.markdown:
