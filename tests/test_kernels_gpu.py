@@ -87,6 +87,23 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
     assert torch.isfinite(o_torch).all() and torch.equal(o_auto, o_torch)
 
 
+def test_dense_forward_backward_never_wait_for_the_gpu():
+    """A dense batch's forward and backward queue their kernels without a host sync (torch's sync debug mode
+    raises on one), so the host runs ahead of the GPU through the layers; the first call autotunes, which syncs."""
+    from megatron_gdn.kernels import chunk_gated_delta_rule
+    x = make_inputs(B=2, T=300, H=2, HV=4, K=128, V=128, gate=True, beta_logits=True, initial_state=False, **BF16)
+    kwargs = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                  use_beta_sigmoid_in_kernel=True)
+    for sync_debug in ("default", "error"):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_debug)
+        try:
+            o, _ = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **kwargs)
+            o.float().square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_varlen_case_has_50_docs_with_length_1():
     cu = GPU_CASES["varlen_50_docs"]["cu_seqlens"]
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]

@@ -152,6 +152,18 @@ def test_clear_errors(change, message):
         check_inputs(**args, max_head_dim=MAX_TRITON_HEAD_DIM)
 
 
+@pytest.mark.parametrize("B, T", [(1, 1), (2, 100), (3, 128), (4, 4097)])
+def test_dense_chunk_tables_need_no_device_read(B, T):
+    """A dense batch's chunk tables come from (B, T) on the host (no GPU sync per layer) and equal the ones
+    read from its offsets."""
+    from megatron_gdn.kernels.triton_utils import chunk_tables, dense_cu_seqlens
+
+    cu = dense_cu_seqlens(B, T, torch.device("cpu"))
+    from_host = chunk_tables(torch.empty(0, dtype=torch.int32), dense=(B, T))  # nothing to read on the device
+    for got, want in zip(from_host, chunk_tables(cu)):
+        assert torch.equal(got, want)
+
+
 def test_backend_errors():
     with pytest.raises(ValueError, match="backend must be"):
         chunk_gated_delta_rule(*_inputs(), backend="cuda")

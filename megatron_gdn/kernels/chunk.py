@@ -482,13 +482,14 @@ def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, s
     return dh, dvn, dh0
 
 
-def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, A_log=None, dt_bias=None,
-              beta_scale=None):
-    """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]).
+def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, tables, A_log=None,
+              dt_bias=None, beta_scale=None):
+    """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]), with
+    tables = triton_utils.chunk_tables(cu_seqlens).
 
     Returns (o, ht, (G, beta, Ai)): the last three are what the backward reuses instead of recomputing.
     """
-    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens)
+    chunk_indices, chunk_offsets = tables
     G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
     Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
     o, _, _, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
@@ -496,14 +497,14 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     return o, ht, (G, beta_f, Ai)
 
 
-def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved, A_log=None, dt_bias=None,
+def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dht, saved, A_log=None, dt_bias=None,
               beta_scale=None):
     """Backward on packed inputs: recompute w, u, Aqk (from the forward's saved (G, beta, Ai)) and the
     states, then the reverse scan, dqkw and wy.
 
     Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
     """
-    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens)
+    chunk_indices, chunk_offsets = tables
     num_chunks = len(chunk_indices)
     rows, H, K = k.shape
     HV, V = v.shape[1:]
@@ -562,22 +563,24 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             q, q_rstd = l2norm_fwd(q)
             k, k_rstd = l2norm_fwd(k)
         cu = cu_seqlens_int32(cu_seqlens, B, T, q.device)
+        tables = chunk_tables(cu, dense=(B, T) if cu_seqlens is None else None)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, A_log, dt_bias, beta_scale)
+        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, tables, A_log, dt_bias,
+                                 beta_scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias, *saved)
-        ctx.meta = (B, T, scale, beta_scale)
+        ctx.meta = (B, T, scale, beta_scale, tables)  # the tables: integer constants, cached by value
         return o.reshape(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias, *saved = ctx.saved_tensors
-        B, T, scale, beta_scale = ctx.meta
+        B, T, scale, beta_scale, tables = ctx.meta
         rows, H, K = q.shape
         HV, V = v.shape[1:]
         do = do.reshape(rows, HV, V).contiguous().to(v.dtype)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_bwd(
-            q, k, v, g, beta, scale, h0, cu, do, dht, saved, A_log, dt_bias, beta_scale)
+            q, k, v, g, beta, scale, h0, cu, tables, do, dht, saved, A_log, dt_bias, beta_scale)
         if HV != H:  # value heads of one q/k head share its gradient
             dq = dq.view(rows, H, HV // H, K).sum(2)
             dk = dk.view(rows, H, HV // H, K).sum(2)
