@@ -271,16 +271,16 @@ def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterat
     steps. Returns the loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens), whether it
     is finite on every rank, and the engine's StepResult. inject_nan makes this rank's first loss NaN."""
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host sync per step
     for micro in range(num_micro):
         loss = lm_loss(engine.model, next(data), device, autocast_dtype_of(cfg), groups.tensor_model_parallel_group,
                        groups.context_parallel_group)
         if micro == 0 and inject_nan:
             loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
         engine.backward(loss)
-        total += loss.item() / num_micro
+        total += loss.detach().double() / num_micro
     dp_cp = groups.data_parallel_size * groups.context_parallel_size
-    total = all_reduce_scalar(total, groups.data_context_parallel_group) / dp_cp
+    total = all_reduce_scalar(total.item(), groups.data_context_parallel_group) / dp_cp
     loss_is_finite = all_reduce_scalar(float(not math.isfinite(total)), op="max") == 0  # every rank agrees
     return total, loss_is_finite, engine.step(loss_is_finite)
 
