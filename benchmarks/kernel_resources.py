@@ -37,7 +37,7 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dG", "dg",
-       "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
+       "dqk", "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -92,7 +92,8 @@ def chunk_runs(dtype: str) -> list:
     runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.WU_CONFIGS]
     bv = 64 if dtype != "fp32" else 32  # chunk._bwd's dqkw blocks
-    runs += [(f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
+    runs += [(f"dqk intra BV={bv}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=bv), C.CHUNK_WARPS, 3),
+             (f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
              ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512.
     for K, V in ((128, 128), (256, 512)):

@@ -13,8 +13,9 @@ Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and it
 (per chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V
 columns: the sequential pass over chunks, which also writes o, so the per-chunk states never reach memory).
 Backward reuses the forward's G, beta and Ai, recomputes wu and the forward scan (this time storing the
-per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqkw`` (per chunk:
-dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
+per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the
+gradient of the intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the
+intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
 Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the
 gradients of the fused gate and beta sigmoid).
 
@@ -270,18 +271,41 @@ def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, ch
 
 
 @triton.jit
-def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
+def chunk_bwd_dqk_intra_kernel(vn, do, G, dqk, cu_seqlens, chunk_indices, scale,
+                               HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk and value head: the gradient of the intra-chunk attention before its decay and mask,
+    d(q k^T) = scale * lower_incl((dO vn^T) exp(G_i - G_j)), stored fp32 [rows, HV, BT] for chunk_bwd_dqkw_kernel.
+
+    Computed once here instead of in each of dqkw's K-block programs (K / 64 of them), which also read it
+    transposed from memory for dk: a transpose of a register tile that is a matrix-multiply result is what
+    Triton 3.4-3.7.0 miscompiles on Hopper, so they used to compute the transposed product a second time.
+    """
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
+    r, c = o_t[:, None], o_t[None, :]
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_ds += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+    store_rows(dqk, b_dsg, t0, eos, i_hv, HV, BT, o_t, BT)
+
+
+@triton.jit
+def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the
-    part of dG that comes from o and the state update (partial over K blocks; summed by the wy kernel)."""
+    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms, the latter from dqk, the output
+    of chunk_bwd_dqk_intra_kernel), dw = -dvn S^T, and the part of dG that comes from o and the state update
+    (partial over K blocks; summed by the wy kernel)."""
     i_t, i_k, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
     DT = k.dtype.element_ty
     o_t = tl.arange(0, BT)
     m_t = t0 + o_t < eos
-    r, c = o_t[:, None], o_t[None, :]
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_h = (i_t * HV + i_hv) * K * V
@@ -289,22 +313,15 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dvn S^T
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, computed, not transposed (see load_rows_t)
     b_dgl = tl.zeros([BK], dtype=tl.float32)  # <S, dS> partial
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_hv = (o_v < V)[:, None] & m_k[None, :]
         b_ht = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)  # [BV, BK]
         b_dht = tl.load(dh + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)
-        b_vn = load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
-        b_do = load_rows(do, t0, eos, i_hv, HV, V, o_v, BT)
-        b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
-        b_dq += tl.dot(b_do, b_ht)
-        b_dk += tl.dot(b_vn, b_dht)
-        b_dw += tl.dot(b_dvn, b_ht)
-        b_ds += tl.dot(b_do, load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
-        b_dst += tl.dot(b_vn, load_rows_t(do, t0, eos, i_hv, HV, V, o_v, BT))
+        b_dq += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
+        b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
+        b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
 
     b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
@@ -313,9 +330,9 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     i_last = tl.minimum(eos - t0, BT) - 1
     b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
-    # d(q k^T) of the intra-chunk attention, and its transpose
-    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
-    b_dstg = tl.where(r <= c, b_dst * tl.exp(tl.where(r <= c, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+    # d(q k^T) of the intra-chunk attention, and its transpose read back from memory
+    b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0) - b_sk
@@ -524,8 +541,11 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dk = torch.empty_like(dq)
     dw = torch.empty_like(dq)
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
+    dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
+    chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
+        vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
-        q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
+        q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
