@@ -79,8 +79,49 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     return b_Ai
 
 
+@triton.jit
+def gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV: tl.constexpr, BB: tl.constexpr,
+                  GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
+    """(log decay, beta) of rows t1.. (BB of them) of one value head, fp32; 0 past eos."""
+    o_t = t1 + tl.arange(0, BB)
+    m_t = o_t < eos
+    b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if GATE_IN_KERNEL:
+        b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
+        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
+    b_beta = tl.load(beta + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if BETA_SIGMOID:
+        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
+    return b_g, b_beta
+
+
+@triton.jit
+def store_gates(G, beta_out, b_G, b_beta, t1, eos, i_hv, HV: tl.constexpr, BB: tl.constexpr):
+    o_t = t1 + tl.arange(0, BB)
+    tl.store(G + o_t * HV + i_hv, b_G, mask=o_t < eos)
+    tl.store(beta_out + o_t * HV + i_hv, b_beta, mask=o_t < eos)
+
+
+@triton.jit
+def decayed_block(b_kk, b_Gi, b_Gj, b_beta, DIAGONAL: tl.constexpr, BB: tl.constexpr):
+    """Block (i, j) of A = strict_lower(beta_r (k_r . k_c) exp(G_r - G_c)) from its k k^T block: every entry of
+    a block below the diagonal is below it (G_r - G_c <= 0 there), a diagonal block keeps its strict lower part."""
+    if DIAGONAL:
+        o = tl.arange(0, BB)
+        m = o[:, None] > o[None, :]
+        return tl.where(m, b_kk * tl.exp(tl.where(m, b_Gi[:, None] - b_Gj[None, :], 0.)) * b_beta[:, None], 0.)
+    return b_kk * tl.exp(b_Gi[:, None] - b_Gj[None, :]) * b_beta[:, None]
+
+
+@triton.jit
+def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: tl.constexpr, j: tl.constexpr,
+                BB: tl.constexpr):
+    """Block (i, j) of the chunk's [BT, BT] inverse into its rows and columns of Ai ([rows, HV, BT])."""
+    store_rows(Ai, b_X, t0 + i * BB, eos, i_hv, HV, BT, j * BB + tl.arange(0, BB), BB)
+
+
 # The inverse's per-program work differs a lot with the head dim; the warps are tuned per shape.
-INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (8, 4)]
+INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (4, 8)]
 
 
 @triton.autotune(configs=configs(INTRA_CONFIGS), key=["H", "HV", "K", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
@@ -91,34 +132,93 @@ def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, 
                        BETA_SCALE: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, and Ai = (I + A)^-1.
 
-    Ai is stored (input dtype, [rows, HV, BT]) for chunk_wu_kernel and for the backward, which then
-    never inverts again.
+    The chunk is cut into 4 blocks of BB = BT / 4 rows, and everything is computed on [BB, BB] tiles: the 10
+    blocks of k k^T on or below the diagonal, the inverses of the 4 diagonal blocks of I + A (unit_lower_inverse),
+    then the blocks below the diagonal by block forward substitution,
+        Ai_ij = -Ai_ii sum_{j <= m < i} A_im Ai_mj,
+    16 small products where whole-tile merges took 8 products of [BT, BT] tiles and masked most of their
+    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for chunk_wu_kernel and
+    for the backward, which then never inverts again.
     """
+    tl.static_assert(BT == 64, "the block solve is written for 4 blocks of 16 rows")
+    BB: tl.constexpr = BT // 4
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
-    o_t = tl.arange(0, BT)
-    m_t = t0 + o_t < eos
-    r, c = o_t[:, None], o_t[None, :]
-    p_tok = (t0 + o_t) * HV + i_hv  # [BT] offsets into [rows, HV] tensors
+    t1, t2, t3 = t0 + BB, t0 + 2 * BB, t0 + 3 * BB
 
-    b_g = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32)
-    if GATE_IN_KERNEL:
-        b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
-        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
-    b_G = tl.cumsum(b_g, axis=0)  # [BT], non-increasing; padded rows repeat the last value
-    tl.store(G + p_tok, b_G, mask=m_t)
-    b_beta = tl.load(beta + p_tok, mask=m_t, other=0.).to(tl.float32)
-    if BETA_SIGMOID:
-        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
-    tl.store(beta_out + p_tok, b_beta, mask=m_t)
+    # G: the cumsum within each block plus the sum of the blocks before it (padded rows repeat the last value)
+    g0, be0 = gate_and_beta(g, beta, A_log, dt_bias, t0, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g1, be1 = gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g2, be2 = gate_and_beta(g, beta, A_log, dt_bias, t2, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g3, be3 = gate_and_beta(g, beta, A_log, dt_bias, t3, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    c1 = tl.sum(g0, axis=0)
+    c2 = c1 + tl.sum(g1, axis=0)
+    c3 = c2 + tl.sum(g2, axis=0)
+    G0, G1, G2, G3 = tl.cumsum(g0, axis=0), tl.cumsum(g1, axis=0) + c1, tl.cumsum(g2, axis=0) + c2, \
+        tl.cumsum(g3, axis=0) + c3
+    store_gates(G, beta_out, G0, be0, t0, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G1, be1, t1, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G2, be2, t2, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G3, be3, t3, eos, i_hv, HV, BB)
 
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    kk00 = tl.zeros([BB, BB], dtype=tl.float32)
+    kk10, kk11 = tl.zeros_like(kk00), tl.zeros_like(kk00)
+    kk20, kk21, kk22 = tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00)
+    kk30, kk31, kk32, kk33 = tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
-    b_A = tl.where(r > c, b_kk * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)) * b_beta[:, None], 0.)
-    store_rows(Ai, unit_lower_inverse(b_A, BT, BC, PRECISION), t0, eos, i_hv, HV, BT, o_t, BT)
+        k0, k0t = load_rows(k, t0, eos, i_h, H, K, o_k, BB), load_rows_t(k, t0, eos, i_h, H, K, o_k, BB)
+        k1, k1t = load_rows(k, t1, eos, i_h, H, K, o_k, BB), load_rows_t(k, t1, eos, i_h, H, K, o_k, BB)
+        k2, k2t = load_rows(k, t2, eos, i_h, H, K, o_k, BB), load_rows_t(k, t2, eos, i_h, H, K, o_k, BB)
+        k3 = load_rows(k, t3, eos, i_h, H, K, o_k, BB)
+        kk00 += tl.dot(k0, k0t)
+        kk10 += tl.dot(k1, k0t)
+        kk11 += tl.dot(k1, k1t)
+        kk20 += tl.dot(k2, k0t)
+        kk21 += tl.dot(k2, k1t)
+        kk22 += tl.dot(k2, k2t)
+        kk30 += tl.dot(k3, k0t)
+        kk31 += tl.dot(k3, k1t)
+        kk32 += tl.dot(k3, k2t)
+        kk33 += tl.dot(k3, load_rows_t(k, t3, eos, i_h, H, K, o_k, BB))
+
+    i0 = unit_lower_inverse(decayed_block(kk00, G0, G0, be0, True, BB), BB, BC, PRECISION)
+    i1 = unit_lower_inverse(decayed_block(kk11, G1, G1, be1, True, BB), BB, BC, PRECISION)
+    i2 = unit_lower_inverse(decayed_block(kk22, G2, G2, be2, True, BB), BB, BC, PRECISION)
+    i3 = unit_lower_inverse(decayed_block(kk33, G3, G3, be3, True, BB), BB, BC, PRECISION)
+    A10 = decayed_block(kk10, G1, G0, be1, False, BB)
+    A20 = decayed_block(kk20, G2, G0, be2, False, BB)
+    A21 = decayed_block(kk21, G2, G1, be2, False, BB)
+    A30 = decayed_block(kk30, G3, G0, be3, False, BB)
+    A31 = decayed_block(kk31, G3, G1, be3, False, BB)
+    A32 = decayed_block(kk32, G3, G2, be3, False, BB)
+    a10 = -tl.dot(tl.dot(i1, A10, input_precision=PRECISION), i0, input_precision=PRECISION)
+    a21 = -tl.dot(tl.dot(i2, A21, input_precision=PRECISION), i1, input_precision=PRECISION)
+    a32 = -tl.dot(tl.dot(i3, A32, input_precision=PRECISION), i2, input_precision=PRECISION)
+    a20 = -tl.dot(i2, tl.dot(A20, i0, input_precision=PRECISION) + tl.dot(A21, a10, input_precision=PRECISION),
+                  input_precision=PRECISION)
+    a31 = -tl.dot(i3, tl.dot(A31, i1, input_precision=PRECISION) + tl.dot(A32, a21, input_precision=PRECISION),
+                  input_precision=PRECISION)
+    a30 = -tl.dot(i3, tl.dot(A30, i0, input_precision=PRECISION) + tl.dot(A31, a10, input_precision=PRECISION)
+                  + tl.dot(A32, a20, input_precision=PRECISION), input_precision=PRECISION)
+    zero = tl.zeros_like(kk00)
+    store_block(Ai, i0, t0, eos, i_hv, HV, BT, 0, 0, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 1, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 3, BB)
+    store_block(Ai, a10, t0, eos, i_hv, HV, BT, 1, 0, BB)
+    store_block(Ai, i1, t0, eos, i_hv, HV, BT, 1, 1, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 1, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 1, 3, BB)
+    store_block(Ai, a20, t0, eos, i_hv, HV, BT, 2, 0, BB)
+    store_block(Ai, a21, t0, eos, i_hv, HV, BT, 2, 1, BB)
+    store_block(Ai, i2, t0, eos, i_hv, HV, BT, 2, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 2, 3, BB)
+    store_block(Ai, a30, t0, eos, i_hv, HV, BT, 3, 0, BB)
+    store_block(Ai, a31, t0, eos, i_hv, HV, BT, 3, 1, BB)
+    store_block(Ai, a32, t0, eos, i_hv, HV, BT, 3, 2, BB)
+    store_block(Ai, i3, t0, eos, i_hv, HV, BT, 3, 3, BB)
 
 
 # None spills at K = V = 128 (benchmarks/kernel_resources.py); on the H200 the tuner took 64-wide blocks, 8 warps.
