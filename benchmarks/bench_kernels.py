@@ -7,6 +7,9 @@ Times the forward and forward+backward of the chunked op at the four shapes of i
 speed-up over fla (when ``fla`` imports), plus the GPU name and the torch/triton versions. --markdown writes
 the same table as the "Kernels" section of docs/PERFORMANCE.md.
 
+--breakdown times our forward kernels one by one, the scan both ways: fused (o inside) and storing the states
+for the o kernel (the split path), whichever the rule chunk.split_o takes.
+
 FLOPs counted per token and value head (chunk C = 64, the matrix products of the chunked algorithm; the
 64x64 triangular inverse is left out): forward 2 * (C * (3K + 2V) + 3KV) (q k^T, k k^T, w, u, Aqk v_new,
 w S, q S, k^T v_new); forward+backward is counted as 3x the forward. Both implementations get the same
@@ -91,7 +94,8 @@ def main():
     parser.add_argument("--markdown", help="write the Kernels section of docs/PERFORMANCE.md to this file")
     parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES, in the order to run them")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode row")
-    parser.add_argument("--breakdown", action="store_true", help="also time our forward kernels one by one")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time our forward kernels one by one, with both forward paths")
     args = parser.parse_args()
     torch.manual_seed(0)
     fla = load_fla()
@@ -140,11 +144,23 @@ def breakdown(xs):
     G, beta_f, Ai = intra()
     wu = lambda: C._wu(q, k, v, G, beta_f, Ai, scale, cu, ci)  # noqa: E731
     Aqk, w, u = wu()
-    scan = lambda: C._scan_fwd(q, k, w, u, G, Aqk, None, cu, co, len(ci), scale, False, store_states=False)  # noqa
+    # both forward paths, whichever chunk.split_o picks: the fused scan (o inside), or the scan storing the
+    # states and vn followed by the o kernel (the split path)
+    scan = lambda split: C._scan_fwd(q, k, w, u, G, Aqk, None, cu, co, len(ci), scale, False,  # noqa: E731
+                                     store_states=split)
+    _, h, vn, _ = scan(True)
+    o = lambda: C._o(q, h, vn, G, Aqk, scale, cu, ci)  # noqa: E731
     ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
-    return {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra": ms(intra), "wu": ms(wu), "scan": ms(scan),
-            "intra config": str(C.chunk_intra_kernel.best_config), "wu config": str(C.chunk_wu_kernel.best_config),
-            "scan config": str(C.chunk_scan_fwd_kernel.best_config)}
+    times = {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra": ms(intra), "wu": ms(wu),
+             "intra config": str(C.chunk_intra_kernel.best_config), "wu config": str(C.chunk_wu_kernel.best_config),
+             "path taken": "split" if C.split_o(B, H, K, v.shape[2], C.sm_count(q.device)) else "fused",
+             "scan (fused o)": ms(lambda: scan(False))}
+    times["fused scan config"] = str(C.chunk_scan_fwd_kernel.best_config)
+    times["scan (states)"] = ms(lambda: scan(True))
+    times["states scan config"] = str(C.chunk_scan_fwd_kernel.best_config)
+    times["o"] = ms(o)
+    times["o config"] = str(C.chunk_o_kernel.best_config)
+    return times
 
 
 def decode_row(fla):

@@ -81,7 +81,7 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
 
 
 def chunk_runs(dtype: str) -> list:
-    """The chunk kernels at K = V = 128 (the scans also at K = 256), with the configurations chunk.py launches.
+    """The chunk kernels at K = V = 128 (the scans and o also at K = 256), with the configurations chunk.py launches.
     The autotuned ones (wu, scans) skip a config that raises OutOfResources, so an OVER row there only fails
     when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
@@ -95,7 +95,8 @@ def chunk_runs(dtype: str) -> list:
     runs += [(f"dqk intra BV={bv}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=bv), C.CHUNK_WARPS, 3),
              (f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
              ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
-    # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512.
+    # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
+    # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):
         shape = dict(base, K=K, V=V, BK=C._pow2(K))
         for cfg in C.SCAN_CONFIGS:
@@ -106,6 +107,8 @@ def chunk_runs(dtype: str) -> list:
                       STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns),
                      (f"scan bwd K={K} BV={bv}", C.chunk_scan_bwd_kernel, dict(shape, BV=bv, USE_DHT=True,
                       STORE_DH0=True), nw, ns)]
+        runs += [(f"o K={K} BK={cfg.kwargs['BK']} BV={cfg.kwargs['BV']}", C.chunk_o_kernel, dict(shape, **cfg.kwargs),
+                  cfg.num_warps, cfg.num_stages) for cfg in C.O_CONFIGS]
     return runs
 
 

@@ -11,7 +11,9 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
 
 Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu``
 (per chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V
-columns: the sequential pass over chunks, which also writes o, so the per-chunk states never reach memory).
+columns: the sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk
+states never reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states
+and vn instead and ``o`` computes the output with one program per chunk, head and block of V (the split path).
 Backward reuses the forward's G, beta and Ai, recomputes wu and the forward scan (this time storing the
 per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the
 gradient of the intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the
@@ -25,6 +27,8 @@ all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -337,6 +341,43 @@ def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chun
         tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
 
 
+# Tiles of chunk_o_kernel ([BT, BV] of o per program, BK rows of the state at a time); no config spills or needs
+# more than 227 KB of shared memory in bf16 or fp32 (benchmarks/kernel_resources.py).
+O_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=nw, num_stages=ns)
+             for bk, bv, nw, ns in ((64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2))]
+
+
+@triton.autotune(configs=configs(O_CONFIGS), key=["H", "HV", "K", "V"])
+@triton.jit
+def chunk_o_kernel(q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The split forward's output, for one chunk, value head and BV columns: o = scale gamma q S + Aqk vn, from
+    the state S entering the chunk and vn, both stored by the scan (STORE_STATES) in the input dtype, which is
+    also what the fused scan rounds them to for these products.
+
+    A flat grid with the V blocks, then the value heads, varying fastest: the programs that read the same q
+    and Aqk tiles run side by side.
+    """
+    NV = tl.cdiv(V, BV)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_v, i_hv, i_t = i_p % NV, i_p // NV % HV, i_p // NV // HV
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_h = h + (i_t * HV + i_hv) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_S = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
+        b_o += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), b_S)
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_o = b_o * (scale * tl.exp(b_G))[:, None] \
+        + tl.dot(load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT), load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT))
+    store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
+
+
 @triton.autotune(configs=configs(SCAN_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
@@ -583,6 +624,45 @@ def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, sca
     return o, h, vn, ht
 
 
+def _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices):
+    """Launch chunk_o_kernel: o from the per-chunk states h and vn of the scan (the split forward)."""
+    rows, H, K = q.shape
+    HV, V = vn.shape[1:]
+    o = torch.empty(rows, HV, V, dtype=q.dtype, device=q.device)
+    grid = lambda meta: (len(chunk_indices) * HV * triton.cdiv(V, meta["BV"]),)  # noqa: E731
+    chunk_o_kernel[grid](q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BT=CHUNK)
+    return o
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100 / H200's) elsewhere, so that the interpreter
+    takes the path such a GPU would."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
+    """Whether the forward stores the per-chunk states and computes o in chunk_o_kernel (the split path)
+    rather than inside the scan (the fused path). Tests replace this function to force either path.
+
+    The fused scan computes q S and Aqk vn, and loads q and Aqk, inside its sequential pass over the chunks. With
+    enough programs to keep every SM busy, that work overlaps other programs' and the fused path saves writing
+    and reading the states (K V / 64 values per token and head): on an H200, B4 T4096 H16 K128 took 0.24 ms,
+    the same as fla's state scan + o kernel. With few programs the SMs idle and the time is the chain of chunk
+    steps of one program; the split path shortens each step and computes o with every chunk in parallel (fla:
+    B1 T32768 H16 K128, 16 sequence-heads: scan 0.79 + o 0.26 ms against our fused 1.08). Few: under two
+    programs per SM counted with 64-wide V blocks, the widest scan config.
+
+    K > 128 splits whatever the count: the fused scan holds q's [64, K] tile too, so at K = 256 only its 16-wide
+    V blocks fit shared memory (bf16: 223 KB, one program per SM; 32-wide: 234 KB, over Hopper's 227), and every
+    16 columns reload q, w and k; B8 T2048 H6 K256 V512 (384 programs by the count above) took 0.95 ms against
+    fla's 0.29 + 0.23. The states-only scan fits 64-wide blocks at K = 256 (189 KB; kernel_resources.py).
+    """
+    return num_seqs * HV * triton.cdiv(V, 64) < 2 * sms or K > 128
+
+
 def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale, need_dh0):
     rows, H, K = k.shape
     HV, V = do.shape[1:]
@@ -609,8 +689,16 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     chunk_indices, chunk_offsets = tables
     G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
     Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
-    o, _, _, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
-                            scale, output_final_state, store_states=False)
+    HV, V = v.shape[1:]
+    split = split_o(len(cu_seqlens) - 1, HV, k.shape[2], V, sm_count(k.device))
+    # The split path's states are not kept for the backward (which recomputes them): num_chunks x HV x K x V values,
+    # 6.4 GB per layer for the 1.3b preset at 256K tokens. The scan stores vn, which it computes anyway, rather than
+    # the o kernel recomputing it as u - w S: that would read w (as large as q) in every V block and add a product
+    # as large as q S, where storing vn costs one write and one read of a tensor the size of u.
+    o, h, vn, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
+                             scale, output_final_state, store_states=split)
+    if split:
+        o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
     return o, ht, (G, beta_f, Ai)
 
 
