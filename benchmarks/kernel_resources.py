@@ -37,7 +37,7 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dG", "dg",
-       "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
+       "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, softplus, store_rows)
+                           load_gates, load_rows, load_rows_t, softplus, store_rows, transpose_via_scratch)
 
 # Sub-block of the triangular inverse: diagonal blocks are inverted by substitution (SUB_CHUNK - 1 sequential
 # steps, each two reductions over the tile), then merged pairwise by matrix products (log2(64 / SUB_CHUNK)
@@ -270,11 +270,15 @@ def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, ch
 
 
 @triton.jit
-def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
-                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, ds_scratch, cu_seqlens, chunk_indices,
+                          scale, ROWS, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the
-    part of dG that comes from o and the state update (partial over K blocks; summed by the wy kernel)."""
+    part of dG that comes from o and the state update (partial over K blocks; summed by the wy kernel).
+
+    ds_scratch: one [BT, BT] tile of the input dtype per program ([chunks, NK, HV, BT, BT]), through which the
+    gradient of the intra-chunk attention is transposed (transpose_via_scratch).
+    """
     i_t, i_k, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
@@ -290,7 +294,6 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dvn S^T
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, computed, not transposed (see load_rows_t)
     b_dgl = tl.zeros([BK], dtype=tl.float32)  # <S, dS> partial
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -304,7 +307,6 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
         b_dk += tl.dot(b_vn, b_dht)
         b_dw += tl.dot(b_dvn, b_ht)
         b_ds += tl.dot(b_do, load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
-        b_dst += tl.dot(b_vn, load_rows_t(do, t0, eos, i_hv, HV, V, o_v, BT))
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
 
     b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
@@ -313,9 +315,10 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     i_last = tl.minimum(eos - t0, BT) - 1
     b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
-    # d(q k^T) of the intra-chunk attention, and its transpose
+    # d(q k^T) of the intra-chunk attention; dk takes its transpose, in the input dtype like dq takes it
     b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
-    b_dstg = tl.where(r <= c, b_dst * tl.exp(tl.where(r <= c, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+    p_scratch = ds_scratch + ((i_t * tl.num_programs(1) + i_k) * HV + i_hv) * BT * BT
+    b_dsgt = transpose_via_scratch(b_dsg.to(DT), p_scratch, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0) - b_sk
@@ -323,20 +326,21 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     tl.store(dG + (i_k * ROWS + t0 + o_t) * HV + i_hv, b_dG, mask=m_t)
 
     store_rows(dq, b_dq + tl.dot(b_dsg.to(DT), b_k), t0, eos, i_hv, HV, K, o_k, BT)
-    store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
+    store_rows(dk, b_dk + tl.dot(b_dsgt, b_q), t0, eos, i_hv, HV, K, o_k, BT)
     store_rows(dw, -b_dw, t0, eos, i_hv, HV, K, o_k, BT)
 
 
 @triton.jit
 def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
-                        dg, dbeta, dA_log, ddt_bias, cu_seqlens, chunk_indices, ROWS,
+                        dg, dbeta, dA_log, ddt_bias, dA_scratch, cu_seqlens, chunk_indices, ROWS,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                         GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
     """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
 
     Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
-    of dA_log and ddt_bias when the gate is fused.
+    of dA_log and ddt_bias when the gate is fused. dA_scratch: one fp32 [BT, BT] tile per program
+    ([chunks, HV, BT, BT]), through which the gradient of A is transposed (transpose_via_scratch).
     """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
@@ -347,14 +351,12 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     r, c = o_t[:, None], o_t[None, :]
     p_tok = (t0 + o_t) * HV + i_hv
 
-    b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
-    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + p_tok, mask=m_t, other=0.)
     b_gamma = tl.exp(b_G)
     b_bg = b_beta * b_gamma
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dAi
-    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dG = tl.zeros([BT], dtype=tl.float32)
@@ -364,7 +366,6 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
         b_vt = load_rows_t(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BV, BT]
         b_dT += tl.dot(b_dvn, (b_vt * b_beta[None, :]).to(DT))
-        b_dTt += tl.dot((b_v * b_beta[:, None]).to(DT), load_rows_t(dvn, t0, eos, i_hv, HV, V, o_v, BT))
         b_du = tl.dot(b_AiT, b_dvn)  # [BT, BV], d(beta v)
         store_rows(dv, b_du * b_beta[:, None], t0, eos, i_hv, HV, V, o_v, BT)
         b_dbeta += tl.sum(b_du * b_v.to(tl.float32), axis=1)
@@ -374,14 +375,15 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
         b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT)
         b_dT += tl.dot(b_dw, (b_kt * b_bg[None, :]).to(DT))
-        b_dTt += tl.dot((b_k * b_bg[:, None]).to(DT), load_rows_t(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))
         b_kk += tl.dot(b_k, b_kt)
-    # dA = -Ai^T dAi Ai^T on the strict lower triangle, and its transpose from the transposed products
+    # dA = -Ai^T dAi Ai^T on the strict lower triangle
     b_dA = -tl.dot(tl.dot(b_AiT, b_dT.to(DT)).to(DT), b_AiT)
-    b_dAt = -tl.dot(tl.dot(b_Ai, b_dTt.to(DT)).to(DT), b_Ai)
     b_dA = tl.where(r > c, b_dA * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
-    b_dAt = tl.where(r < c, b_dAt * tl.exp(tl.where(r < c, b_G[None, :] - b_G[:, None], 0.)), 0.)
-    b_M = b_dA * b_beta[:, None] + b_dAt * b_beta[None, :]  # d(k k^T), both orientations
+    b_dAb = b_dA * b_beta[:, None]  # d(k_i . k_j) from A_ij, i > j
+    # d(k k^T) takes both orientations (k_i . k_j = k_j . k_i). The transpose is added in fp32 before the one
+    # rounding of the product that takes it, so the scratch tile holds fp32.
+    p_scratch = dA_scratch + (i_t * HV + i_hv) * BT * BT
+    b_M = b_dAb + transpose_via_scratch(b_dAb, p_scratch, BT)
     b_dbeta += tl.sum(b_dA * b_kk, axis=1)
     b_P = b_dA * b_kk * b_beta[:, None]  # dA * A
     b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
@@ -523,18 +525,23 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved
     dk = torch.empty_like(dq)
     dw = torch.empty_like(dq)
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
+    # dqkw and wy transpose one [64, 64] tile each through global memory, a scratch tile per program
+    # (transpose_via_scratch): dqkw's in the input dtype (its transpose enters a product in that dtype), wy's
+    # in fp32 (its transpose is added to an fp32 tile)
+    ds_scratch = torch.empty(num_chunks, NK, HV, CHUNK, CHUNK, dtype=k.dtype, device=dev)
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
-        q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
+        q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, ds_scratch, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
+    dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
     # 32-wide blocks here: with 64, ptxas reported 828 bytes of register spills per thread, with 32, 144
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
-        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
+        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, 32), BV=min(BV, 32), NK=NK, GATE_IN_KERNEL=gate,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
     if gate:
