@@ -91,9 +91,10 @@ def chunk_runs(dtype: str) -> list:
                                                  PRECISION=precision, **gate), nw, 3) for nw in (4, 8)]
     runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.WU_CONFIGS]
-    bv = 64 if dtype != "fp32" else 32  # chunk._bwd's dqkw blocks
-    runs += [(f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
-             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
+    wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
+    runs += [(f"dqkw BV={wide}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=wide), C.CHUNK_WARPS, 3),
+             (f"wy BK=BV={wide}", C.chunk_bwd_wy_kernel, dict(base, BK=wide, BV=wide, NK=2, **gate), C.CHUNK_WARPS,
+              3)]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512.
     for K, V in ((128, 128), (256, 512)):
         shape = dict(base, K=K, V=V, BK=C._pow2(K))

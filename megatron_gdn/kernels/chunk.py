@@ -164,8 +164,9 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
-# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they run out of registers
-# (K = 128: 255 registers and 308 B of spills per thread in dqkw; 8 warps: 184, none; kernel_resources.py).
+# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
+# (K = V = 128, kernel_resources.py: dqkw 255 registers in bf16, and 132 B of spills per thread with fp32 inputs;
+# wy with 64-wide blocks 255; 8 warps: dqkw 162, wy 235, no spills).
 CHUNK_WARPS = 8
 
 
@@ -516,9 +517,10 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 312 KB (ptxas, sm_90a),
-    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (156 KB).
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64 if k.element_size() == 2 else 32)
+    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 262 KB (ptxas, sm_90a),
+    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (131 KB).
+    wide = 64 if k.element_size() == 2 else 32
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
     dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
@@ -538,11 +540,13 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, do, dht, saved
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
     dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    # 32-wide blocks here: with 64, ptxas reported 828 bytes of register spills per thread, with 32, 144
+    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 235 registers, no spills, 90 KB shared; 32-wide: 192,
+    # 49 KB). fp32 inputs keep 32-wide ones: 64-wide fit (180 KB) without spills, but take 254 registers at
+    # K = V = 64, the largest head dim the Triton path runs fp32 at.
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
         dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, 32), BV=min(BV, 32), NK=NK, GATE_IN_KERNEL=gate,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, wide), BV=BV, NK=NK, GATE_IN_KERNEL=gate,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
     if gate:
         dA_log = dA_log.sum(0).to(A_log.dtype)
