@@ -37,7 +37,8 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dG", "dg",
-       "dqk", "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "row_max", "sums", "lse", "row_scale"}
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums", "lse",
+       "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -91,10 +92,12 @@ def chunk_runs(dtype: str) -> list:
                                                  PRECISION=precision, **gate), nw, 3) for nw in (4, 8)]
     runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.WU_CONFIGS]
-    bv = 64 if dtype != "fp32" else 32  # chunk._bwd's dqkw blocks
-    runs += [(f"dqk intra BV={bv}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=bv), C.CHUNK_WARPS, 3),
-             (f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
-             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
+    wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
+    runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
+              3),
+             (f"dqkw BV={wide}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=wide), C.CHUNK_WARPS, 3),
+             (f"wy BK=BV={wide}", C.chunk_bwd_wy_kernel, dict(base, BK=wide, BV=wide, NK=2, **gate), C.CHUNK_WARPS,
+              3)]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
     # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, softplus, store_rows)
+                           load_gates, load_rows, load_rows_t, softplus, store_rows, transpose_via_scratch)
 
 # Sub-block of the triangular inverse: diagonal blocks are inverted by substitution (SUB_CHUNK - 1 sequential
 # steps, each two reductions over the tile), then merged pairwise by matrix products (log2(64 / SUB_CHUNK)
@@ -269,8 +269,9 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
-# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they run out of registers
-# (K = 128: 255 registers and 308 B of spills per thread in dqkw; 8 warps: 184, none; kernel_resources.py).
+# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
+# (K = V = 128, kernel_resources.py: dqkw 255 registers in bf16, and 132 B of spills per thread with fp32 inputs;
+# wy with 64-wide blocks 255; 8 warps: dqkw 162, wy 235, no spills).
 CHUNK_WARPS = 8
 
 
@@ -487,14 +488,15 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
 
 @triton.jit
 def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
-                        dg, dbeta, dA_log, ddt_bias, cu_seqlens, chunk_indices, ROWS,
+                        dg, dbeta, dA_log, ddt_bias, dA_scratch, cu_seqlens, chunk_indices, ROWS,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                         GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
     """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
 
     Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
-    of dA_log and ddt_bias when the gate is fused.
+    of dA_log and ddt_bias when the gate is fused. dA_scratch: one fp32 [BT, BT] tile per program
+    ([chunks, HV, BT, BT]), through which the gradient of A is transposed (transpose_via_scratch).
     """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
@@ -505,14 +507,12 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     r, c = o_t[:, None], o_t[None, :]
     p_tok = (t0 + o_t) * HV + i_hv
 
-    b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
-    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + p_tok, mask=m_t, other=0.)
     b_gamma = tl.exp(b_G)
     b_bg = b_beta * b_gamma
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dAi
-    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dG = tl.zeros([BT], dtype=tl.float32)
@@ -522,7 +522,6 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
         b_vt = load_rows_t(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BV, BT]
         b_dT += tl.dot(b_dvn, (b_vt * b_beta[None, :]).to(DT))
-        b_dTt += tl.dot((b_v * b_beta[:, None]).to(DT), load_rows_t(dvn, t0, eos, i_hv, HV, V, o_v, BT))
         b_du = tl.dot(b_AiT, b_dvn)  # [BT, BV], d(beta v)
         store_rows(dv, b_du * b_beta[:, None], t0, eos, i_hv, HV, V, o_v, BT)
         b_dbeta += tl.sum(b_du * b_v.to(tl.float32), axis=1)
@@ -532,14 +531,15 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
         b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT)
         b_dT += tl.dot(b_dw, (b_kt * b_bg[None, :]).to(DT))
-        b_dTt += tl.dot((b_k * b_bg[:, None]).to(DT), load_rows_t(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))
         b_kk += tl.dot(b_k, b_kt)
-    # dA = -Ai^T dAi Ai^T on the strict lower triangle, and its transpose from the transposed products
+    # dA = -Ai^T dAi Ai^T on the strict lower triangle
     b_dA = -tl.dot(tl.dot(b_AiT, b_dT.to(DT)).to(DT), b_AiT)
-    b_dAt = -tl.dot(tl.dot(b_Ai, b_dTt.to(DT)).to(DT), b_Ai)
     b_dA = tl.where(r > c, b_dA * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
-    b_dAt = tl.where(r < c, b_dAt * tl.exp(tl.where(r < c, b_G[None, :] - b_G[:, None], 0.)), 0.)
-    b_M = b_dA * b_beta[:, None] + b_dAt * b_beta[None, :]  # d(k k^T), both orientations
+    b_dAb = b_dA * b_beta[:, None]  # d(k_i . k_j) from A_ij, i > j
+    # d(k k^T) takes both orientations (k_i . k_j = k_j . k_i). The transpose is added in fp32 before the one
+    # rounding of the product that takes it, so the scratch tile holds fp32.
+    p_scratch = dA_scratch + (i_t * HV + i_hv) * BT * BT
+    b_M = b_dAb + transpose_via_scratch(b_dAb, p_scratch, BT)
     b_dbeta += tl.sum(b_dA * b_kk, axis=1)
     b_P = b_dA * b_kk * b_beta[:, None]  # dA * A
     b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
@@ -720,9 +720,10 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 312 KB (ptxas, sm_90a),
-    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (156 KB).
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64 if k.element_size() == 2 else 32)
+    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 262 KB (ptxas, sm_90a),
+    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (131 KB).
+    wide = 64 if k.element_size() == 2 else 32
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
     dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
@@ -740,11 +741,14 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
-    # 32-wide blocks here: with 64, ptxas reported 828 bytes of register spills per thread, with 32, 144
+    dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
+    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 235 registers, no spills, 90 KB shared; 32-wide: 192,
+    # 49 KB). fp32 inputs keep 32-wide ones: 64-wide fit (180 KB) without spills, but take 254 registers at
+    # K = V = 64, the largest head dim the Triton path runs fp32 at.
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
-        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, 32), BV=min(BV, 32), NK=NK, GATE_IN_KERNEL=gate,
+        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, wide), BV=BV, NK=NK, GATE_IN_KERNEL=gate,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
     if gate:
         dA_log = dA_log.sum(0).to(A_log.dtype)
