@@ -91,6 +91,35 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
     assert torch.isfinite(o_torch).all() and torch.equal(o_auto, o_torch)
 
 
+# The autotuned chunk kernels: a GPU test only checks the outputs of the configuration the autotuner picks for its
+# shape, while other shapes pick others (and an untested configuration once crashed on large grids).
+AUTOTUNED = ("chunk_intra_kernel", "chunk_wu_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel")
+
+
+@pytest.mark.parametrize("kernel", AUTOTUNED)
+def test_every_autotuned_configuration_within_budget(kernel, monkeypatch):
+    """Each configuration of each autotuned kernel, forced alone (the others keep autotuning), at K = 128 and at
+    K = 256 / V = 512, on a grid of hundreds of programs; one that needs more shared memory than the GPU has is
+    skipped, as the autotuner skips it."""
+    from triton.runtime.errors import OutOfResources
+
+    from megatron_gdn.kernels import chunk
+    tuner = getattr(chunk, kernel)
+    cases = {"K128": dict(B=8, T=300, H=4, HV=8, K=128, V=128, gate=True, beta_logits=True),
+             "K256_V512": dict(B=8, T=200, H=2, HV=4, K=256, V=512)}
+    ran = 0
+    for config in list(tuner.configs):
+        monkeypatch.setattr(tuner, "configs", [config])  # one configuration: the autotuner runs it unbenchmarked
+        for name, case in cases.items():
+            try:
+                errors = run_case(backend="triton", op="chunk", **case, **BF16)
+            except OutOfResources:
+                continue
+            ran += 1
+            assert not over_budget(errors, bf16=True), (kernel, str(config), name, errors)
+    assert ran >= len(tuner.configs)  # each configuration fits at least one of the two head sizes
+
+
 def test_dense_forward_backward_never_wait_for_the_gpu():
     """A dense batch's forward and backward queue their kernels without a host sync (torch's sync debug mode
     raises on one), so the host runs ahead of the GPU through the layers; the first call autotunes, which syncs."""

@@ -736,6 +736,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
+    del h, dh, vn  # the per-chunk states and their gradients (K x V per chunk and head) are done with
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
