@@ -153,7 +153,7 @@ def breakdown(xs):
     ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
     times = {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra": ms(intra), "wu": ms(wu),
              "intra config": str(C.chunk_intra_kernel.best_config), "wu config": str(C.chunk_wu_kernel.best_config),
-             "path taken": "split" if C.split_o(B, H, K, v.shape[2], C.sm_count(q.device)) else "fused",
+             "path taken": "split" if C.split_o(B, v.shape[1], K, v.shape[2], C.sm_count(q.device)) else "fused",
              "scan (fused o)": ms(lambda: scan(False))}
     times["fused scan config"] = str(C.chunk_scan_fwd_kernel.best_config)
     times["scan (states)"] = ms(lambda: scan(True))

@@ -93,7 +93,10 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
 
 # The autotuned chunk kernels: a GPU test only checks the outputs of the configuration the autotuner picks for its
 # shape, while other shapes pick others (and an untested configuration once crashed on large grids).
-AUTOTUNED = ("chunk_intra_kernel", "chunk_wu_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel")
+AUTOTUNED = ("chunk_intra_kernel", "chunk_wu_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel",
+             "chunk_o_kernel")
+# the forward paths that launch each (None: the rule chunk.split_o decides)
+O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "split"), "chunk_o_kernel": ("split",)}
 
 
 @pytest.mark.parametrize("kernel", AUTOTUNED)
@@ -110,13 +113,13 @@ def test_every_autotuned_configuration_within_budget(kernel, monkeypatch):
     ran = 0
     for config in list(tuner.configs):
         monkeypatch.setattr(tuner, "configs", [config])  # one configuration: the autotuner runs it unbenchmarked
-        for name, case in cases.items():
+        for (name, case), o_path in itertools.product(cases.items(), O_PATHS.get(kernel, (None,))):
             try:
-                errors = run_case(backend="triton", op="chunk", **case, **BF16)
+                errors = run_case(backend="triton", op="chunk", o_path=o_path, **case, **BF16)
             except OutOfResources:
                 continue
             ran += 1
-            assert not over_budget(errors, bf16=True), (kernel, str(config), name, errors)
+            assert not over_budget(errors, bf16=True), (kernel, str(config), name, o_path, errors)
     assert ran >= len(tuner.configs)  # each configuration fits at least one of the two head sizes
 
 

@@ -38,9 +38,10 @@ from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
                            load_gates, load_rows, load_rows_t, softplus, store_rows, transpose_via_scratch)
 
-# Sub-block of the triangular inverse: diagonal blocks are inverted by substitution (SUB_CHUNK - 1 sequential
-# steps, each two reductions over the tile), then merged pairwise by matrix products (log2(64 / SUB_CHUNK)
-# levels on the tensor cores). Measured on an H200 (B4 T4096 H16 K128), 4 is the fastest.
+# Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
+# inverted by substitution (SUB_CHUNK - 1 sequential steps, each two reductions over the tile), then merged
+# pairwise by matrix products (log2(16 / SUB_CHUNK) levels). 4 was the fastest on an H200 (B4 T4096 H16 K128)
+# when the whole 64-row chunk was merged this way; not re-measured for the 16-row blocks.
 SUB_CHUNK = 4
 # Precision of the fp32 products that merge the inverse's blocks. tf32 loses mantissa bits in a step that can
 # amplify errors, but the inverse is stored in the input dtype (bf16 in training) right after, and measured on
@@ -736,7 +737,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
-    del h, dh, vn  # the per-chunk states and their gradients (K x V per chunk and head) are done with
+    del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
