@@ -66,15 +66,16 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     o_i = tl.arange(0, BT)
     r, c = o_i[:, None], o_i[None, :]
     m_blk = (r // BC) == (c // BC)
-    # Substitution on the transpose (column i of AiT is row i of Ai): the row of A comes out of a reduction
-    # over rows, indexed by column, which is the layout that broadcasts against AiT's rows, so no step needs
-    # a layout conversion.
-    b_AiT = tl.where(r == c, 1., 0.)
+    # Step s: row s of each block, Ai[s, :] = e_s - sum_j A[s, j] Ai[j, :]. A's row comes out of a reduction over
+    # rows, indexed by column j, and multiplies Ai's rows j: b_a[:, None] converts its layout (through shared
+    # memory), which on these small tiles costs less than the alternative, substituting on the transpose and
+    # transposing the result with tl.trans, the pattern Triton 3.4-3.7.0 miscompiles on Hopper when the tile
+    # descends from a matrix product (as A does, from k k^T).
+    b_Ai = tl.where(r == c, 1., 0.)
     for s in range(1, BC):
         b_a = tl.sum(tl.where(((r % BC) == s) & m_blk, b_A, 0.), axis=0)  # [BT]: row s of each block, by column
-        b_sub = tl.sum(b_a[None, :] * b_AiT, axis=1)  # [BT]: sum_j A[i, j] Ai[j, :], by column of Ai
-        b_AiT = tl.where(((c % BC) == s) & m_blk, b_AiT - b_sub[:, None], b_AiT)
-    b_Ai = tl.trans(b_AiT)  # a transpose of elementwise results, not of a matrix product
+        b_sub = tl.sum(b_a[:, None] * b_Ai, axis=0)  # [BT]: sum_j A[s, j] Ai[j, :] (Ai is block diagonal here)
+        b_Ai = tl.where(((r % BC) == s) & m_blk, b_Ai - b_sub[None, :], b_Ai)
     for lvl in tl.static_range(0, 8):
         if (BC << lvl) < BT:
             # blocks of BC << lvl rows: same pair of blocks, different blocks <=> block indices differ in bit 0
