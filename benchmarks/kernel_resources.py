@@ -89,7 +89,8 @@ def chunk_runs(dtype: str) -> list:
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
     precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
     runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64,
-                                                 PRECISION=precision, **gate), nw, 3) for nw in (4, 8)]
+                                                 PRECISION=precision, **gate), cfg.num_warps, 3)
+             for cfg in C.INTRA_CONFIGS]
     runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.WU_CONFIGS]
     wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks

@@ -126,8 +126,10 @@ def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: t
     store_rows(Ai, b_X, t0 + i * BB, eos, i_hv, HV, BT, j * BB + tl.arange(0, BB), BB)
 
 
-# The inverse's per-program work differs a lot with the head dim; the warps are tuned per shape.
-INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (4, 8)]
+# The per-program work differs a lot with the head dim; the warps are tuned per shape. The [16, 16] tiles are
+# replicated across warps, so more warps barely lower the registers per thread (bf16, K = 128: 247 at 2 warps,
+# 248 at 4, 192 at 8, no spills; kernel_resources.py), while 2 warps let several programs share an SM.
+INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (4, 8, 2)]
 
 
 @triton.autotune(configs=configs(INTRA_CONFIGS), key=["H", "HV", "K", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
