@@ -60,7 +60,8 @@ class TrainingConfig:
     fp16: bool = arg(False, "fp16 autocast with dynamic loss scaling (GPU)")
     fp32_residual_connection: bool = arg(False, "keep the residual stream (the hidden states between and across "
                                          "blocks) in fp32 under --bf16/--fp16; by default it is in the autocast "
-                                         "dtype, as in Megatron-LM (half the activation memory it takes)")
+                                         "dtype, as in Megatron-LM (half the activation memory it takes; with "
+                                         "--fp16, fp32 keeps large residual sums clear of fp16's 65504 limit)")
     device: str | None = arg(None, "cuda or cpu (default: cuda when available)")
     seed: int = arg(1234, "random seed of initialisation and data order")
     # Parallelism (launch N processes with torchrun; the data-parallel size is N / (TP x CP))
