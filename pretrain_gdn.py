@@ -232,11 +232,11 @@ def setup_run(model_config: GatedDeltaNetConfig,
     """The process groups, the device and the DeepSpeed config (None: the built-in engine, ZeRO stage 0) of a run.
     A bad precision, --deepspeed-config or layout fails here, before the data or the model are built."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
-        raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
     if cfg.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph captures CUDA graphs: it needs a GPU, and the device is {device.type} "
                          f"(drop the flag)")
+    if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
+        raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
     # The data-parallel engine: DeepSpeed for ZeRO 1-3, else the built-in path (training/engine.py).
     file_config = read_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
     zero_stage = resolve_zero_stage(cfg, file_config)

@@ -87,8 +87,8 @@ class TrainingConfig:
                                             choices=list(RECOMPUTE_GRANULARITIES))
     # Launch overhead (megatron_gdn/training/cuda_graph.py)
     cuda_graph: bool = arg(False, "replay each micro batch's forward and backward as one CUDA graph, captured after "
-                           "2 eager warm-up iterations (GPU; the built-in engine, bf16 or fp32, dense batches; not "
-                           "with TP/CP > 1, ZeRO, --fp16, --reset-state-at-eod or recomputation)")
+                           "2 eager warm-up iterations (GPU; the built-in engine, --bf16, dense batches; not with "
+                           "TP/CP > 1, ZeRO, --fp16, fp32, --reset-state-at-eod or recomputation)")
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")

@@ -28,7 +28,7 @@ def main_error(argv: list[str], capsys) -> str:
 
 def test_flag_parses():
     assert parse_args(FLAGS)[1].cuda_graph is False
-    assert parse_args(FLAGS + ["--cuda-graph"])[1].cuda_graph is True
+    assert parse_args(FLAGS + ["--cuda-graph", "--bf16"])[1].cuda_graph is True
     assert parse_args(FLAGS + ["--cuda-graph", "--zero-stage", "0", "--bf16"])[1].cuda_graph  # the built-in engine
 
 
@@ -38,6 +38,7 @@ def test_flag_parses():
     (["--zero-stage", "1"], "--zero-stage / --deepspeed-config"),
     (["--deepspeed-config", "ds.json"], "--zero-stage / --deepspeed-config"),
     (["--fp16"], "--fp16 (dynamic loss scaling"),
+    ([], "fp32 training, without --bf16"),
     (["--reset-state-at-eod"], "--reset-state-at-eod (packed documents"),
     (["--recompute-activations"], "--recompute-activations / --recompute-granularity"),
     (["--recompute-granularity", "full"], "--recompute-activations / --recompute-granularity"),
@@ -53,7 +54,7 @@ def test_every_conflict_is_named_at_once(capsys):
 
 
 def test_cpu_device_is_refused(capsys):
-    err = main_error(FLAGS + ["--cuda-graph", "--device", "cpu"], capsys)
+    err = main_error(FLAGS + ["--cuda-graph", "--bf16", "--device", "cpu"], capsys)
     assert "--cuda-graph captures CUDA graphs: it needs a GPU, and the device is cpu" in err
     with pytest.raises(ValueError, match="needs a CUDA device"):
         CudaGraphStep(lambda batch: None, [], torch.device("cpu"), warmup_calls=2)
@@ -62,7 +63,7 @@ def test_cpu_device_is_refused(capsys):
 def test_engine_zeroes_the_same_gradient_tensors():
     """Under --cuda-graph the optimizer step zeroes the gradients in place (the graph's backward accumulates into
     those tensors); without it they are freed, as before."""
-    for extra, keeps in (([], False), (["--cuda-graph"], True)):
+    for extra, keeps in (([], False), (["--cuda-graph", "--bf16"], True)):
         config, cfg = parse_args(FLAGS + extra)
         groups, _ = pretrain_gdn.setup_parallel(config, cfg, torch.device("cpu"))
         try:

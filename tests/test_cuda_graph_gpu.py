@@ -38,11 +38,12 @@ def flags(micro_batches: int, precision: list[str], iters: int = 10) -> list[str
             "--lr-warmup-iters", "2", "--log-interval", "5", "--eval-interval", "1000", *precision]
 
 
-@pytest.mark.parametrize("micro_batches, precision", [(1, ["--bf16"]), (2, ["--bf16"]), (2, [])],
-                         ids=["bf16", "bf16-accumulation-2", "fp32-accumulation-2"])
-def test_graphed_training_matches_eager(micro_batches, precision):
-    argv = flags(micro_batches, precision)
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["bf16", "bf16-accumulation-2"])
+def test_graphed_training_matches_eager(micro_batches):
+    """Eager twice first: the graph's claim of equal losses is only as good as eager's run-to-run determinism."""
+    argv = flags(micro_batches, ["--bf16"])
     eager = pretrain_gdn.train(*parse_args(argv))["losses"]
+    assert pretrain_gdn.train(*parse_args(argv))["losses"] == eager, "eager training is not deterministic here"
     graphed = pretrain_gdn.train(*parse_args(argv + ["--cuda-graph"]))["losses"]
     assert len(eager) == 10 and len(set(eager.values())) > 1
     assert graphed == eager, {it: (eager[it], graphed[it]) for it in eager if graphed[it] != eager[it]}

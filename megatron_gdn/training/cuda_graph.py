@@ -81,6 +81,9 @@ def check_cuda_graph_config(cfg: TrainingConfig) -> None:
                          "the built-in engine, --zero-stage 0 or no flag, is supported)")
     if cfg.fp16:
         conflicts.append("--fp16 (dynamic loss scaling is not supported under capture: use --bf16)")
+    elif not cfg.bf16:
+        conflicts.append("fp32 training, without --bf16 (at head dims above 64 the chunked delta rule takes its "
+                         "PyTorch path on GPUs in fp32, which has not been tried under capture: use --bf16)")
     if cfg.reset_state_at_eod:
         conflicts.append("--reset-state-at-eod (packed documents: the kernels read the document offsets on the host)")
     if cfg.recompute_granularity:
@@ -103,6 +106,7 @@ class CudaGraphStep:
         self.stream = torch.cuda.Stream(device)  # warm-up and capture (torch's docs: not the default stream)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.tokens: torch.Tensor | None = None  # the static input
+        self.kernel_tables: tuple | None = None  # cached tensors the graph reads (see _capture)
         self.loss: torch.Tensor | None = None    # the static output
         self.params = list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
         with torch.no_grad():
@@ -123,6 +127,10 @@ class CudaGraphStep:
         if self.graph is None:
             self._capture(batch)
         tokens = batch["tokens"]
+        if tokens.device.type == "cpu" and not tokens.is_pinned():
+            # a copy from pageable memory may make the host wait for the stream (the previous replay), which
+            # would take back the head start on the GPU that the graph gives; pinned memory copies asynchronously
+            tokens = tokens.pin_memory()
         if tokens.shape != self.tokens.shape or tokens.dtype != self.tokens.dtype:
             raise ValueError(f"--cuda-graph replays one shape: got tokens {tuple(tokens.shape)} {tokens.dtype}, "
                              f"captured {tuple(self.tokens.shape)} {self.tokens.dtype}")
@@ -140,9 +148,17 @@ class CudaGraphStep:
         return loss
 
     def _capture(self, batch: dict[str, torch.Tensor]) -> None:
-        """Record micro_step on the static tokens. Nothing runs: the caller then replays the graph for batch."""
+        """Record micro_step on the static tokens. Nothing runs (the buffer's values are not read): the caller then
+        copies batch's tokens in and replays."""
+        from ..kernels.triton_utils import chunk_tables, dense_cu_seqlens
+
         self.tokens = torch.empty_like(batch["tokens"], device=self.device)
-        self.tokens.copy_(batch["tokens"])  # any valid tokens (the capture reads none of them)
+        # The chunk kernels' offsets and chunk tables of this shape are tensors that only the kernels' lru caches
+        # keep; the graph reads them at every replay, so they are held here too (an evicted entry's memory would
+        # be reused while the graph still reads it).
+        B, T = self.tokens.shape[0], self.tokens.shape[1] - 1  # the model sees tokens[:, :-1]
+        offsets = dense_cu_seqlens(B, T, self.device)
+        self.kernel_tables = (offsets, chunk_tables(offsets, dense=(B, T)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             self.loss = self.micro_step({"tokens": self.tokens}).detach()
