@@ -27,6 +27,7 @@ resuming at consumed_samples continues with exactly the next samples.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -445,8 +446,6 @@ def check_data_vocab(data_path: list[str], vocab_size: int, cache_dir: str | Non
         if os.path.exists(marker):
             continue
         validate_vocab(prefix, vocab_size)
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache: the next start checks again
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             open(marker, "w").close()
-        except OSError:  # a read-only cache: the next start checks again
-            pass

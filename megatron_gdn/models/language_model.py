@@ -69,8 +69,8 @@ class GatedDeltaNetModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         # Under autocast the residual stream (the embeddings' output, every block's sums and the blocks' inputs)
         # is kept in the autocast dtype, as Megatron-LM keeps it under --bf16 and as a bf16 model does: half the
-        # bytes of every hidden state kept for backward (the block inputs that full recomputation keeps: 21 GiB of
-        # the 1.3b model's at 256K tokens in fp32) and of the adds' and norms' traffic. True keeps it in fp32
+        # bytes of every hidden state kept for backward (the block inputs that full recomputation keeps: 42 GiB for
+        # the 1.3b model at 256K tokens in fp32, 21 in bf16) and of the adds' and norms' traffic. True keeps it in fp32
         # (pretrain_gdn's --fp32-residual-connection). Without autocast it has the parameters' dtype either way.
         self.fp32_residual = False
 
