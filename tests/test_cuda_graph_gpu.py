@@ -103,7 +103,9 @@ def test_replay_launches_nothing_from_the_host():
                 loss = graph(batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert dispatched.ops == ["aten.copy_.default"], dispatched.ops
+        # Pinning the tokens is host work (a page-locked copy in host memory), no GPU launch: left out
+        host_only = {"aten.is_pinned.default", "aten._pin_memory.default"}
+        assert [op for op in dispatched.ops if op not in host_only] == ["aten.copy_.default"], dispatched.ops
         assert torch.isfinite(loss) and graph.tokens.cpu().equal(batch["tokens"])
         engine.optimizer.zero_grad(set_to_none=False)  # drop that micro batch's gradient
 

@@ -465,9 +465,13 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
         m_hv = (o_v < V)[:, None] & m_k[None, :]
         b_ht = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)  # [BV, BK]
         b_dht = tl.load(dh + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)
+        # dw's product first. With it last, after dq's, which shares the operand b_ht, Triton 3.6 on an H100
+        # computed dw wrong (7-19% relative error) and differently run to run; dq and dk were exact. The same
+        # with 2 pipeline stages or the stores reordered; right with 1 stage (10-40% slower) and in this order
+        # (docs/KERNELS.md, "Miscompiles seen on the card"). test_same_inputs_same_outputs and the bf16 budgets guard it.
+        b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dq += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
-        b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
 
     b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
@@ -533,7 +537,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
         b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
-        b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT)
+        b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT)
         b_dT += tl.dot(b_dw, (b_kt * b_bg[None, :]).to(DT))
         b_kk += tl.dot(b_k, b_kt)
     # dA = -Ai^T dAi Ai^T on the strict lower triangle
@@ -550,7 +554,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
-        b_dkb = tl.dot(b_AiT, load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))  # d(beta gamma k)
+        b_dkb = tl.dot(b_AiT, load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT))  # d(beta gamma k)
         b_dk = load_rows(dk, t0, eos, i_hv, HV, K, o_k, BT) + b_dkb * b_bg[:, None] + tl.dot(b_M.to(DT), b_k)
         store_rows(dk, b_dk, t0, eos, i_hv, HV, K, o_k, BT)
         b_s = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
@@ -732,7 +736,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dev = k.device
     dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
     dk = torch.empty_like(dq)
-    dw = torch.empty_like(dq)
+    dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
     dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
     chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
