@@ -235,8 +235,10 @@ def measured(run: Callable[..., Result], case: Case, args: argparse.Namespace, r
         torch.cuda.reset_peak_memory_stats(device)
     try:
         result = run(case, args, result, *extra)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as error:
         result.status = "OOM"
+        # what was asked for, and how much was allocated and reserved: fragmentation or a real lack of memory
+        print(f"{result.config} {result.implementation}: {' '.join(str(error).split())[:700]}", file=sys.stderr)
     # The failed run's frames (and its tensors) are gone once the except block is left.
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30

@@ -139,7 +139,8 @@ def test_split_o_rule():
     """chunk.split_o on 132 SMs (an H100 / H200) at the benchmark's shapes and the GPU tests' 50 documents."""
     from megatron_gdn.kernels.chunk import split_o
     assert split_o(1, 16, 128, 128, 132)  # B1 T32768 H16: 32 programs with 64-wide V blocks
-    assert split_o(4, 16, 128, 128, 132)  # B4 T4096 H16: 128, under 2 per SM
+    assert split_o(2, 16, 128, 128, 132)  # B2 T4096 H16: 64, up to half the SMs
+    assert not split_o(4, 16, 128, 128, 132)  # B4 T4096 H16: 128, more than half
     assert split_o(8, 6, 256, 512, 132)  # the 1.3b preset's heads: 384 programs, but K = 256
     assert not split_o(16, 32, 128, 128, 132)  # B16 T2048 H32: 1024 programs
     assert not split_o(50, 4, 128, 128, 132)  # 50 documents, HV = 4: 400 programs
