@@ -144,7 +144,7 @@ def test_split_o_rule():
     assert split_o(8, 6, 256, 512, 132)  # the 1.3b preset's heads: 384 programs, but K = 256
     assert not split_o(16, 32, 128, 128, 132)  # B16 T2048 H32: 1024 programs
     assert not split_o(50, 4, 128, 128, 132)  # 50 documents, HV = 4: 400 programs
-    assert split_o(50, 4, 128, 128, 256)  # the same on a GPU with twice the SMs
+    assert split_o(4, 16, 128, 128, 264)  # B4 T4096 H16 on a GPU with twice the SMs: 128, half of them
 
 
 def _inputs(B=1, T=8, H=2, HV=2, K=16, V=16):
