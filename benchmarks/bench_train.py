@@ -6,7 +6,8 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py --configs 1.3b --no-ours          # fla's model alone
     python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel
     python benchmarks/bench_train.py --configs small --no-fla --cuda-graph      # ours with --cuda-graph
-    python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
     torchrun --nproc-per-node 4 benchmarks/bench_train.py --configs 1.3b --zero-stage 1 --no-fla   # data parallel
 
