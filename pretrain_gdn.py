@@ -53,6 +53,7 @@ from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, barrier, c
 from megatron_gdn.parallel.context_parallel import apply_context_parallel, check_context_parallel_config, split_sequence
 from megatron_gdn.parallel.launch import consume_launcher_arguments, describe_topology, discover_launch_environment
 from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, saved_tensor_parallel_size
+from megatron_gdn.training.cuda_graph import WARMUP_ITERATIONS, CudaGraphStep
 from megatron_gdn.training.deepspeed_config import deepspeed_config_for, read_deepspeed_config, resolve_zero_stage
 from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel, StepResult
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
@@ -119,7 +120,8 @@ def batches(dataset, consumed_samples: int, micro_batch_size: int, data_parallel
 # Loss
 
 def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], device: torch.device,
-            autocast_dtype: torch.dtype | None, tensor_parallel_group=None, context_parallel_group=None) -> torch.Tensor:
+            autocast_dtype: torch.dtype | None, tensor_parallel_group=None, context_parallel_group=None,
+            autocast_cache: bool = True) -> torch.Tensor:
     """Mean next-token cross entropy of one micro batch. Inputs are tokens[:, :-1], targets tokens[:, 1:];
     with document offsets the batch is packed into one row and the state restarts per document.
     Under tensor parallelism the logits are this rank's vocabulary slice (never gathered). Under context
@@ -128,14 +130,16 @@ def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], dev
     as many tokens, so averaging it over the CP ranks gives the token-weighted mean of the whole batch.
     On GPUs the lm head is applied inside the fused cross entropy, chunk by chunk, so the logits of the whole batch
     never exist (kernels/cross_entropy.py); not under ZeRO-3, which gathers the partitioned head weight only for
-    the head's own forward (DeepSpeed marks such parameters with ds_id)."""
+    the head's own forward (DeepSpeed marks such parameters with ds_id). autocast_cache=False casts a weight at
+    each use instead of caching its copy for the forward (what a CUDA graph needs: training/cuda_graph.py)."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is not None:
         inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens.to(device)
     inputs, targets = split_sequence(inputs, context_parallel_group), split_sequence(targets, context_parallel_group)
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                        cache_enabled=autocast_cache):
         if device.type == "cuda" and not hasattr(model.lm_head.weight, "ds_id"):
             hidden = model(inputs, cu_seqlens=cu_seqlens, return_hidden=True).last_hidden_state
             return lm_head_cross_entropy(model.lm_head, hidden, targets, reduction="sum") / targets.numel()
@@ -228,6 +232,9 @@ def setup_run(model_config: GatedDeltaNetConfig,
     """The process groups, the device and the DeepSpeed config (None: the built-in engine, ZeRO stage 0) of a run.
     A bad precision, --deepspeed-config or layout fails here, before the data or the model are built."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph captures CUDA graphs: it needs a GPU, and the device is {device.type} "
+                         f"(drop the flag)")
     if (cfg.bf16 or cfg.fp16) and device.type != "cuda":
         raise ValueError("--bf16/--fp16 need a GPU; on a CPU train in fp32 (drop the flag)")
     # The data-parallel engine: DeepSpeed for ZeRO 1-3, else the built-in path (training/engine.py).
@@ -263,21 +270,45 @@ def build_engine(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, groups:
     return engine, num_params
 
 
+def forward_backward(engine: BuiltinDataParallel | DeepSpeedDataParallel, batch: dict[str, torch.Tensor],
+                     cfg: TrainingConfig, device: torch.device, groups: ParallelGroups,
+                     inject_nan: bool = False) -> torch.Tensor:
+    """Forward and backward of one micro batch (its gradients are added to .grad); returns its loss."""
+    loss = lm_loss(engine.model, batch, device, autocast_dtype_of(cfg), groups.tensor_model_parallel_group,
+                   groups.context_parallel_group, autocast_cache=not cfg.cuda_graph)
+    if inject_nan:
+        loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
+    engine.backward(loss)
+    return loss
+
+
+def build_cuda_graph(engine: BuiltinDataParallel | DeepSpeedDataParallel, cfg: TrainingConfig, device: torch.device,
+                     groups: ParallelGroups) -> CudaGraphStep | None:
+    """With --cuda-graph, what runs train_step's micro batches: forward_backward, eager for the first
+    WARMUP_ITERATIONS iterations, then replayed as a CUDA graph (training/cuda_graph.py). None without the flag."""
+    if not cfg.cuda_graph:
+        return None
+    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
+    return CudaGraphStep(lambda batch: forward_backward(engine, batch, cfg, device, groups),
+                         engine.model.parameters(), device, warmup_calls=WARMUP_ITERATIONS * num_micro)
+
+
 def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterator[dict[str, torch.Tensor]],
                cfg: TrainingConfig, device: torch.device, groups: ParallelGroups,
-               inject_nan: bool = False) -> tuple[float, bool, StepResult]:
+               inject_nan: bool = False, graph: CudaGraphStep | None = None) -> tuple[float, bool, StepResult]:
     """One iteration: forward and backward over the micro batches (gradient accumulation up to the global batch),
     then the engine reduces the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and
     steps. Returns the loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens), whether it
-    is finite on every rank, and the engine's StepResult. inject_nan makes this rank's first loss NaN."""
+    is finite on every rank, and the engine's StepResult. inject_nan makes this rank's first loss NaN.
+    graph (build_cuda_graph, --cuda-graph) runs the micro batches; the one with inject_nan runs eagerly."""
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host sync per step
     for micro in range(num_micro):
-        loss = lm_loss(engine.model, next(data), device, autocast_dtype_of(cfg), groups.tensor_model_parallel_group,
-                       groups.context_parallel_group)
-        if micro == 0 and inject_nan:
-            loss = loss * float("nan")  # testing aid (--inject-nan-at): a NaN loss and NaN gradients
-        engine.backward(loss)
+        batch, nan = next(data), micro == 0 and inject_nan
+        if graph is None or nan:
+            loss = forward_backward(engine, batch, cfg, device, groups, inject_nan=nan)
+        else:
+            loss = graph(batch)  # the graph's static loss: read here, before the next micro batch's replay
         total += loss.detach().double() / num_micro
     dp_cp = groups.data_parallel_size * groups.context_parallel_size
     total = all_reduce_scalar(total.item(), groups.data_context_parallel_group) / dp_cp
@@ -401,11 +432,13 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     interval_losses, nan_iterations, consecutive_nan, exit_reason = [], 0, 0, "finished"
     interval_start = time.time()
     engine.model.train()
+    graph = build_cuda_graph(engine, cfg, device, groups)
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
         total, loss_is_finite, step = train_step(engine, data, cfg, device, groups,
-                                                 inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0)
+                                                 inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0,
+                                                 graph=graph)
         grad_norm = step.grad_norm
         iteration += 1
         consumed_samples += cfg.global_batch_size

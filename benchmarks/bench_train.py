@@ -5,13 +5,17 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py --configs small,1.3b --steps 20 --markdown bench.md
     python benchmarks/bench_train.py --configs 1.3b --no-ours          # fla's model alone
     python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel
-    python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
+    python benchmarks/bench_train.py --configs small --no-fla --cuda-graph      # ours with --cuda-graph
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
     torchrun --nproc-per-node 4 benchmarks/bench_train.py --configs 1.3b --zero-stage 1 --no-fla   # data parallel
 
 Ours runs the training path of pretrain_gdn.py itself (its setup_run, build_engine and train_step): the same model
 construction, mixed precision (fp32 weights and AdamW under bf16 autocast), engine (the built-in one, or DeepSpeed
-with --zero-stage), loss (pretrain_gdn.lm_loss) and step (gradient reduction, clipping, AdamW), on --mock-data.
+with --zero-stage), loss (pretrain_gdn.lm_loss) and step (gradient reduction, clipping, AdamW), on --mock-data;
+with --cuda-graph, its micro batches are replayed as a CUDA graph (pretrain_gdn.py --cuda-graph; the eager warm-up
+iterations and the capture fall in the untimed warm-up steps; configurations that recompute are skipped).
 fla's model runs the loop its users write: bf16 weights, torch.optim.AdamW(fused=True), the loss from its forward
 with labels, gradient checkpointing (its `gradient_checkpointing_enable()`) where the configuration recomputes.
 Both see the same tokens.
@@ -51,6 +55,7 @@ from megatron_gdn.config import parse_args  # noqa: E402
 from megatron_gdn.data.mock_dataset import MockGPTDataset  # noqa: E402
 from megatron_gdn.models import GatedDeltaNetConfig  # noqa: E402
 from megatron_gdn.parallel import destroy_model_parallel, get_rank, launched_world_size  # noqa: E402
+from megatron_gdn.training.cuda_graph import WARMUP_ITERATIONS  # noqa: E402
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token  # noqa: E402
 
 VOCAB_SIZE = 32000
@@ -137,6 +142,8 @@ def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int
         flags += ["--device", "cpu"]
     if case.recompute:
         flags += ["--recompute-granularity", case.recompute]
+    if args.cuda_graph:
+        flags.append("--cuda-graph")
     if args.zero_stage is not None:
         flags += ["--zero-stage", str(args.zero_stage)]
     return flags
@@ -144,6 +151,9 @@ def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int
 
 def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     """pretrain_gdn's training step, as train() runs it (minus logging, evaluation and checkpoints)."""
+    if args.cuda_graph and case.recompute:
+        result.status = "skipped: --cuda-graph refuses recomputation"
+        return result
     config, cfg = parse_args(training_flags(case, args, launched_world_size()))
     groups, device, ds_config = pretrain_gdn.setup_run(config, cfg)
     torch.manual_seed(cfg.seed)
@@ -154,7 +164,8 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     engine.model.train()
     data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size, groups.data_parallel_rank,
                                 groups.data_parallel_size)
-    step = lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups)  # noqa: E731
+    graph = pretrain_gdn.build_cuda_graph(engine, cfg, device, groups)  # None without --cuda-graph
+    step = lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups, graph=graph)  # noqa: E731
     result.step_ms = median_step_ms(step, args.warmup, args.steps, device)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
@@ -225,8 +236,10 @@ def measured(run: Callable[..., Result], case: Case, args: argparse.Namespace, r
         torch.cuda.reset_peak_memory_stats(device)
     try:
         result = run(case, args, result, *extra)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as error:
         result.status = "OOM"
+        # what was asked for, and how much was allocated and reserved: fragmentation or a real lack of memory
+        print(f"{result.config} {result.implementation}: {' '.join(str(error).split())[:700]}", file=sys.stderr)
     # The failed run's frames (and its tensors) are gone once the except block is left.
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -287,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                         "PROFILE/<config>.txt")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                         help="ours through DeepSpeed ZeRO (as pretrain_gdn.py --zero-stage)")
+    parser.add_argument("--cuda-graph", action="store_true", help="ours replays each micro batch's forward and "
+                        "backward as a CUDA graph (as pretrain_gdn.py --cuda-graph; GPU, built-in engine)")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the results to this file (benchmarks/bench_dp_scaling.sh reads it)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")
@@ -296,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--no-ours and --no-fla leave nothing to time")
     if args.device == "cpu" and not args.tiny:
         parser.error("no GPU: the benchmark configurations need one (use --tiny for the CPU smoke run)")
+    if args.cuda_graph and (args.device == "cpu" or args.zero_stage):
+        parser.error("--cuda-graph needs a GPU and the built-in engine (no --tiny, no --zero-stage 1-3)")
+    if args.cuda_graph and args.warmup < WARMUP_ITERATIONS + 1:
+        parser.error(f"--cuda-graph needs --warmup >= {WARMUP_ITERATIONS + 1}: {WARMUP_ITERATIONS} eager iterations, "
+                     f"then the one that captures the graph")
     cases = {"tiny": TINY} if args.tiny else {}
     for name in ([] if args.tiny else args.configs.split(",")):
         if name not in CASES:
@@ -328,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
         peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         header = versions(device, fla_note) + f"; ours on {world_size} rank(s), ZeRO stage {args.zero_stage or 0}"
+        if args.cuda_graph:
+            header += "; ours with --cuda-graph"
         if args.max_memory_gib and device.type == "cuda":
             header += f"; GPU memory capped at {args.max_memory_gib:g} GiB"
         text = table(results, cases, header, peak)

@@ -36,8 +36,9 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
                                   short_conv, swiglu)
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
-F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dw", "dG", "dg",
-       "dbeta", "ddt_bias", "dA_log", "rstd", "dweight", "dbias", "dpre", "row_max", "sums", "lse", "row_scale"}
+F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dg",
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
+       "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -81,20 +82,25 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
 
 
 def chunk_runs(dtype: str) -> list:
-    """The chunk kernels at K = V = 128 (the scans also at K = 256), with the configurations chunk.py launches.
+    """The chunk kernels at K = V = 128 (the scans and o also at K = 256), with the configurations chunk.py launches.
     The autotuned ones (wu, scans) skip a config that raises OutOfResources, so an OVER row there only fails
     when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
     precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
     runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64,
-                                                 PRECISION=precision, **gate), nw, 3) for nw in (4, 8)]
+                                                 PRECISION=precision, **gate), cfg.num_warps, 3)
+             for cfg in C.INTRA_CONFIGS]
     runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.WU_CONFIGS]
-    bv = 64 if dtype != "fp32" else 32  # chunk._bwd's dqkw blocks
-    runs += [(f"dqkw BV={bv}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=bv), C.CHUNK_WARPS, 3),
-             ("wy", C.chunk_bwd_wy_kernel, dict(base, BK=32, BV=32, NK=2, **gate), C.CHUNK_WARPS, 3)]
-    # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512.
+    wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
+    runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
+              3),
+             (f"dqkw BV={wide}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=wide), C.CHUNK_WARPS, 3),
+             (f"wy BK=BV={wide}", C.chunk_bwd_wy_kernel, dict(base, BK=wide, BV=wide, NK=2, **gate), C.CHUNK_WARPS,
+              3)]
+    # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
+    # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):
         shape = dict(base, K=K, V=V, BK=C._pow2(K))
         for cfg in C.SCAN_CONFIGS:
@@ -105,6 +111,8 @@ def chunk_runs(dtype: str) -> list:
                       STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns),
                      (f"scan bwd K={K} BV={bv}", C.chunk_scan_bwd_kernel, dict(shape, BV=bv, USE_DHT=True,
                       STORE_DH0=True), nw, ns)]
+        runs += [(f"o K={K} BK={cfg.kwargs['BK']} BV={cfg.kwargs['BV']}", C.chunk_o_kernel, dict(shape, **cfg.kwargs),
+                  cfg.num_warps, cfg.num_stages) for cfg in C.O_CONFIGS]
     return runs
 
 

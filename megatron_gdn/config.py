@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .models.configuration import MODEL_PRESETS, GatedDeltaNetConfig
+from .training.cuda_graph import check_cuda_graph_config
 from .training.recompute import RECOMPUTE_GRANULARITIES
 
 
@@ -84,6 +85,10 @@ class TrainingConfig:
                                             "FLOPs) or full (each whole block: one hidden-state tensor per block is "
                                             "kept; ~30%% more FLOPs); giving it turns recomputation on",
                                             choices=list(RECOMPUTE_GRANULARITIES))
+    # Launch overhead (megatron_gdn/training/cuda_graph.py)
+    cuda_graph: bool = arg(False, "replay each micro batch's forward and backward as one CUDA graph, captured after "
+                           "2 eager warm-up iterations (GPU; the built-in engine, --bf16, dense batches; not with "
+                           "TP/CP > 1, ZeRO, --fp16, fp32, --reset-state-at-eod or recomputation)")
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")
@@ -147,6 +152,8 @@ class TrainingConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel splits activations across the tensor-parallel ranks: it needs "
                              "--tensor-model-parallel-size > 1")
+        if self.cuda_graph:
+            check_cuda_graph_config(self)
         if self.sequence_parallel and self.seq_length % self.tensor_model_parallel_size:
             raise ValueError(f"--sequence-parallel needs --seq-length ({self.seq_length}) divisible by "
                              f"--tensor-model-parallel-size ({self.tensor_model_parallel_size})")

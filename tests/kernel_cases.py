@@ -68,6 +68,24 @@ def poisoned_empty():
         torch.empty, torch.empty_like = real_empty, real_like
 
 
+@contextlib.contextmanager
+def forced_o_path(path: str | None):
+    """While active, the Triton forward takes the given path ('fused': o inside the scan; 'split': the scan stores
+    the states, chunk_o_kernel computes o) whatever chunk.split_o would choose; None leaves the rule alone."""
+    if path is None:
+        yield
+        return
+    if path not in ("fused", "split"):
+        raise ValueError(f"o_path must be 'fused', 'split' or None; got {path!r}")
+    from megatron_gdn.kernels import chunk
+    rule = chunk.split_o
+    chunk.split_o = lambda *args: path == "split"
+    try:
+        yield
+    finally:
+        chunk.split_o = rule
+
+
 def make_inputs(B=1, T=100, H=2, HV=2, K=32, V=24, cu_seqlens=None, initial_state=True, gate=False, beta_logits=False,
                 gate_scale=1.0, zero_gate_frac=0.0, dtype=torch.float32, device="cpu", seed=0):
     """Random inputs of one case as a dict of kwargs for the public op (leaves require grad)."""
@@ -109,8 +127,10 @@ def reference(x: dict, cu_seqlens, allow_neg_eigval=False, l2norm=True):
     return fn(x["q"].double(), x["k"].double(), x["v"].double(), g, beta, None, h0, True, cu_seqlens, l2norm)
 
 
-def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=False, l2norm=True, seed=0, **shape):
-    """Relative errors {name: float} of the op against the fp64 reference, forward and backward."""
+def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=False, l2norm=True, seed=0,
+             o_path=None, **shape):
+    """Relative errors {name: float} of the op against the fp64 reference, forward and backward; o_path forces
+    the chunked forward's path (forced_o_path)."""
     beta_logits = shape.get("beta_logits", False) or allow_neg_eigval
     shape["beta_logits"] = beta_logits
     device = shape.get("device", "cpu")
@@ -119,7 +139,7 @@ def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=Fal
     gate = "A_log" in x
     fn = chunk_gated_delta_rule if op == "chunk" else fused_recurrent_gated_delta_rule
     # the recurrent kernel is forward-only: with gradients enabled the op would run the chunked kernels
-    with torch.set_grad_enabled(op == "chunk"):
+    with torch.set_grad_enabled(op == "chunk"), forced_o_path(o_path):
         o, ht = fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["initial_state"], output_final_state=True,
                    cu_seqlens=cu, use_qk_l2norm_in_kernel=l2norm, use_gate_in_kernel=gate, A_log=x.get("A_log"),
                    dt_bias=x.get("dt_bias"), use_beta_sigmoid_in_kernel=beta_logits,

@@ -55,21 +55,25 @@ def _poisoned():
         yield
 
 
+# Both forward paths, forced: on an H100 / H200 the rule (chunk.split_o) picks the split one for every case but
+# the 50 documents, so unforced the fused one would go almost untested.
+@pytest.mark.parametrize("o_path", ["fused", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_chunk_bf16_within_budget(name):
-    errors = run_case(backend="triton", op="chunk", **GPU_CASES[name], **BF16)
-    print(name, " ".join(f"{k}={e:.1e}" for k, e in errors.items()))
+def test_chunk_bf16_within_budget(name, o_path):
+    errors = run_case(backend="triton", op="chunk", o_path=o_path, **GPU_CASES[name], **BF16)
+    print(name, o_path, " ".join(f"{k}={e:.1e}" for k, e in errors.items()))
     assert not over_budget(errors, bf16=True), errors
 
 
 FP32_CASE = dict(GPU_CASES["dense_fused_gate_beta"], K=64)
 
 
-def test_chunk_fp32_inputs_within_budget():
+@pytest.mark.parametrize("o_path", ["fused", "split"])
+def test_chunk_fp32_inputs_within_budget(o_path):
     """fp32 inputs launch other tiles than bf16 ones (dqkw's 32-wide V blocks: its 64-wide fp32 blocks once raised
     OutOfResources), so they get their own case, at the largest K the Triton path takes in fp32. Their matrix
     products run in tf32 (Triton's default for fp32 tl.dot), so the bf16 budgets apply."""
-    errors = run_case(backend="triton", op="chunk", **FP32_CASE, dtype=torch.float32, device="cuda")
+    errors = run_case(backend="triton", op="chunk", o_path=o_path, **FP32_CASE, dtype=torch.float32, device="cuda")
     print(" ".join(f"{k}={e:.1e}" for k, e in errors.items()))
     assert not over_budget(errors, bf16=True), errors
 
@@ -89,7 +93,10 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
 
 # The autotuned chunk kernels: a GPU test only checks the outputs of the configuration the autotuner picks for its
 # shape, while other shapes pick others (and an untested configuration once crashed on large grids).
-AUTOTUNED = ("chunk_intra_kernel", "chunk_wu_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel")
+AUTOTUNED = ("chunk_intra_kernel", "chunk_wu_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel",
+             "chunk_o_kernel")
+# the forward paths that launch each (None: the rule chunk.split_o decides)
+O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "split"), "chunk_o_kernel": ("split",)}
 
 
 @pytest.mark.parametrize("kernel", AUTOTUNED)
@@ -106,13 +113,13 @@ def test_every_autotuned_configuration_within_budget(kernel, monkeypatch):
     ran = 0
     for config in list(tuner.configs):
         monkeypatch.setattr(tuner, "configs", [config])  # one configuration: the autotuner runs it unbenchmarked
-        for name, case in cases.items():
+        for (name, case), o_path in itertools.product(cases.items(), O_PATHS.get(kernel, (None,))):
             try:
-                errors = run_case(backend="triton", op="chunk", **case, **BF16)
+                errors = run_case(backend="triton", op="chunk", o_path=o_path, **case, **BF16)
             except OutOfResources:
                 continue
             ran += 1
-            assert not over_budget(errors, bf16=True), (kernel, str(config), name, errors)
+            assert not over_budget(errors, bf16=True), (kernel, str(config), name, o_path, errors)
     assert ran >= len(tuner.configs)  # each configuration fits at least one of the two head sizes
 
 

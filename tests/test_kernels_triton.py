@@ -38,6 +38,12 @@ CHUNK_CASES = {
     "K_256": dict(T=65, H=1, HV=1, K=256, V=16),
     "no_initial_state_no_l2norm": dict(B=2, T=70, initial_state=False, l2norm=False),
 }
+# Every case above runs the fused forward (o inside the scan); these also run the split forward (the scan stores
+# the per-chunk states and vn, chunk_o_kernel computes o). Each is forced, whatever chunk.split_o would choose.
+SPLIT_O_CASES = ["dense_T_not_multiple_of_64", "T_below_64", "varlen_with_length_1_docs", "K_V_not_powers_of_two",
+                 "K_256", "no_initial_state_no_l2norm"]
+CHUNK_CASES = {**{name: dict(case, o_path="fused") for name, case in CHUNK_CASES.items()},
+               **{f"{name}_split_o": dict(CHUNK_CASES[name], o_path="split") for name in SPLIT_O_CASES}}
 # The chunked form in fp32 (ours and reference.chunk_gated_delta_rule_torch alike) keeps only ~3 digits of
 # dA_log / ddt_bias under strong decay: dG is a sum of terms that cancel, and dA_log weights it by g ~ -50.
 LOOSER = {"strong_fused_gate": {"dg": 1e-3, "dA_log": 1e-2, "ddt_bias": 1e-2}}
@@ -127,6 +133,18 @@ def test_fused_recurrent_matches_oracle(results, name):
 def test_extra(results, name):
     errors = results[name]
     assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_split_o_rule():
+    """chunk.split_o on 132 SMs (an H100 / H200) at the benchmark's shapes and the GPU tests' 50 documents."""
+    from megatron_gdn.kernels.chunk import split_o
+    assert split_o(1, 16, 128, 128, 132)  # B1 T32768 H16: 32 programs with 64-wide V blocks
+    assert split_o(2, 16, 128, 128, 132)  # B2 T4096 H16: 64, up to half the SMs
+    assert not split_o(4, 16, 128, 128, 132)  # B4 T4096 H16: 128, more than half
+    assert split_o(8, 6, 256, 512, 132)  # the 1.3b preset's heads: 384 programs, but K = 256
+    assert not split_o(16, 32, 128, 128, 132)  # B16 T2048 H32: 1024 programs
+    assert not split_o(50, 4, 128, 128, 132)  # 50 documents, HV = 4: 400 programs
+    assert split_o(4, 16, 128, 128, 264)  # B4 T4096 H16 on a GPU with twice the SMs: 128, half of them
 
 
 def _inputs(B=1, T=8, H=2, HV=2, K=16, V=16):

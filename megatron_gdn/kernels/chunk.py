@@ -11,10 +11,13 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
 
 Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu``
 (per chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V
-columns: the sequential pass over chunks, which also writes o, so the per-chunk states never reach memory).
+columns: the sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk
+states never reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states
+and vn instead and ``o`` computes the output with one program per chunk, head and block of V (the split path).
 Backward reuses the forward's G, beta and Ai, recomputes wu and the forward scan (this time storing the
-per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqkw`` (per chunk:
-dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
+per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the
+gradient of the intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the
+intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
 Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the
 gradients of the fused gate and beta sigmoid).
 
@@ -25,17 +28,20 @@ all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, softplus, store_rows)
+                           load_gates, load_rows, load_rows_t, softplus, store_rows, transpose_via_scratch)
 
-# Sub-block of the triangular inverse: diagonal blocks are inverted by substitution (SUB_CHUNK - 1 sequential
-# steps, each two reductions over the tile), then merged pairwise by matrix products (log2(64 / SUB_CHUNK)
-# levels on the tensor cores). Measured on an H200 (B4 T4096 H16 K128), 4 is the fastest.
+# Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
+# inverted by substitution (SUB_CHUNK - 1 sequential steps, each two reductions over the tile), then merged
+# pairwise by matrix products (log2(16 / SUB_CHUNK) levels). 4 was the fastest on an H200 (B4 T4096 H16 K128)
+# when the whole 64-row chunk was merged this way; not re-measured for the 16-row blocks.
 SUB_CHUNK = 4
 # Precision of the fp32 products that merge the inverse's blocks. tf32 loses mantissa bits in a step that can
 # amplify errors, but the inverse is stored in the input dtype (bf16 in training) right after, and measured on
@@ -60,15 +66,16 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     o_i = tl.arange(0, BT)
     r, c = o_i[:, None], o_i[None, :]
     m_blk = (r // BC) == (c // BC)
-    # Substitution on the transpose (column i of AiT is row i of Ai): the row of A comes out of a reduction
-    # over rows, indexed by column, which is the layout that broadcasts against AiT's rows, so no step needs
-    # a layout conversion.
-    b_AiT = tl.where(r == c, 1., 0.)
+    # Step s: row s of each block, Ai[s, :] = e_s - sum_j A[s, j] Ai[j, :]. A's row comes out of a reduction over
+    # rows, indexed by column j, and multiplies Ai's rows j: b_a[:, None] converts its layout (through shared
+    # memory), which on these small tiles costs less than the alternative, substituting on the transpose and
+    # transposing the result with tl.trans, the pattern Triton 3.4-3.7.0 miscompiles on Hopper when the tile
+    # descends from a matrix product (as A does, from k k^T).
+    b_Ai = tl.where(r == c, 1., 0.)
     for s in range(1, BC):
         b_a = tl.sum(tl.where(((r % BC) == s) & m_blk, b_A, 0.), axis=0)  # [BT]: row s of each block, by column
-        b_sub = tl.sum(b_a[None, :] * b_AiT, axis=1)  # [BT]: sum_j A[i, j] Ai[j, :], by column of Ai
-        b_AiT = tl.where(((c % BC) == s) & m_blk, b_AiT - b_sub[:, None], b_AiT)
-    b_Ai = tl.trans(b_AiT)  # a transpose of elementwise results, not of a matrix product
+        b_sub = tl.sum(b_a[:, None] * b_Ai, axis=0)  # [BT]: sum_j A[s, j] Ai[j, :] (Ai is block diagonal here)
+        b_Ai = tl.where(((r % BC) == s) & m_blk, b_Ai - b_sub[None, :], b_Ai)
     for lvl in tl.static_range(0, 8):
         if (BC << lvl) < BT:
             # blocks of BC << lvl rows: same pair of blocks, different blocks <=> block indices differ in bit 0
@@ -78,8 +85,51 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.co
     return b_Ai
 
 
-# The inverse's per-program work differs a lot with the head dim; the warps are tuned per shape.
-INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (8, 4)]
+@triton.jit
+def gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV: tl.constexpr, BB: tl.constexpr,
+                  GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
+    """(log decay, beta) of rows t1.. (BB of them) of one value head, fp32; 0 past eos."""
+    o_t = t1 + tl.arange(0, BB)
+    m_t = o_t < eos
+    b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if GATE_IN_KERNEL:
+        b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
+        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
+    b_beta = tl.load(beta + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if BETA_SIGMOID:
+        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
+    return b_g, b_beta
+
+
+@triton.jit
+def store_gates(G, beta_out, b_G, b_beta, t1, eos, i_hv, HV: tl.constexpr, BB: tl.constexpr):
+    o_t = t1 + tl.arange(0, BB)
+    tl.store(G + o_t * HV + i_hv, b_G, mask=o_t < eos)
+    tl.store(beta_out + o_t * HV + i_hv, b_beta, mask=o_t < eos)
+
+
+@triton.jit
+def decayed_block(b_kk, b_Gi, b_Gj, b_beta, DIAGONAL: tl.constexpr, BB: tl.constexpr):
+    """Block (i, j) of A = strict_lower(beta_r (k_r . k_c) exp(G_r - G_c)) from its k k^T block: every entry of
+    a block below the diagonal is below it (G_r - G_c <= 0 there), a diagonal block keeps its strict lower part."""
+    if DIAGONAL:
+        o = tl.arange(0, BB)
+        m = o[:, None] > o[None, :]
+        return tl.where(m, b_kk * tl.exp(tl.where(m, b_Gi[:, None] - b_Gj[None, :], 0.)) * b_beta[:, None], 0.)
+    return b_kk * tl.exp(b_Gi[:, None] - b_Gj[None, :]) * b_beta[:, None]
+
+
+@triton.jit
+def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: tl.constexpr, j: tl.constexpr,
+                BB: tl.constexpr):
+    """Block (i, j) of the chunk's [BT, BT] inverse into its rows and columns of Ai ([rows, HV, BT])."""
+    store_rows(Ai, b_X, t0 + i * BB, eos, i_hv, HV, BT, j * BB + tl.arange(0, BB), BB)
+
+
+# The per-program work differs a lot with the head dim; the warps are tuned per shape. The [16, 16] tiles are
+# replicated across warps, so more warps barely lower the registers per thread (bf16, K = 128: 247 at 2 warps,
+# 248 at 4, 192 at 8, no spills; kernel_resources.py), while 2 warps let several programs share an SM.
+INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (4, 8, 2)]
 
 
 @triton.autotune(configs=configs(INTRA_CONFIGS), key=["H", "HV", "K", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
@@ -90,34 +140,93 @@ def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, 
                        BETA_SCALE: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, and Ai = (I + A)^-1.
 
-    Ai is stored (input dtype, [rows, HV, BT]) for chunk_wu_kernel and for the backward, which then
-    never inverts again.
+    The chunk is cut into 4 blocks of BB = BT / 4 rows, and everything is computed on [BB, BB] tiles: the 10
+    blocks of k k^T on or below the diagonal, the inverses of the 4 diagonal blocks of I + A (unit_lower_inverse),
+    then the blocks below the diagonal by block forward substitution,
+        Ai_ij = -Ai_ii sum_{j <= m < i} A_im Ai_mj,
+    16 small products where whole-tile merges took 8 products of [BT, BT] tiles and masked most of their
+    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for chunk_wu_kernel and
+    for the backward, which then never inverts again.
     """
+    tl.static_assert(BT == 64, "the block solve is written for 4 blocks of 16 rows")
+    BB: tl.constexpr = BT // 4
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
-    o_t = tl.arange(0, BT)
-    m_t = t0 + o_t < eos
-    r, c = o_t[:, None], o_t[None, :]
-    p_tok = (t0 + o_t) * HV + i_hv  # [BT] offsets into [rows, HV] tensors
+    t1, t2, t3 = t0 + BB, t0 + 2 * BB, t0 + 3 * BB
 
-    b_g = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32)
-    if GATE_IN_KERNEL:
-        b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
-        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
-    b_G = tl.cumsum(b_g, axis=0)  # [BT], non-increasing; padded rows repeat the last value
-    tl.store(G + p_tok, b_G, mask=m_t)
-    b_beta = tl.load(beta + p_tok, mask=m_t, other=0.).to(tl.float32)
-    if BETA_SIGMOID:
-        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
-    tl.store(beta_out + p_tok, b_beta, mask=m_t)
+    # G: the cumsum within each block plus the sum of the blocks before it (padded rows repeat the last value)
+    g0, be0 = gate_and_beta(g, beta, A_log, dt_bias, t0, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g1, be1 = gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g2, be2 = gate_and_beta(g, beta, A_log, dt_bias, t2, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    g3, be3 = gate_and_beta(g, beta, A_log, dt_bias, t3, eos, i_hv, HV, BB, GATE_IN_KERNEL, BETA_SIGMOID, BETA_SCALE)
+    c1 = tl.sum(g0, axis=0)
+    c2 = c1 + tl.sum(g1, axis=0)
+    c3 = c2 + tl.sum(g2, axis=0)
+    G0, G1, G2, G3 = tl.cumsum(g0, axis=0), tl.cumsum(g1, axis=0) + c1, tl.cumsum(g2, axis=0) + c2, \
+        tl.cumsum(g3, axis=0) + c3
+    store_gates(G, beta_out, G0, be0, t0, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G1, be1, t1, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G2, be2, t2, eos, i_hv, HV, BB)
+    store_gates(G, beta_out, G3, be3, t3, eos, i_hv, HV, BB)
 
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    kk00 = tl.zeros([BB, BB], dtype=tl.float32)
+    kk10, kk11 = tl.zeros_like(kk00), tl.zeros_like(kk00)
+    kk20, kk21, kk22 = tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00)
+    kk30, kk31, kk32, kk33 = tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00), tl.zeros_like(kk00)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        b_kk += tl.dot(load_rows(k, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
-    b_A = tl.where(r > c, b_kk * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)) * b_beta[:, None], 0.)
-    store_rows(Ai, unit_lower_inverse(b_A, BT, BC, PRECISION), t0, eos, i_hv, HV, BT, o_t, BT)
+        k0, k0t = load_rows(k, t0, eos, i_h, H, K, o_k, BB), load_rows_t(k, t0, eos, i_h, H, K, o_k, BB)
+        k1, k1t = load_rows(k, t1, eos, i_h, H, K, o_k, BB), load_rows_t(k, t1, eos, i_h, H, K, o_k, BB)
+        k2, k2t = load_rows(k, t2, eos, i_h, H, K, o_k, BB), load_rows_t(k, t2, eos, i_h, H, K, o_k, BB)
+        k3 = load_rows(k, t3, eos, i_h, H, K, o_k, BB)
+        kk00 += tl.dot(k0, k0t)
+        kk10 += tl.dot(k1, k0t)
+        kk11 += tl.dot(k1, k1t)
+        kk20 += tl.dot(k2, k0t)
+        kk21 += tl.dot(k2, k1t)
+        kk22 += tl.dot(k2, k2t)
+        kk30 += tl.dot(k3, k0t)
+        kk31 += tl.dot(k3, k1t)
+        kk32 += tl.dot(k3, k2t)
+        kk33 += tl.dot(k3, load_rows_t(k, t3, eos, i_h, H, K, o_k, BB))
+
+    i0 = unit_lower_inverse(decayed_block(kk00, G0, G0, be0, True, BB), BB, BC, PRECISION)
+    i1 = unit_lower_inverse(decayed_block(kk11, G1, G1, be1, True, BB), BB, BC, PRECISION)
+    i2 = unit_lower_inverse(decayed_block(kk22, G2, G2, be2, True, BB), BB, BC, PRECISION)
+    i3 = unit_lower_inverse(decayed_block(kk33, G3, G3, be3, True, BB), BB, BC, PRECISION)
+    A10 = decayed_block(kk10, G1, G0, be1, False, BB)
+    A20 = decayed_block(kk20, G2, G0, be2, False, BB)
+    A21 = decayed_block(kk21, G2, G1, be2, False, BB)
+    A30 = decayed_block(kk30, G3, G0, be3, False, BB)
+    A31 = decayed_block(kk31, G3, G1, be3, False, BB)
+    A32 = decayed_block(kk32, G3, G2, be3, False, BB)
+    a10 = -tl.dot(tl.dot(i1, A10, input_precision=PRECISION), i0, input_precision=PRECISION)
+    a21 = -tl.dot(tl.dot(i2, A21, input_precision=PRECISION), i1, input_precision=PRECISION)
+    a32 = -tl.dot(tl.dot(i3, A32, input_precision=PRECISION), i2, input_precision=PRECISION)
+    a20 = -tl.dot(i2, tl.dot(A20, i0, input_precision=PRECISION) + tl.dot(A21, a10, input_precision=PRECISION),
+                  input_precision=PRECISION)
+    a31 = -tl.dot(i3, tl.dot(A31, i1, input_precision=PRECISION) + tl.dot(A32, a21, input_precision=PRECISION),
+                  input_precision=PRECISION)
+    a30 = -tl.dot(i3, tl.dot(A30, i0, input_precision=PRECISION) + tl.dot(A31, a10, input_precision=PRECISION)
+                  + tl.dot(A32, a20, input_precision=PRECISION), input_precision=PRECISION)
+    zero = tl.zeros_like(kk00)
+    store_block(Ai, i0, t0, eos, i_hv, HV, BT, 0, 0, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 1, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 0, 3, BB)
+    store_block(Ai, a10, t0, eos, i_hv, HV, BT, 1, 0, BB)
+    store_block(Ai, i1, t0, eos, i_hv, HV, BT, 1, 1, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 1, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 1, 3, BB)
+    store_block(Ai, a20, t0, eos, i_hv, HV, BT, 2, 0, BB)
+    store_block(Ai, a21, t0, eos, i_hv, HV, BT, 2, 1, BB)
+    store_block(Ai, i2, t0, eos, i_hv, HV, BT, 2, 2, BB)
+    store_block(Ai, zero, t0, eos, i_hv, HV, BT, 2, 3, BB)
+    store_block(Ai, a30, t0, eos, i_hv, HV, BT, 3, 0, BB)
+    store_block(Ai, a31, t0, eos, i_hv, HV, BT, 3, 1, BB)
+    store_block(Ai, a32, t0, eos, i_hv, HV, BT, 3, 2, BB)
+    store_block(Ai, i3, t0, eos, i_hv, HV, BT, 3, 3, BB)
 
 
 # None spills at K = V = 128 (benchmarks/kernel_resources.py); on the H200 the tuner took 64-wide blocks, 8 warps.
@@ -164,8 +273,9 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
-# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they run out of registers
-# (K = 128: 255 registers and 308 B of spills per thread in dqkw; 8 warps: 184, none; kernel_resources.py).
+# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
+# (K = V = 128, kernel_resources.py: dqkw 255 registers in bf16, and 132 B of spills per thread with fp32 inputs;
+# wy with 64-wide blocks 255; 8 warps: dqkw 162, wy 235, no spills).
 CHUNK_WARPS = 8
 
 
@@ -236,6 +346,43 @@ def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chun
         tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
 
 
+# Tiles of chunk_o_kernel ([BT, BV] of o per program, BK rows of the state at a time); no config spills or needs
+# more than 227 KB of shared memory in bf16 or fp32 (benchmarks/kernel_resources.py).
+O_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=nw, num_stages=ns)
+             for bk, bv, nw, ns in ((64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2))]
+
+
+@triton.autotune(configs=configs(O_CONFIGS), key=["H", "HV", "K", "V"])
+@triton.jit
+def chunk_o_kernel(q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The split forward's output, for one chunk, value head and BV columns: o = scale gamma q S + Aqk vn, from
+    the state S entering the chunk and vn, both stored by the scan (STORE_STATES) in the input dtype, which is
+    also what the fused scan rounds them to for these products.
+
+    A flat grid with the V blocks, then the value heads, varying fastest: the programs that read the same q
+    and Aqk tiles run side by side.
+    """
+    NV = tl.cdiv(V, BV)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_v, i_hv, i_t = i_p % NV, i_p // NV % HV, i_p // NV // HV
+    i_h = i_hv // (HV // H)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_h = h + (i_t * HV + i_hv) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_S = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
+        b_o += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), b_S)
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_o = b_o * (scale * tl.exp(b_G))[:, None] \
+        + tl.dot(load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT), load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT))
+    store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
+
+
 @triton.autotune(configs=configs(SCAN_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
@@ -270,18 +417,41 @@ def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, ch
 
 
 @triton.jit
-def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
+def chunk_bwd_dqk_intra_kernel(vn, do, G, dqk, cu_seqlens, chunk_indices, scale,
+                               HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk and value head: the gradient of the intra-chunk attention before its decay and mask,
+    d(q k^T) = scale * lower_incl((dO vn^T) exp(G_i - G_j)), stored fp32 [rows, HV, BT] for chunk_bwd_dqkw_kernel.
+
+    Computed once here instead of in each of dqkw's K-block programs (K / 64 of them), which also read it
+    transposed from memory for dk: a transpose of a register tile that is a matrix-multiply result is what
+    Triton 3.4-3.7.0 miscompiles on Hopper, so they used to compute the transposed product a second time.
+    """
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
+    o_t = tl.arange(0, BT)
+    r, c = o_t[:, None], o_t[None, :]
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_ds += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
+    b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
+    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+    store_rows(dqk, b_dsg, t0, eos, i_hv, HV, BT, o_t, BT)
+
+
+@triton.jit
+def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the
-    part of dG that comes from o and the state update (partial over K blocks; summed by the wy kernel)."""
+    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms, the latter from dqk, the output
+    of chunk_bwd_dqk_intra_kernel), dw = -dvn S^T, and the part of dG that comes from o and the state update
+    (partial over K blocks; summed by the wy kernel)."""
     i_t, i_k, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
     DT = k.dtype.element_ty
     o_t = tl.arange(0, BT)
     m_t = t0 + o_t < eos
-    r, c = o_t[:, None], o_t[None, :]
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_h = (i_t * HV + i_hv) * K * V
@@ -289,22 +459,19 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dvn S^T
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, computed, not transposed (see load_rows_t)
     b_dgl = tl.zeros([BK], dtype=tl.float32)  # <S, dS> partial
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_hv = (o_v < V)[:, None] & m_k[None, :]
         b_ht = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)  # [BV, BK]
         b_dht = tl.load(dh + p_h + o_k[None, :] * V + o_v[:, None], mask=m_hv, other=0.)
-        b_vn = load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
-        b_do = load_rows(do, t0, eos, i_hv, HV, V, o_v, BT)
-        b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
-        b_dq += tl.dot(b_do, b_ht)
-        b_dk += tl.dot(b_vn, b_dht)
-        b_dw += tl.dot(b_dvn, b_ht)
-        b_ds += tl.dot(b_do, load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
-        b_dst += tl.dot(b_vn, load_rows_t(do, t0, eos, i_hv, HV, V, o_v, BT))
+        # dw's product first. With it last, after dq's, which shares the operand b_ht, Triton 3.6 on an H100
+        # computed dw wrong (7-19% relative error) and differently run to run; dq and dk were exact. The same
+        # with 2 pipeline stages or the stores reordered; right with 1 stage (10-40% slower) and in this order
+        # (docs/KERNELS.md, "Miscompiles seen on the card"). test_same_inputs_same_outputs and the bf16 budgets guard it.
+        b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
+        b_dq += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
+        b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
 
     b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
@@ -313,9 +480,9 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
     i_last = tl.minimum(eos - t0, BT) - 1
     b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
-    # d(q k^T) of the intra-chunk attention, and its transpose
-    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
-    b_dstg = tl.where(r <= c, b_dst * tl.exp(tl.where(r <= c, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+    # d(q k^T) of the intra-chunk attention, and its transpose read back from memory
+    b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0) - b_sk
@@ -329,14 +496,15 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlen
 
 @triton.jit
 def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
-                        dg, dbeta, dA_log, ddt_bias, cu_seqlens, chunk_indices, ROWS,
+                        dg, dbeta, dA_log, ddt_bias, dA_scratch, cu_seqlens, chunk_indices, ROWS,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                         GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
     """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
 
     Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
-    of dA_log and ddt_bias when the gate is fused.
+    of dA_log and ddt_bias when the gate is fused. dA_scratch: one fp32 [BT, BT] tile per program
+    ([chunks, HV, BT, BT]), through which the gradient of A is transposed (transpose_via_scratch).
     """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
@@ -347,14 +515,12 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     r, c = o_t[:, None], o_t[None, :]
     p_tok = (t0 + o_t) * HV + i_hv
 
-    b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
-    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)
+    b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + p_tok, mask=m_t, other=0.)
     b_gamma = tl.exp(b_G)
     b_bg = b_beta * b_gamma
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dAi
-    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dG = tl.zeros([BT], dtype=tl.float32)
@@ -364,7 +530,6 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_dvn = load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT)
         b_vt = load_rows_t(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BV, BT]
         b_dT += tl.dot(b_dvn, (b_vt * b_beta[None, :]).to(DT))
-        b_dTt += tl.dot((b_v * b_beta[:, None]).to(DT), load_rows_t(dvn, t0, eos, i_hv, HV, V, o_v, BT))
         b_du = tl.dot(b_AiT, b_dvn)  # [BT, BV], d(beta v)
         store_rows(dv, b_du * b_beta[:, None], t0, eos, i_hv, HV, V, o_v, BT)
         b_dbeta += tl.sum(b_du * b_v.to(tl.float32), axis=1)
@@ -372,23 +537,24 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
         b_kt = load_rows_t(k, t0, eos, i_h, H, K, o_k, BT)  # [BK, BT]
-        b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT)
+        b_dw = load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT)
         b_dT += tl.dot(b_dw, (b_kt * b_bg[None, :]).to(DT))
-        b_dTt += tl.dot((b_k * b_bg[:, None]).to(DT), load_rows_t(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))
         b_kk += tl.dot(b_k, b_kt)
-    # dA = -Ai^T dAi Ai^T on the strict lower triangle, and its transpose from the transposed products
+    # dA = -Ai^T dAi Ai^T on the strict lower triangle
     b_dA = -tl.dot(tl.dot(b_AiT, b_dT.to(DT)).to(DT), b_AiT)
-    b_dAt = -tl.dot(tl.dot(b_Ai, b_dTt.to(DT)).to(DT), b_Ai)
     b_dA = tl.where(r > c, b_dA * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
-    b_dAt = tl.where(r < c, b_dAt * tl.exp(tl.where(r < c, b_G[None, :] - b_G[:, None], 0.)), 0.)
-    b_M = b_dA * b_beta[:, None] + b_dAt * b_beta[None, :]  # d(k k^T), both orientations
+    b_dAb = b_dA * b_beta[:, None]  # d(k_i . k_j) from A_ij, i > j
+    # d(k k^T) takes both orientations (k_i . k_j = k_j . k_i). The transpose is added in fp32 before the one
+    # rounding of the product that takes it, so the scratch tile holds fp32.
+    p_scratch = dA_scratch + (i_t * HV + i_hv) * BT * BT
+    b_M = b_dAb + transpose_via_scratch(b_dAb, p_scratch, BT)
     b_dbeta += tl.sum(b_dA * b_kk, axis=1)
     b_P = b_dA * b_kk * b_beta[:, None]  # dA * A
     b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
-        b_dkb = tl.dot(b_AiT, load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT).to(DT))  # d(beta gamma k)
+        b_dkb = tl.dot(b_AiT, load_rows(dw, t0, eos, i_hv, HV, K, o_k, BT))  # d(beta gamma k)
         b_dk = load_rows(dk, t0, eos, i_hv, HV, K, o_k, BT) + b_dkb * b_bg[:, None] + tl.dot(b_M.to(DT), b_k)
         store_rows(dk, b_dk, t0, eos, i_hv, HV, K, o_k, BT)
         b_s = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
@@ -466,6 +632,46 @@ def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, sca
     return o, h, vn, ht
 
 
+def _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices):
+    """Launch chunk_o_kernel: o from the per-chunk states h and vn of the scan (the split forward)."""
+    rows, H, K = q.shape
+    HV, V = vn.shape[1:]
+    o = torch.empty(rows, HV, V, dtype=q.dtype, device=q.device)
+    grid = lambda meta: (len(chunk_indices) * HV * triton.cdiv(V, meta["BV"]),)  # noqa: E731
+    chunk_o_kernel[grid](q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BT=CHUNK)
+    return o
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100 / H200's) elsewhere, so that the interpreter
+    takes the path such a GPU would."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
+    """Whether the forward stores the per-chunk states and computes o in chunk_o_kernel (the split path)
+    rather than inside the scan (the fused path). Tests replace this function to force either path.
+
+    The fused scan computes q S and Aqk vn, and loads q and Aqk, inside its sequential pass over the chunks. With
+    enough programs to keep the SMs busy, that work overlaps other programs' and the fused path saves writing and
+    reading the states (K V / 64 values per token and head). With few programs the SMs idle and the time is the
+    chain of chunk steps of one program; the split path shortens each step and computes o with every chunk in
+    parallel. Measured on an H100 (132 SMs; K = V = 128; programs counted with 64-wide V blocks, N x HV x V / 64),
+    fused scan against states scan + o kernel, ms: 32 programs (B1 T8192 H16) 0.274 / 0.275, 32 (B1 T32768 H16)
+    1.069 / 1.038, 64 (B2 T4096 H16) 0.202 / 0.193, 64 (B1 T32768 H32) 1.486 / 1.400, 128 (B4 T4096 H16)
+    0.247 / 0.323, 256 (B8 T2048 H16) 0.244 / 0.322. So: split up to half as many programs as SMs.
+
+    K > 128 splits whatever the count: the fused scan holds q's [64, K] tile too, so at K = 256 only its 16-wide
+    V blocks fit shared memory (bf16: 223 KB, one program per SM; 32-wide: 234 KB, over Hopper's 227), and every
+    16 columns reload q, w and k; B8 T2048 H6 K256 V512 (384 programs by the count above): fused 1.00 ms, split
+    0.36 + 0.23 (H100). The states-only scan fits 64-wide blocks at K = 256 (189 KB; kernel_resources.py).
+    """
+    return num_seqs * HV * triton.cdiv(V, 64) <= sms // 2 or K > 128
+
+
 def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale, need_dh0):
     rows, H, K = k.shape
     HV, V = do.shape[1:]
@@ -492,8 +698,16 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     chunk_indices, chunk_offsets = tables
     G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
     Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
-    o, _, _, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
-                            scale, output_final_state, store_states=False)
+    HV, V = v.shape[1:]
+    split = split_o(len(cu_seqlens) - 1, HV, k.shape[2], V, sm_count(k.device))
+    # The split path's states are not kept for the backward (which recomputes them): num_chunks x HV x K x V values,
+    # 6.4 GB per layer for the 1.3b preset at 256K tokens. The scan stores vn, which it computes anyway, rather than
+    # the o kernel recomputing it as u - w S: that would read w (as large as q) in every V block and add a product
+    # as large as q S, where storing vn costs one write and one read of a tensor the size of u.
+    o, h, vn, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
+                             scale, output_final_state, store_states=split)
+    if split:
+        o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
     return o, ht, (G, beta_f, Ai)
 
 
@@ -515,29 +729,36 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 312 KB (ptxas, sm_90a),
-    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (156 KB).
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64 if k.element_size() == 2 else 32)
+    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 262 KB (ptxas, sm_90a),
+    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (131 KB).
+    wide = 64 if k.element_size() == 2 else 32
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
     dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
     dk = torch.empty_like(dq)
-    dw = torch.empty_like(dq)
+    dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
+    dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
+    chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
+        vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
-        q, k, vn, G, h, dh, do, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
+        q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
-    del h, dh, vn  # the per-chunk states and their gradients (K x V per chunk and head) are done with
+    del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
-    # 32-wide blocks here: with 64, ptxas reported 828 bytes of register spills per thread, with 32, 144
+    dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
+    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 235 registers, no spills, 90 KB shared; 32-wide: 192,
+    # 49 KB). fp32 inputs keep 32-wide ones: 64-wide fit (180 KB) without spills, but take 254 registers at
+    # K = V = 64, the largest head dim the Triton path runs fp32 at.
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
-        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, cu_seqlens, chunk_indices, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, 32), BV=min(BV, 32), NK=NK, GATE_IN_KERNEL=gate,
+        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, wide), BV=BV, NK=NK, GATE_IN_KERNEL=gate,
         BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
     if gate:
         dA_log = dA_log.sum(0).to(A_log.dtype)

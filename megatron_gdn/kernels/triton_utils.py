@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: interpreter detection, chunk bookkeeping, tile loads.
+"""Helpers shared by the Triton kernels: interpreter detection, chunk bookkeeping, tile loads, stores, transposes.
 
 Whether Triton runs kernels compiled or in its interpreter is decided when ``@triton.jit`` decorates a
 function, from the environment variable TRITON_INTERPRET. The kernel modules are therefore imported lazily
@@ -85,6 +85,24 @@ def load_rows_t(ptr, t0, eos, i_h, NH: tl.constexpr, D: tl.constexpr, o_d, BT: t
     o_t = t0 + tl.arange(0, BT)
     m = (o_d < D)[:, None] & (o_t < eos)[None, :]
     return tl.load(ptr + (o_t[None, :] * NH + i_h) * D + o_d[:, None], mask=m, other=0.)
+
+
+@triton.jit
+def transpose_via_scratch(tile, scratch, BT: tl.constexpr):
+    """The transpose of a [BT, BT] register tile, read back from a [BT, BT] tile of global memory at ``scratch``.
+
+    Why not tl.trans: Triton 3.4-3.7.0 miscompiles tl.trans of a matrix-multiply result on Hopper, and the
+    tiles the kernels transpose are (elementwise functions of) such results. So the tile is stored row-major in the
+    scratch dtype (which is where it is rounded, if it is narrower than the tile), every thread of the program
+    waits at the barrier (a bar.sync of the whole block, which also makes the other threads' stores visible),
+    and the tile is read back with transposed offsets, as load_rows_t reads one. Written and read at once, the
+    scratch tile is served from L2. Each program needs its own scratch tile, and uses it once: a second store
+    to it could overwrite values that other threads have not read yet.
+    """
+    o = tl.arange(0, BT)
+    tl.store(scratch + o[:, None] * BT + o[None, :], tile.to(scratch.dtype.element_ty))
+    tl.debug_barrier()
+    return tl.load(scratch + o[None, :] * BT + o[:, None])
 
 
 @triton.jit

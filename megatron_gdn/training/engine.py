@@ -88,7 +88,8 @@ class BuiltinDataParallel:
         if applied:  # otherwise skip the update rather than poison the weights (fp16: the scaler lowers the scale)
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
+        self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
         return StepResult(applied, grad_norm, self.scaler.get_scale() if self.cfg.fp16 else None)
 
     def save(self, root: str, iteration: int, client_state: dict) -> None:
