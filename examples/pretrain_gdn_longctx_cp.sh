@@ -17,11 +17,15 @@
 # - --recompute-granularity full keeps only each block's input for backward (tests/test_recompute.py); the extra
 #   forward costs about 30% more FLOPs. --recompute-activations (selective) is faster where it fits.
 # - The rest as in examples/pretrain_gdn_1.3b_8gpu.sh (ZeRO-1, no tensor parallelism).
+# - PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: at these lengths the caching allocator's free blocks fragment
+#   (one GPU, 1.3B at 256K without CP: out of memory with 18.6 GiB reserved but unused; with it, 69.3 GiB peak on an
+#   80 GB H100; docs/PERFORMANCE.md).
 # Expected: not measured (benchmarks/bench_train.py --configs 1.3b-64k times one 64K-token slice on one GPU without
 # CP; docs/PERFORMANCE.md). The issue's reference, fla's own model on one H100 at 64K tokens with gradient
 # checkpointing: 35.8K tokens/s in 21.4 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 DATA=${DATA:-data/corpus_text_document}
 TOKENIZER=${TOKENIZER:-tok.model}
 ARGS=(--model-size 1.3b --bf16 --zero-stage 1 --deepspeed-config examples/ds_config_zero1.json
