@@ -37,8 +37,8 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dg",
-       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums", "lse",
-       "row_scale"}
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
+       "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -137,13 +137,14 @@ def fused_runs(dtype: str) -> list:
                  (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
     runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3),
              ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3)]
-    flags = dict(HAS_PAST=True, HAS_BIAS=True, HAS_DOCS=True)
+    flags = dict(HAS_PAST=True, HAS_DOCS=True)
     for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
         sc = dict(D=1024, W=W, BD=short_conv.BD)
-        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, BT=short_conv.BT_FWD, **flags),
-                  4, 3),
-                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(sc, BT=short_conv.BT_BWD, **flags),
-                  4, 3),
+        bwd = dict(sc, BT=short_conv.BT_BWD, BD=short_conv.BD_BWD, **flags)
+        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel,
+                  dict(sc, BT=short_conv.BT_FWD, HAS_BIAS=True, **flags), 4, 3),
+                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
+                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, bwd, 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
