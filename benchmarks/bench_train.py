@@ -113,10 +113,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
-    """Run warm-up steps, then time each of `steps` steps between synchronisations; the median in ms."""
-    for _ in range(warmup):
+def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
+                   label: str = "") -> float:
+    """Run warm-up steps, then time each of `steps` steps between synchronisations; the median in ms. Each warm-up
+    step's time goes to stderr: the first ones compile and autotune Triton kernels, which at new shapes can take
+    minutes (fla's model at the 1.3b shapes gave no result within 270 s on an H100), and a log cut short by a time
+    limit then still says where the time went. Without a label nothing is printed (the other ranks)."""
+    for i in range(warmup):
+        synchronize(device)
+        start = time.perf_counter()
         step()
+        synchronize(device)
+        if label:
+            print(f"{label}: warm-up step {i + 1}/{warmup} took {time.perf_counter() - start:.1f} s", file=sys.stderr,
+                  flush=True)
     times = []
     for _ in range(steps):
         synchronize(device)
@@ -166,7 +176,8 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
                                 groups.data_parallel_size)
     graph = pretrain_gdn.build_cuda_graph(engine, cfg, device, groups)  # None without --cuda-graph
     step = lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups, graph=graph)  # noqa: E731
-    result.step_ms = median_step_ms(step, args.warmup, args.steps, device)
+    label = f"{result.config} ours" if get_rank() == 0 else ""
+    result.step_ms = median_step_ms(step, args.warmup, args.steps, device, label)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -224,7 +235,7 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    result.step_ms = median_step_ms(step, args.warmup, args.steps, device)
+    result.step_ms = median_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla")
     return result
 
 
