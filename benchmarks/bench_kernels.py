@@ -114,8 +114,9 @@ def main():
         for backward in (False, True):
             xs = chunk_inputs(*shape, requires_grad=backward)
             flops = fwd_flops(*shape) * (3 if backward else 1)
-            # Each timed twice, alternating, keeping its faster median: in session 4 a first timing in a process
-            # came out up to 2x slower than a repeat (fla's decode; and likely fla's first shape, 1.6x the issue's)
+            # Each timed twice, alternating, keeping its faster median: timed once, a first timing in a process came
+            # out up to 2x slower than a repeat (session 4, H100: fla's decode 0.161 vs 0.082 ms, its first shape's
+            # forward 1.13 vs 0.63 ms)
             ours = theirs = math.inf
             for _ in range(2):
                 ours = min(ours, time_chunk(chunk_gated_delta_rule, xs, backward))

@@ -274,8 +274,8 @@ SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
 # The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
-# (K = V = 128, kernel_resources.py: dqkw 255 registers in bf16, and 132 B of spills per thread with fp32 inputs;
-# wy with 64-wide blocks 255; 8 warps: dqkw 162, wy 235, no spills).
+# (K = V = 128, kernel_resources.py: dqkw 255 registers and 200 B of spills per thread in bf16, wy 250; 8 warps:
+# dqkw 216, wy 196, no spills).
 CHUNK_WARPS = 8
 
 
@@ -468,7 +468,8 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
         # dw's product first. With it last, after dq's, which shares the operand b_ht, Triton 3.6 on an H100
         # computed dw wrong (7-19% relative error) and differently run to run; dq and dk were exact. The same
         # with 2 pipeline stages or the stores reordered; right with 1 stage (10-40% slower) and in this order
-        # (docs/KERNELS.md, "Miscompiles seen on the card"). test_same_inputs_same_outputs and the bf16 budgets guard it.
+        # (docs/KERNELS.md, "Miscompiles seen on the card"). test_same_inputs_same_outputs and the bf16 budgets
+        # guard it.
         b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dq += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
         b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
@@ -729,8 +730,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: dqkw's pipelined 64 x 64 blocks would need 262 KB (ptxas, sm_90a),
-    # over Hopper's 227 KB, so fp32 inputs get 32-wide V blocks (131 KB).
+    # fp32 tiles take twice the shared memory: fp32 inputs get 32-wide V blocks (dqkw: 104 KB; 64-wide ones take
+    # 208 KB of Hopper's 227; ptxas, sm_90a).
     wide = 64 if k.element_size() == 2 else 32
     BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
@@ -752,9 +753,9 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
     dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 235 registers, no spills, 90 KB shared; 32-wide: 192,
-    # 49 KB). fp32 inputs keep 32-wide ones: 64-wide fit (180 KB) without spills, but take 254 registers at
-    # K = V = 64, the largest head dim the Triton path runs fp32 at.
+    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 196 registers, no spills, 80 KB shared; 32-wide: 234,
+    # 44 KB). fp32 inputs keep 32-wide ones: 64-wide fit (96 KB) without spills, but take 254 registers at
+    # K = V = 64, the largest head dim the Triton path runs fp32 at (32-wide: 213).
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
         dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
