@@ -37,8 +37,8 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dg",
-       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums", "lse",
-       "row_scale"}
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
+       "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -83,7 +83,7 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
 
 def chunk_runs(dtype: str) -> list:
     """The chunk kernels at K = V = 128 (the scans and o also at K = 256), with the configurations chunk.py launches.
-    The autotuned ones (wu, scans) skip a config that raises OutOfResources, so an OVER row there only fails
+    The autotuned ones (wu, dqkw, scans, o) skip a config that raises OutOfResources, so an OVER row there only fails
     when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
@@ -96,9 +96,10 @@ def chunk_runs(dtype: str) -> list:
     wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
     runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
               3),
-             (f"dqkw BV={wide}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, BV=wide), C.CHUNK_WARPS, 3),
              (f"wy BK=BV={wide}", C.chunk_bwd_wy_kernel, dict(base, BK=wide, BV=wide, NK=2, **gate), C.CHUNK_WARPS,
               3)]
+    runs += [(f"dqkw BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, **cfg.kwargs), cfg.num_warps,
+              cfg.num_stages) for cfg in C.DQKW_CONFIGS]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
     # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):
@@ -137,13 +138,14 @@ def fused_runs(dtype: str) -> list:
                  (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
     runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3),
              ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3)]
-    flags = dict(HAS_PAST=True, HAS_BIAS=True, HAS_DOCS=True)
+    flags = dict(HAS_PAST=True, HAS_DOCS=True)
     for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
         sc = dict(D=1024, W=W, BD=short_conv.BD)
-        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, BT=short_conv.BT_FWD, **flags),
-                  4, 3),
-                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(sc, BT=short_conv.BT_BWD, **flags),
-                  4, 3),
+        bwd = dict(sc, BT=short_conv.BT_BWD, BD=short_conv.BD_BWD, **flags)
+        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel,
+                  dict(sc, BT=short_conv.BT_FWD, HAS_BIAS=True, **flags), 4, 3),
+                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
+                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, bwd, 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))

@@ -106,6 +106,11 @@ CASES = {
     "conv_varlen_negative_start": lambda: op_errors(
         _conv(torch.tensor([-2, 5, 6, 20, 21, 40])), x=randn(1, 33, 40), weight=randn(40, 1, 4, seed=1),
         bias=randn(40, seed=2), past=randn(1, 3, 40, seed=3)),
+    # several blocks of rows and channels in both backward kernels, documents ending on either side of a block
+    # boundary (the backward's blocks are 32 rows, starting W - 1 rows early for dx)
+    "conv_varlen_blocks": lambda: op_errors(
+        _conv(torch.tensor([-1, 30, 32, 61, 63, 97, 130])), x=randn(1, 100, 70), weight=randn(70, 1, 4, seed=1),
+        bias=randn(70, seed=2), past=randn(1, 3, 70, seed=3)),
     "conv_varlen_W8_length1_first": lambda: op_errors(
         _conv(torch.tensor([0, 1, 10, 33])), x=randn(1, 33, 24), weight=randn(24, 1, 8, seed=1)),
     "conv_W1": lambda: op_errors(_conv(), x=randn(2, 9, 20), weight=randn(20, 1, 1, seed=1),

@@ -274,8 +274,8 @@ SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
 # The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
-# (K = V = 128, kernel_resources.py: dqkw 255 registers and 200 B of spills per thread in bf16, wy 250; 8 warps:
-# dqkw 216, wy 196, no spills).
+# (K = V = 128, kernel_resources.py: wy 250 registers in bf16; 8 warps: 196, no spills). dqkw autotunes its warps
+# (DQKW_CONFIGS).
 CHUNK_WARPS = 8
 
 
@@ -439,6 +439,16 @@ def chunk_bwd_dqk_intra_kernel(vn, do, G, dqk, cu_seqlens, chunk_indices, scale,
     store_rows(dqk, b_dsg, t0, eos, i_hv, HV, BT, o_t, BT)
 
 
+# dqkw was half of the backward's time (B4 T4096 H16 on an H100: 1.03 of 1.92 ms, at BV 64, 8 warps, 3 stages and
+# 216 registers: one program per SM). With the epilogue's tiles freed early (below), ptxas (sm_90a, bf16) reports
+# 130 registers at 8 warps; at 4 warps, BV 32 takes 235 and 53 KB, BV 64 with 2 stages 255 and 66 KB: two
+# programs per SM, so one's epilogue overlaps the other's loads. fp32 inputs: 64-wide blocks at 3 stages need 213 KB
+# of shared memory; the autotuner skips what exceeds the GPU's (OutOfResources).
+DQKW_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                for bv, nw, ns in ((64, 8, 3), (32, 8, 3), (32, 4, 3), (64, 4, 2))]
+
+
+@triton.autotune(configs=configs(DQKW_CONFIGS), key=["H", "HV", "K", "V"])
 @triton.jit
 def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -475,24 +485,26 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
         b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
 
+    # The epilogue in an order that ends each [BT, BT] / [BT, BK] tile's life early (register pressure): dw,
+    # then dq with d(q k^T), then dk with its transpose.
+    store_rows(dw, -b_dw, t0, eos, i_hv, HV, K, o_k, BT)
     b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
     b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
     b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
     i_last = tl.minimum(eos - t0, BT) - 1
     b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
     b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+    b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
+    b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - b_sk
+    b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
     # d(q k^T) of the intra-chunk attention, and its transpose read back from memory
     b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
-    b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
-    b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
-    b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) + tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0) - b_sk
-    b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
+    b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
     tl.store(dG + (i_k * ROWS + t0 + o_t) * HV + i_hv, b_dG, mask=m_t)
-
     store_rows(dq, b_dq + tl.dot(b_dsg.to(DT), b_k), t0, eos, i_hv, HV, K, o_k, BT)
+    b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
-    store_rows(dw, -b_dw, t0, eos, i_hv, HV, K, o_k, BT)
 
 
 @triton.jit
@@ -730,8 +742,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: fp32 inputs get 32-wide V blocks (dqkw: 104 KB; 64-wide ones take
-    # 208 KB of Hopper's 227; ptxas, sm_90a).
+    # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra and wy (dqkw autotunes)
     wide = 64 if k.element_size() == 2 else 32
     BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
@@ -745,7 +756,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
         vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
     chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, num_warps=CHUNK_WARPS)
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK)
     del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
