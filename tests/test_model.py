@@ -12,6 +12,7 @@ from megatron_gdn.kernels.reference import l2norm, recurrent_gated_delta_rule
 from megatron_gdn.models import (MODEL_PRESETS, Cache, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                  ShortConvolution)
 from megatron_gdn.models.language_model import sample_next_token
+from megatron_gdn.models.shared_input import shared_input_projections
 
 
 def small_config(**overrides) -> GatedDeltaNetConfig:
@@ -219,3 +220,39 @@ def test_config_dict_round_trip():
     cfg = small_config(num_v_heads=4)
     assert GatedDeltaNetConfig.from_dict({**cfg.to_dict(), "unknown_future_field": 1}) == cfg
     assert math.isclose(cfg.head_v_dim, 32)
+
+
+def test_shared_input_projections_equal_separate_linears():
+    """The mixer's and MLP's projections of one input: values and every gradient as separate nn.Linear calls give
+    (fp64: the same up to summation order), a frozen weight gets none, and under autocast the outputs are in its
+    dtype with gradients within bf16 rounding; a layer with a bias is called as it is."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(24, n, bias=False).double() for n in (16, 16, 40, 3)]
+    layers[2].weight.requires_grad_(False)
+    cotangents = [torch.randn(2, 7, layer.out_features, dtype=torch.float64, generator=gen) for layer in layers]
+
+    def grads(x, outputs):
+        loss = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
+        return torch.autograd.grad(loss, [x] + [layer.weight for layer in layers if layer.weight.requires_grad])
+
+    x = torch.randn(2, 7, 24, dtype=torch.float64, generator=gen, requires_grad=True)
+    ours, separate = shared_input_projections(x, *layers), [layer(x) for layer in layers]
+    for o, r in zip(ours, separate):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads(x, ours), grads(x, separate)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+    x32 = x.detach().float().requires_grad_()
+    for layer in layers:
+        layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, separate = shared_input_projections(x32, *layers), [layer(x32) for layer in layers]
+    assert all(o.dtype == torch.bfloat16 for o in ours)
+    for o, r in zip(ours, separate):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)  # the same casts and products
+    for g, r in zip(grads(x32, ours), grads(x32, separate)):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)  # bf16 sums in another order
+
+    biased = torch.nn.Linear(24, 5)
+    torch.testing.assert_close(shared_input_projections(x32, biased)[0], biased(x32))

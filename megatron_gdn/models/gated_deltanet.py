@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm,
                        short_conv_silu)
+from .shared_input import shared_input_projections
 from .utils import Cache, LayerState
 
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
@@ -169,7 +170,9 @@ class GatedDeltaNet(nn.Module):
                 raise ValueError("a GatedDeltaNet layer used with a cache needs layer_idx")
             last = past_key_values[self.layer_idx]
 
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v, a, b, *gate = shared_input_projections(
+            hidden_states, self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj,
+            *([self.g_proj] if self.use_gate else []))
         conv_state = None
         if self.use_short_conv:
             past_q, past_k, past_v = last.conv_state if last is not None else (None, None, None)
@@ -188,7 +191,7 @@ class GatedDeltaNet(nn.Module):
         if self.context_parallel_op is not None:  # the chunked rule across ranks, whatever the slice's length
             delta_rule = self.context_parallel_op
         o, recurrent_state = delta_rule(
-            q, k, v, g=self.a_proj(hidden_states), beta=self.b_proj(hidden_states),
+            q, k, v, g=a, beta=b,
             initial_state=last.recurrent_state if last is not None else None,
             output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
             use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
@@ -199,8 +202,7 @@ class GatedDeltaNet(nn.Module):
             past_key_values.update(self.layer_idx, LayerState(recurrent_state, conv_state), T)
 
         if self.use_gate:
-            gate = self.g_proj(hidden_states).view(B, T, -1, self.head_v_dim)
-            o = gated_rmsnorm(o, gate, self.o_norm.weight, self.o_norm.eps)
+            o = gated_rmsnorm(o, gate[0].view(B, T, -1, self.head_v_dim), self.o_norm.weight, self.o_norm.eps)
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, -1)), None, past_key_values

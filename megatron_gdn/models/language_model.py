@@ -16,6 +16,7 @@ from ..kernels import silu_mul
 from .configuration import GatedDeltaNetConfig
 from .gated_deltanet import GatedDeltaNet, RMSNorm
 from .hf_conversion import DEFAULT_MAX_SHARD_SIZE, FLA, load_hf_model_state, write_hf_model
+from .shared_input import shared_input_projections
 from .utils import Cache
 
 
@@ -30,7 +31,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        gate, up = shared_input_projections(x, self.gate_proj, self.up_proj)
+        return self.down_proj(silu_mul(gate, up, backend=self.backend))
 
 
 class GatedDeltaNetBlock(nn.Module):
