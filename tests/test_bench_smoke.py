@@ -4,6 +4,7 @@ training path end to end, without fla, and writes its table and JSON (the GPU ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,16 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     assert row["status"] == "ok" and row["step_ms"] > 0 and row["parameters"] > 0
     profile = (tmp_path / "prof" / "tiny.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step
+
+
+def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
+    """benchmarks/bench_fused_ops.py's CPU smoke mode times every fused op and its PyTorch reference, forward and
+    forward+backward, through Triton's interpreter, and writes the table."""
+    markdown = tmp_path / "fused.md"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "benchmarks/bench_fused_ops.py", "--tiny", "--markdown", str(markdown)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| tiny |")]
+    ops = ["rms_norm + residual", "swiglu", "short conv + SiLU (W=4)", "gated RMSNorm", "lm head + cross entropy"]
+    assert [(r.split(" | ")[1], r.split(" | ")[3]) for r in rows] == [(op, p) for op in ops for p in ("fwd", "fwd+bwd")]
