@@ -68,22 +68,28 @@ def poisoned_empty():
         torch.empty, torch.empty_like = real_empty, real_like
 
 
+O_PATHS = ("fused", "split", "split_recompute")
+
+
 @contextlib.contextmanager
 def forced_o_path(path: str | None):
-    """While active, the Triton forward takes the given path ('fused': o inside the scan; 'split': the scan stores
-    the states, chunk_o_kernel computes o) whatever chunk.split_o would choose; None leaves the rule alone."""
+    """While active, the Triton forward takes the given path whatever chunk.split_o and chunk.keep_states would
+    choose: 'fused' (o inside the scan; the backward recomputes the states), 'split' (the scan stores the states,
+    chunk_o_kernel computes o, and the backward reuses them), 'split_recompute' (split, but the states are not kept:
+    past chunk.KEEP_STATES_MAX_BYTES); None leaves the rules alone."""
     if path is None:
         yield
         return
-    if path not in ("fused", "split"):
-        raise ValueError(f"o_path must be 'fused', 'split' or None; got {path!r}")
+    if path not in O_PATHS:
+        raise ValueError(f"o_path must be one of {O_PATHS} or None; got {path!r}")
     from megatron_gdn.kernels import chunk
-    rule = chunk.split_o
-    chunk.split_o = lambda *args: path == "split"
+    rule, budget = chunk.split_o, chunk.KEEP_STATES_MAX_BYTES
+    chunk.split_o = lambda *args: path != "fused"
+    chunk.KEEP_STATES_MAX_BYTES = float("inf") if path == "split" else -1
     try:
         yield
     finally:
-        chunk.split_o = rule
+        chunk.split_o, chunk.KEEP_STATES_MAX_BYTES = rule, budget
 
 
 def make_inputs(B=1, T=100, H=2, HV=2, K=32, V=24, cu_seqlens=None, initial_state=True, gate=False, beta_logits=False,

@@ -55,13 +55,21 @@ def _poisoned():
         yield
 
 
-# Both forward paths, forced: on an H100 / H200 the rule (chunk.split_o) picks the split one for every case but
-# the 50 documents, so unforced the fused one would go almost untested.
+# Both forward paths, forced: with gradients the split one keeps its states for the backward (chunk.keep_states),
+# so unforced the fused one (inference, and the backward's recomputation of the states) would go untested.
 @pytest.mark.parametrize("o_path", ["fused", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_chunk_bf16_within_budget(name, o_path):
     errors = run_case(backend="triton", op="chunk", o_path=o_path, **GPU_CASES[name], **BF16)
     print(name, o_path, " ".join(f"{k}={e:.1e}" for k, e in errors.items()))
+    assert not over_budget(errors, bf16=True), errors
+
+
+@pytest.mark.parametrize("name", ["K256_V512", "varlen_50_docs"])
+def test_chunk_bf16_split_states_not_kept_within_budget(name):
+    """The split forward whose states are past chunk.KEEP_STATES_MAX_BYTES (long contexts): the backward
+    recomputes them. The same kernels as the two paths above, put together the third way."""
+    errors = run_case(backend="triton", op="chunk", o_path="split_recompute", **GPU_CASES[name], **BF16)
     assert not over_budget(errors, bf16=True), errors
 
 

@@ -38,12 +38,16 @@ CHUNK_CASES = {
     "K_256": dict(T=65, H=1, HV=1, K=256, V=16),
     "no_initial_state_no_l2norm": dict(B=2, T=70, initial_state=False, l2norm=False),
 }
-# Every case above runs the fused forward (o inside the scan); these also run the split forward (the scan stores
-# the per-chunk states and vn, chunk_o_kernel computes o). Each is forced, whatever chunk.split_o would choose.
+# Every case above runs the fused forward (o inside the scan; the backward recomputes the states); these also run
+# the split forward (the scan stores the per-chunk states and vn, chunk_o_kernel computes o, the backward reuses
+# the states), and the last three the split forward whose states are not kept (past chunk.KEEP_STATES_MAX_BYTES).
+# Each is forced (kernel_cases.forced_o_path), whatever the rules would choose.
 SPLIT_O_CASES = ["dense_T_not_multiple_of_64", "T_below_64", "varlen_with_length_1_docs", "K_V_not_powers_of_two",
                  "K_256", "no_initial_state_no_l2norm"]
 CHUNK_CASES = {**{name: dict(case, o_path="fused") for name, case in CHUNK_CASES.items()},
-               **{f"{name}_split_o": dict(CHUNK_CASES[name], o_path="split") for name in SPLIT_O_CASES}}
+               **{f"{name}_split_o": dict(CHUNK_CASES[name], o_path="split") for name in SPLIT_O_CASES},
+               **{f"{name}_split_recompute": dict(CHUNK_CASES[name], o_path="split_recompute")
+                  for name in SPLIT_O_CASES[3:]}}
 # The chunked form in fp32 (ours and reference.chunk_gated_delta_rule_torch alike) keeps only ~3 digits of
 # dA_log / ddt_bias under strong decay: dG is a sum of terms that cancel, and dA_log weights it by g ~ -50.
 LOOSER = {"strong_fused_gate": {"dg": 1e-3, "dA_log": 1e-2, "ddt_bias": 1e-2}}
@@ -105,8 +109,38 @@ def slice_summary_errors() -> dict:
     return errors
 
 
+def scan_launches() -> dict:
+    """How many forward scans (and o kernels) a forward and backward launch under the rules, unforced: with
+    gradients the forward keeps its states for the backward (one scan), unless they are past the budget (the
+    backward scans again); without gradients many programs take the fused scan (no o kernel)."""
+    from megatron_gdn.kernels import chunk
+    from kernel_cases import make_inputs
+    calls = []
+    scan, o_kernel = chunk._scan_fwd, chunk._o
+    chunk._scan_fwd = lambda *a, **kw: calls.append("scan") or scan(*a, **kw)
+    chunk._o = lambda *a, **kw: calls.append("o") or o_kernel(*a, **kw)
+    budget = chunk.KEEP_STATES_MAX_BYTES
+    counts = {}
+    try:
+        x = make_inputs(T=100, H=1, HV=2, K=16, V=8)
+        for name, keep_bytes in (("kept", budget), ("over_budget", 0)):
+            chunk.KEEP_STATES_MAX_BYTES = keep_bytes
+            o, _ = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="triton")
+            o.sum().backward()
+            counts[name], calls[:] = list(calls), []
+        # 70 one-token documents x 1 value head: 70 scan programs, more than half of 132 SMs (chunk.split_o)
+        x = make_inputs(T=70, H=1, HV=1, K=16, V=8, cu_seqlens=list(range(71)))
+        with torch.no_grad():
+            chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cu_seqlens=torch.arange(71),
+                                   backend="triton")
+        counts["no_grad"] = list(calls)
+    finally:
+        chunk._scan_fwd, chunk._o, chunk.KEEP_STATES_MAX_BYTES = scan, o_kernel, budget
+    return counts
+
+
 EXTRA_CASES = ["rmsnorm_errors", "slice_summary_errors"]
-ALL_CASES = [*CHUNK_CASES, *RECURRENT_CASES, *EXTRA_CASES]
+ALL_CASES = [*CHUNK_CASES, *RECURRENT_CASES, *EXTRA_CASES, "scan_launches"]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +167,11 @@ def test_fused_recurrent_matches_oracle(results, name):
 def test_extra(results, name):
     errors = results[name]
     assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_forward_keeps_states_for_the_backward(results):
+    assert results["scan_launches"] == {"kept": ["scan", "o"], "over_budget": ["scan", "o", "scan"],
+                                        "no_grad": ["scan"]}
 
 
 def test_split_o_rule():

@@ -9,17 +9,17 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
     o     = scale gamma q S + Aqk vn
     S'    = exp(G_last) S + (k exp(G_last - G))^T vn
 
-Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu``
-(per chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V
-columns: the sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk
-states never reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states
-and vn instead and ``o`` computes the output with one program per chunk, head and block of V (the split path).
-Backward reuses the forward's G, beta, Ai, w, u and Aqk, recomputes the forward scan (this time storing the
-per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the
-gradient of the intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the
-intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
-Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the
-gradients of the fused gate and beta sigmoid).
+Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu`` (per
+chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V columns: the
+sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk states never
+reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states and vn instead
+and ``o`` computes the output with one program per chunk, head and block of V (the split path). A forward that
+needs gradients takes the split path and keeps the states for the backward, up to KEEP_STATES_MAX_BYTES. Backward
+reuses the forward's G, beta, Ai, w, Aqk and the states (past that budget it recomputes them with the forward
+scan, from u), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the gradient of the
+intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the intra-chunk terms,
+and part of dG) and ``wy`` (per chunk: back through Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse
+cumsum that turns dG into dg, and the gradients of the fused gate and beta sigmoid).
 
 Conventions: every exp() takes a difference of cumulative log decays that is <= 0 (a masked entry gets
 exponent 0 through tl.where, then is zeroed with tl.where, never multiplied by a mask); states, G, beta and
@@ -712,33 +712,54 @@ def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, s
     return dh, dvn, dh0
 
 
+# The forward keeps the per-chunk states (and vn) for the backward when they take at most this many bytes, so the
+# backward need not run the forward scan again; beyond, the backward recomputes them. They take K V / 64 values per
+# token and value head (the 1.3b preset, K = 256, V = 512: 0.4 GB per layer at 4 x 4096 tokens, 6.4 GB at 256K, where
+# memory is what limits). 0 always recomputes (the memory of fla's backward); tests force either.
+KEEP_STATES_MAX_BYTES = 2 << 30
+
+
+def keep_states(num_chunks: int, HV: int, K: int, V: int, element_size: int) -> bool:
+    return num_chunks * HV * K * V * element_size <= KEEP_STATES_MAX_BYTES
+
+
 def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, tables, A_log=None,
-              dt_bias=None, beta_scale=None):
+              dt_bias=None, beta_scale=None, need_grad=False):
     """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]), with
     tables = triton_utils.chunk_tables(cu_seqlens).
 
-    Returns (o, ht, (G, beta, Ai, Aqk, w, u)): the last six are what the backward reuses instead of recomputing.
+    Returns (o, ht, saved): saved = (G, beta, Ai, Aqk, w, u, h, vn) is what the backward reuses instead of
+    recomputing. With need_grad and states within KEEP_STATES_MAX_BYTES, the forward takes the split path and keeps
+    its per-chunk states h and vn (u, which only served to compute vn, is dropped: None); otherwise h and vn are None
+    and the backward recomputes them from u.
     """
     chunk_indices, chunk_offsets = tables
+    num_chunks = len(chunk_indices)
     G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
     Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
     HV, V = v.shape[1:]
-    split = split_o(len(cu_seqlens) - 1, HV, k.shape[2], V, sm_count(k.device))
-    # The split path's states are not kept for the backward (which recomputes them): num_chunks x HV x K x V values,
-    # 6.4 GB per layer for the 1.3b preset at 256K tokens. The scan stores vn, which it computes anyway, rather than
-    # the o kernel recomputing it as u - w S: that would read w (as large as q) in every V block and add a product
-    # as large as q S, where storing vn costs one write and one read of a tensor the size of u.
-    o, h, vn, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, len(chunk_indices),
+    K = k.shape[2]
+    keep = need_grad and keep_states(num_chunks, HV, K, V, k.element_size())
+    # Kept states make the split path worth it whatever split_o says of the forward alone: the states scan and the
+    # o kernel cost more than the fused scan (0.32 against 0.24 ms at B8 T2048 H16 on an H100), the backward's
+    # forward scan they replace costs more than that difference (0.74 ms at B16 T2048 H32, session 5).
+    split = keep or split_o(len(cu_seqlens) - 1, HV, K, V, sm_count(k.device))
+    # The scan stores vn, which it computes anyway, rather than the o kernel recomputing it as u - w S: that would
+    # read w (as large as q) in every V block and add a product as large as q S, where storing vn costs one write
+    # and one read of a tensor the size of u.
+    o, h, vn, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
                              scale, output_final_state, store_states=split)
     if split:
         o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
-    return o, ht, (G, beta_f, Ai, Aqk, w, u)
+    if keep:
+        return o, ht, (G, beta_f, Ai, Aqk, w, None, h, vn)
+    return o, ht, (G, beta_f, Ai, Aqk, w, u, None, None)
 
 
 def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dht, saved, A_log=None, dt_bias=None,
               beta_scale=None):
-    """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, w, u): recompute the states, then
-    the reverse scan, dqkw and wy.
+    """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, w, u, h, vn) (chunk_fwd): the states
+    h and vn (recomputed from u when the forward did not keep them), then the reverse scan, dqkw and wy.
 
     Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
     """
@@ -747,9 +768,10 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     rows, H, K = k.shape
     HV, V = v.shape[1:]
     gate = A_log is not None
-    G, beta_f, Ai, Aqk, w, u = saved
-    _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
-                            False, store_states=True)
+    G, beta_f, Ai, Aqk, w, u, h, vn = saved
+    if h is None:
+        _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
+                                False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
     # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
@@ -789,11 +811,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over chunk_fwd / chunk_bwd, with the optional in-kernel q/k L2 norm, gate and beta sigmoid.
 
     Saves the (normalised) inputs and, from the forward, G, beta, the inverse Ai and Aqk (BT values per token and
-    value head each), w and u (K and V per token and value head): the backward recomputes only the per-chunk
-    states. Keeping w, u and Aqk costs K + V + 64 values per token and value head (bf16: 0.16 GB per layer of the
-    1.3b preset at 4 x 4096 tokens; under full recomputation 2.6 GB for the one layer being recomputed at 256K)
-    and saves the backward a launch of the wu kernel, which had to read q, k, v and Ai again (H100, B16 T2048 H32
-    K128 V128: 0.69 ms of a 10.0 ms forward+backward).
+    value head each), w (K per token and value head), and either the per-chunk states with vn (chunk_fwd: within
+    KEEP_STATES_MAX_BYTES) or u (V per token and value head), from which the backward recomputes them. Keeping w
+    and Aqk saves the backward a launch of the wu kernel, which had to read q, k, v and Ai again (H100, B16 T2048
+    H32 K128 V128: 0.69 ms of a 10.0 ms forward+backward); keeping the states saves it the forward scan.
     """
 
     @staticmethod
@@ -811,7 +832,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         tables = chunk_tables(cu, dense=(B, T) if cu_seqlens is None else None)
         h0 = initial_state.contiguous() if initial_state is not None else None
         o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, cu, tables, A_log, dt_bias,
-                                 beta_scale)
+                                 beta_scale, need_grad=any(ctx.needs_input_grad))
         ctx.save_for_backward(q, k, v, g, beta, h0, cu, q_rstd, k_rstd, A_log, dt_bias, *saved)
         ctx.meta = (B, T, scale, beta_scale, tables)  # the tables: integer constants, cached by value
         return o.reshape(B, T, HV, V), ht
