@@ -36,7 +36,7 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
                                   short_conv, swiglu)
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
-F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dg",
+F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dG", "dg",
        "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
        "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}

@@ -761,7 +761,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, w, u, h, vn) (chunk_fwd): the states
     h and vn (recomputed from u when the forward did not keep them), then the reverse scan, dqkw and wy.
 
-    Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
+    Returns dq, dk ([rows, HV, K] per value head; bf16 for bf16 inputs, else fp32), dv, dg, dbeta, dh0, dA_log,
+    ddt_bias.
     """
     chunk_indices, chunk_offsets = tables
     num_chunks = len(chunk_indices)
@@ -779,7 +780,12 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
-    dq = torch.empty(rows, HV, K, dtype=torch.float32, device=dev)
+    # dq and dk are summed in fp32 inside each kernel but stored in bf16 for bf16 inputs: dqkw writes both, wy reads
+    # dk and writes it back with its part added, the L2 norm's backward (or the sum over value heads) reads both,
+    # so fp32 cost 8 more bytes per element and value head (fla stores them in bf16 too). fp16 inputs keep fp32:
+    # before the L2 norm's backward dk is the final gradient times |k|, which can leave fp16's range where the
+    # final one does not.
+    dq = torch.empty(rows, HV, K, dtype=torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32, device=dev)
     dk = torch.empty_like(dq)
     dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
