@@ -125,7 +125,7 @@ def fused_runs(dtype: str) -> list:
         runs += [(f"rms_norm fwd D={D} BR={BR}", fused_norm.rms_norm_fwd_kernel,
                   dict(D=D, BR=BR, BD=BD, HAS_RESIDUAL=True), 4, 3),
                  (f"rms_norm bwd D={D} BR={BR}", fused_norm.rms_norm_bwd_kernel,
-                  dict(D=D, BR=BR, BD=BD, HAS_DH_OUT=True), fused_norm.BWD_WARPS, 3)]
+                  dict(D=D, BR=BR, BD=BD, HAS_DH_OUT=True), 4, 3)]
     for D in (64, 128, 130, 256, 512):  # head_v_dim (512: head_dim 256 x expand_v 2)
         BD = triton.next_power_of_2(D)
         runs += [(f"gated_rmsnorm fwd D={D}", rmsnorm.gated_rmsnorm_fwd_kernel,

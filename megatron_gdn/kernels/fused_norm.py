@@ -16,10 +16,6 @@ import triton.language as tl
 
 # Rows per program such that a [rows, D] fp32 tile stays within this many elements (at least one row).
 TILE_ELEMENTS = 8192
-# The backward holds h, dy, the normalised h and the product of 8192-element tiles: at 4 warps ptxas (sm_90a,
-# bf16) reported 174-232 registers (D = 768: 193, two programs of 4 warps per SM), at 8 warps 100-120 (D = 768: 113,
-# two programs of 8 warps: twice the warps in flight to wait on memory). The forward stays at 4 warps (64-128).
-BWD_WARPS = 8
 
 
 @triton.jit
@@ -105,7 +101,7 @@ class RMSNormFunction(torch.autograd.Function):
         grid = triton.cdiv(N, BR)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=h.device)
         rms_norm_bwd_kernel[(grid,)](h, weight, rstd, dy, dh_out, dh, dweight, N, D=D, BR=BR, BD=BD,
-                                     HAS_DH_OUT=dh_out is not None, num_warps=BWD_WARPS)
+                                     HAS_DH_OUT=dh_out is not None)
         x_dtype, residual_dtype = ctx.dtypes
         dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
         return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None
