@@ -13,12 +13,6 @@ import triton.language as tl
 ROWS_PER_PROGRAM = 16
 
 
-def num_warps(D: int) -> int:
-    """4 warps, or 8 for tiles over 4096 elements: at D = 512 (the 1.3b preset's head_v_dim) the backward's 16 x 512
-    fp32 tiles took 255 registers and spilled 308 bytes at 4 warps, 137 and none at 8 (kernel_resources.py)."""
-    return 4 if ROWS_PER_PROGRAM * triton.next_power_of_2(D) <= 4096 else 8
-
-
 @triton.jit
 def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, D: tl.constexpr, BR: tl.constexpr,
                              BD: tl.constexpr):
@@ -69,8 +63,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
         gated_rmsnorm_fwd_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM),)](
-            x, gate, weight, y, rstd, N, eps, D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D),
-            num_warps=num_warps(D))
+            x, gate, weight, y, rstd, N, eps, D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
         ctx.save_for_backward(x, gate, weight, rstd)
         return y.view(shape)
 
@@ -84,7 +77,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         grid = triton.cdiv(N, ROWS_PER_PROGRAM)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
         gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, D=D,
-                                          BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D), num_warps=num_warps(D))
+                                          BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
         return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None
 
 
