@@ -144,8 +144,7 @@ def fused_runs(dtype: str) -> list:
         bwd = dict(sc, BT=short_conv.BT_BWD, BD=short_conv.BD_BWD, **flags)
         runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel,
                   dict(sc, BT=short_conv.BT_FWD, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(bwd, HAS_BIAS=True),
-                  short_conv.BWD_WARPS, 3),
+                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
