@@ -37,7 +37,7 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dG", "dg",
-       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums",
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
        "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
@@ -144,7 +144,8 @@ def fused_runs(dtype: str) -> list:
         bwd = dict(sc, BT=short_conv.BT_BWD, BD=short_conv.BD_BWD, **flags)
         runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel,
                   dict(sc, BT=short_conv.BT_FWD, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
+                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
+                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, bwd, 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))

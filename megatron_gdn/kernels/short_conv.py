@@ -7,15 +7,17 @@ inputs before x (zeros when absent); with packed documents a tap s is cut at tok
 tokens into its document (document_positions, which lets the first document start inside `past`). fp32
 inside, y in x's dtype.
 
-Forward: one program per (block of tokens, block of channels, sequence). Backward: one kernel,
-short_conv_bwd_kernel, one program per block of *input* rows, which start W - 1 rows before x so that the first
-program also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] * dpre[t + s] over the taps not cut
-at t + s, with dpre[u] = dy[u] silu'(a[u]) recomputed at each of the W shifted row blocks, and the program's
-partial sums of the weight and bias gradients ([B * NT, W, D] and [B * NT, D], channels contiguous; torch sums
-them) over the output rows of tap 0. Per token and channel that reads x and dy and writes dx once from memory (6
-bytes in bf16, the least any backward moves); the W (W + 2) shifted tile loads come from cache, and each
-pre-activation is computed W times. Decoding one token has its own kernel (short_conv_silu_step), which also
-shifts the cached inputs.
+Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
+- short_conv_bwd_dpre_kernel, one program per block of *output* rows: recomputes the pre-activation a (W shifted
+  loads, as the forward), stores dpre = dy * silu'(a) in fp32 ([B, T, D] scratch) and this program's partial
+  sums of the weight and bias gradients ([B * NT, W, D] and [B * NT, D], channels contiguous; torch sums them);
+- short_conv_bwd_dx_kernel, one program per block of *input* rows, which start W - 1 rows before x so that the
+  first program also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] * dpre[t + s] over the taps
+  not cut at t + s (W shifted loads of dpre).
+Per token and channel that reads x, dy and dpre once and writes dpre and dx once (the shifted loads overlap, so
+they come from cache); recomputing the pre-activation of the W outputs each input feeds instead would take
+W (W + 1) tile loads per row. Decoding one token has its own kernel (short_conv_silu_step), which also shifts
+the cached inputs.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import triton.language as tl
 
 from .fused_reference import document_positions
 
-# Tokens x channels per program. The backward recomputes the pre-activation at W shifted row blocks and holds the
-# gradient, the taps' inputs and the products at once: at 32 x 64 with 8 warps ptxas (sm_90a) reports 155 registers
-# in bf16 at W = 4 (183 at W = 8) and no spills; with 4 warps it spilled (255). Past W = 4 fp32 spills a little.
+# Tokens x channels per program. The backward kernels hold W fp32 tiles at once (the taps' inputs, or the
+# gradients of the outputs an input feeds) and more intermediates than the forward, so they take as many elements
+# as the forward's 16 x 128 in the shape 32 x 64: 32 rows leave partial weight gradients W / 32 the size of dpre.
+# ptxas (sm_90a, 4 warps) then reports about 140 registers for the dpre kernel at W = 4 and no spills for W <= 4
+# in bf16 and fp32 (W = 8 spills a few bytes in fp32, still correct).
 BT_FWD, BD = 16, 128
-BT_BWD, BD_BWD, BWD_WARPS = 32, 64, 8
+BT_BWD, BD_BWD = 32, 64
 
 
 @triton.jit
@@ -89,36 +93,49 @@ def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, D: tl.constexpr, W: 
 
 
 @triton.jit
-def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, NT, D: tl.constexpr,
-                          W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """dx at a block of input rows, which start W - 1 rows before x so that the first program also writes the
-    gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at t + s, where
-    dpre[u] = dy[u] silu'(a[u]) is recomputed at each of the W shifted row blocks (W shifted loads of x each, from
-    cache). Also this program's partial sums of the weight and bias gradients over the output rows u = t (tap 0's
-    block): output row u contributes dpre[u] x[u - s] to weight[:, W-1-s]."""
+def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, NT, D: tl.constexpr,
+                               W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The gradient of the pre-activation at a block of output rows (stored fp32 for short_conv_bwd_dx_kernel),
+    and this program's partial sums of the weight and bias gradients."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    m_t = (o_t < T)[:, None] & m_d[None, :]
+    b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m_t, other=0.).to(tl.float32)
+    b_s = tl.sigmoid(b_a)
+    b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero at rows past T
+    tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre, mask=m_t)
+
+    # Output row t contributes dpre[t] * x[t - s] to weight[:, W-1-s]. The partial sums are [B * NT, W, D]
+    # (channels contiguous, so the stores coalesce); the taps' inputs were just loaded, so they come from cache.
+    i_p = i_b * NT + i_t
+    for s in tl.static_range(W):
+        b_x = load_tap(x, past, pos, i_b, o_t, o_d, s, T, D, W, HAS_PAST, HAS_DOCS)
+        tl.store(dweight + (i_p * W + W - 1 - s) * D + o_d, tl.sum(b_dpre * b_x, axis=0), mask=m_d)
+    if HAS_BIAS:
+        tl.store(dbias + i_p * D + o_d, tl.sum(b_dpre, axis=0), mask=m_d)
+
+
+@triton.jit
+def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                             BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at output t + s. The input rows start
+    W - 1 rows before x, so the first program also writes the gradient of `past`."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BT - (W - 1) + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    i_p = i_b * NT + i_t
     b_dx = tl.zeros([BT, BD], dtype=tl.float32)
     for s in tl.static_range(W):
         o_u = o_t + s  # the output rows that tap s feeds
         m_u = (o_u >= 0) & (o_u < T)
-        b_a = conv_preact(x, past, weight, bias, pos, i_b, o_u, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
-        b_dy = tl.load(dy + (i_b * T + o_u)[:, None] * D + o_d[None, :], mask=m_u[:, None] & m_d[None, :],
-                       other=0.).to(tl.float32)
-        b_sig = tl.sigmoid(b_a)
-        b_dpre = b_dy * b_sig * (1. + b_a * (1. - b_sig))  # silu'(a); zero at rows outside [0, T)
-        if s == 0:  # the rows o_t as outputs: each output row is tap 0's of exactly one program
-            for r in tl.static_range(W):
-                b_x = load_tap(x, past, pos, i_b, o_u, o_d, r, T, D, W, HAS_PAST, HAS_DOCS)
-                tl.store(dweight + (i_p * W + W - 1 - r) * D + o_d, tl.sum(b_dpre * b_x, axis=0), mask=m_d)
-            if HAS_BIAS:
-                tl.store(dbias + i_p * D + o_d, tl.sum(b_dpre, axis=0), mask=m_d)
         if HAS_DOCS:
-            b_dpre = tl.where(tap_kept(pos, o_u, s, T)[:, None], b_dpre, 0.)
+            m_u &= tap_kept(pos, o_u, s, T)
+        b_dpre = tl.load(dpre + (i_b * T + o_u)[:, None] * D + o_d[None, :], mask=m_u[:, None] & m_d[None, :],
+                         other=0.)
         b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
         b_dx += b_dpre * b_w[None, :]
     tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
@@ -171,12 +188,16 @@ class ShortConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         dpast = None if past is None else torch.empty_like(past)
-        NT = triton.cdiv(T + W - 1, BT_BWD)  # blocks of input rows, past's included
+        dpre = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
+        NT = triton.cdiv(T, BT_BWD)
         dweight = torch.empty(B * NT, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NT, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_kernel[(NT, triton.cdiv(D, BD_BWD), B)](
-            x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, NT, D=D, W=W, BT=BT_BWD, BD=BD_BWD,
-            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None, num_warps=BWD_WARPS)
+        short_conv_bwd_dpre_kernel[(NT, triton.cdiv(D, BD_BWD), B)](
+            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, NT, D=D, W=W, BT=BT_BWD, BD=BD_BWD,
+            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT_BWD), triton.cdiv(D, BD_BWD), B)](  # past's rows too
+            weight, pos, dpre, dx, dpast, T, D=D, W=W, BT=BT_BWD, BD=BD_BWD, HAS_PAST=past is not None,
+            HAS_DOCS=pos is not None)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
 
