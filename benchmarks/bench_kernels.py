@@ -1,6 +1,6 @@
 """Ours vs flash-linear-attention 0.6.0's chunk_gated_delta_rule, side by side in one process (bf16).
 
-    python benchmarks/bench_kernels.py [--markdown FILE] [--shapes 0,1,2,3] [--no-decode] [--breakdown]
+    python benchmarks/bench_kernels.py [--markdown FILE] [--shapes 0,1,2,3] [--no-decode] [--breakdown] [--profile]
 
 Times the forward and forward+backward of the chunked op at the four shapes of issue 4 and the decode step
 (one token from a cached state), median of triton.testing.do_bench, and prints a table with TFLOP/s and the
@@ -8,7 +8,9 @@ speed-up over fla (when ``fla`` imports), plus the GPU name and the torch/triton
 the same table as the "Kernels" section of docs/PERFORMANCE.md.
 
 --breakdown times our forward kernels one by one, the scan both ways: fused (o inside) and storing the states
-for the o kernel (the split path), whichever the rule chunk.split_o takes.
+for the o kernel (the split path), whichever the rule chunk.split_o takes. --profile lists, per shape, the GPU
+kernels of one forward+backward step of ours and of fla's (torch.profiler, mean of 10 steps): which kernel of
+ours is slower than its counterpart.
 
 FLOPs counted per token and value head (chunk C = 64, the matrix products of the chunked algorithm; the
 64x64 triangular inverse is left out): forward 2 * (C * (3K + 2V) + 3KV) (q k^T, k k^T, w, u, Aqk v_new,
@@ -97,6 +99,8 @@ def main():
     parser.add_argument("--no-decode", action="store_true", help="skip the decode row")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time our forward kernels one by one, with both forward paths")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list the GPU kernels of one forward+backward step, ours and fla's")
     args = parser.parse_args()
     torch.manual_seed(0)
     fla = load_fla()
@@ -130,6 +134,10 @@ def main():
             print(rows[-1])
             if args.breakdown and not backward:
                 print(name, "our forward, ms per kernel:", breakdown(xs))
+            if args.profile and backward:
+                for label, fn in (("ours", chunk_gated_delta_rule), ("fla", fla[0] if fla else None)):
+                    if fn is not None:
+                        print(f"{name} {label}: GPU kernels of one forward+backward step\n{kernel_profile(fn, xs)}")
             del xs
             torch.cuda.empty_cache()
     print_table(header, rows, args.markdown)
@@ -167,6 +175,34 @@ def breakdown(xs):
     times["o"] = ms(o)
     times["o config"] = str(C.chunk_o_kernel.best_config)
     return times
+
+
+def kernel_profile(fn, xs, steps=10):
+    """The GPU kernels of a forward+backward step, ms per step each, slowest first (torch.profiler)."""
+    kw = dict(use_qk_l2norm_in_kernel=True)
+    o, _ = fn(*xs, **kw)
+    do = torch.randn_like(o)
+
+    def step():
+        for x in xs:
+            x.grad = None
+        o, _ = fn(*xs, **kw)
+        o.backward(do)
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t, n = kernels.get(e.name, (0.0, 0))
+            kernels[e.name] = (t + e.time_range.elapsed_us() / 1e3, n + 1)
+    total = sum(t for t, _ in kernels.values()) / steps
+    lines = [f"  {t / steps:7.3f} ms  x{n // steps:<2d} {name[:90]}"
+             for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])]
+    return "\n".join(lines + [f"  {total:7.3f} ms  total GPU time per step"])
 
 
 def decode_row(fla):

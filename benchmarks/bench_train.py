@@ -184,7 +184,8 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
 
 
 def write_profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
-    """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes."""
+    """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes;
+    on a GPU preceded by the timeline's summary (gpu_timeline): how much of the step the GPU sat idle, and where."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -192,8 +193,33 @@ def write_profile(step: Callable[[], object], device: torch.device, path: Path) 
         step()
         synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
+    path.write_text((gpu_timeline(kernels) if kernels else "") +
+                    prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
+
+
+def gpu_timeline(kernels: list[tuple[float, float, str]], largest: int = 15) -> str:
+    """From (start, end, name) of a step's GPU kernels, in microseconds: the span from the first start to the last
+    end, the time some kernel ran (the union of the intervals), the idle rest, and the largest gaps between kernels
+    with the kernels on either side. The step time minus the sum of kernel times is idle GPU: waits on the host
+    (synchronisations, launches slower than the kernels they launch) and the gaps between back-to-back kernels."""
+    kernels = sorted(kernels)
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for i, (k_start, k_end, _) in enumerate(kernels):
+        if k_start > end and i:
+            gaps.append((k_start - end, kernels[i - 1][2], kernels[i][2]))
+        busy += max(0.0, k_end - max(k_start, end))
+        end = max(end, k_end)
+    span = end - kernels[0][0]
+    small = [g for g in gaps if g[0] < 10]
+    lines = [f"GPU timeline of the step: {len(kernels)} kernels over {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, "
+             f"idle {(span - busy) / 1e3:.2f} ms in {len(gaps)} gaps ({len(small)} under 10 us: "
+             f"{sum(g[0] for g in small) / 1e3:.2f} ms)",
+             f"largest gaps (us, the kernel before -> the kernel after):"]
+    lines += [f"  {g:9.1f}  {before[:60]} -> {after[:60]}" for g, before, after in sorted(gaps, reverse=True)[:largest]]
+    return "\n".join(lines) + "\n\n"
 
 
 def load_fla_model():

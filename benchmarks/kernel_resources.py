@@ -83,8 +83,8 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
 
 def chunk_runs(dtype: str) -> list:
     """The chunk kernels at K = V = 128 (the scans and o also at K = 256), with the configurations chunk.py launches.
-    The autotuned ones (wu, dqkw, scans, o) skip a config that raises OutOfResources, so an OVER row there only fails
-    when every config of that shape is over."""
+    The autotuned ones (wu, dqkw, wy, scans, o) skip a config that raises OutOfResources, so an OVER row there only
+    fails when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
     precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
@@ -95,9 +95,9 @@ def chunk_runs(dtype: str) -> list:
               cfg.num_stages) for cfg in C.WU_CONFIGS]
     wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
     runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
-              3),
-             (f"wy BK=BV={wide}", C.chunk_bwd_wy_kernel, dict(base, BK=wide, BV=wide, NK=2, **gate), C.CHUNK_WARPS,
               3)]
+    runs += [(f"wy BK=BV={cfg.kwargs['BK']}", C.chunk_bwd_wy_kernel, dict(base, NK=2, **gate, **cfg.kwargs),
+              cfg.num_warps, cfg.num_stages) for cfg in C.WY_CONFIGS]
     runs += [(f"dqkw BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, **cfg.kwargs), cfg.num_warps,
               cfg.num_stages) for cfg in C.DQKW_CONFIGS]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the

@@ -38,3 +38,14 @@ def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
     rows = [line for line in markdown.read_text().splitlines() if line.startswith("| tiny |")]
     ops = ["rms_norm + residual", "swiglu", "short conv + SiLU (W=4)", "gated RMSNorm", "lm head + cross entropy"]
     assert [(r.split(" | ")[1], r.split(" | ")[3]) for r in rows] == [(op, p) for op in ops for p in ("fwd", "fwd+bwd")]
+
+
+def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
+    """bench_train --profile's GPU timeline: busy time is the union of the kernels' intervals (overlapping kernels
+    counted once), idle time the rest of the span, gaps listed largest first with the kernels around them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import gpu_timeline
+    summary = gpu_timeline([(100, 110, "last"), (0, 10, "a"), (12, 20, "b"), (15, 30, "c")])
+    assert "4 kernels over 0.11 ms, busy 0.04 ms, idle 0.07 ms in 2 gaps (1 under 10 us: 0.00 ms)" in summary
+    gaps = summary.splitlines()[2:4]
+    assert gaps[0].split() == ["70.0", "c", "->", "last"] and gaps[1].split() == ["2.0", "a", "->", "b"]

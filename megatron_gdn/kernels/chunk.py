@@ -14,7 +14,7 @@ Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and it
 columns: the sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk
 states never reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states
 and vn instead and ``o`` computes the output with one program per chunk, head and block of V (the split path).
-Backward reuses the forward's G, beta and Ai, recomputes wu and the forward scan (this time storing the
+Backward reuses the forward's G, beta, Ai, w, u and Aqk, recomputes the forward scan (this time storing the
 per-chunk states), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the
 gradient of the intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the
 intra-chunk terms, and part of dG) and ``wy`` (per chunk: back through
@@ -273,9 +273,8 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
                 for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
 FP32_MAX_HEAD_DIM = 64
-# The backward's per-chunk kernels hold several [64, 64] fp32 tiles: with 4 warps they hit the 255-register cap
-# (K = V = 128, kernel_resources.py: wy 250 registers in bf16; 8 warps: 196, no spills). dqkw autotunes its warps
-# (DQKW_CONFIGS).
+# Warps of dqk_intra, whose [64, 64] fp32 product and decay tiles want 8; dqkw and wy autotune theirs (DQKW_CONFIGS,
+# WY_CONFIGS).
 CHUNK_WARPS = 8
 
 
@@ -507,6 +506,18 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
 
 
+# wy was the backward's slowest kernel against fla's (H100, B16 T2048 H32 K128 V128: 1.99 ms against 1.04 for fla's
+# counterpart) at 64-wide blocks, 8 warps, 196 registers: one program per SM, whose loads, products and barrier run
+# one after another. The 4-warp configs fit two programs per SM (kernel_resources.py, sm_90a bf16, K = V = 128:
+# 32-wide 195 registers and 32 / 45 KB shared at 2 / 3 stages, 64-wide 2 stages 254 and 56 KB), so one's loads
+# overlap the other's products (32-wide at 8 warps takes 234 registers: not a candidate). The first config is the
+# interpreter's (fp32 tests). fp32 inputs at 64-wide blocks take 254 registers at K = V = 64; the autotuner measures.
+WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns)
+              for b, nw, ns in ((32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 4, 2))]
+
+
+# dk arrives holding dqkw's part and leaves with wy's added: the autotuner restores it between its timed runs.
+@triton.autotune(configs=configs(WY_CONFIGS), key=["H", "HV", "K", "V"], restore_value=["dk"])
 @triton.jit
 def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
                         dg, dbeta, dA_log, ddt_bias, dA_scratch, cu_seqlens, chunk_indices, ROWS,
@@ -706,7 +717,7 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]), with
     tables = triton_utils.chunk_tables(cu_seqlens).
 
-    Returns (o, ht, (G, beta, Ai)): the last three are what the backward reuses instead of recomputing.
+    Returns (o, ht, (G, beta, Ai, Aqk, w, u)): the last six are what the backward reuses instead of recomputing.
     """
     chunk_indices, chunk_offsets = tables
     G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
@@ -721,13 +732,13 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
                              scale, output_final_state, store_states=split)
     if split:
         o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
-    return o, ht, (G, beta_f, Ai)
+    return o, ht, (G, beta_f, Ai, Aqk, w, u)
 
 
 def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dht, saved, A_log=None, dt_bias=None,
               beta_scale=None):
-    """Backward on packed inputs: recompute w, u, Aqk (from the forward's saved (G, beta, Ai)) and the
-    states, then the reverse scan, dqkw and wy.
+    """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, w, u): recompute the states, then
+    the reverse scan, dqkw and wy.
 
     Returns dq, dk ([rows, HV, K] per value head, fp32), dv, dg, dbeta, dh0, dA_log, ddt_bias.
     """
@@ -736,13 +747,12 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     rows, H, K = k.shape
     HV, V = v.shape[1:]
     gate = A_log is not None
-    G, beta_f, Ai = saved
-    Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
+    G, beta_f, Ai, Aqk, w, u = saved
     _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
                             False, store_states=True)
     dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
-    # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra and wy (dqkw autotunes)
+    # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
     wide = 64 if k.element_size() == 2 else 32
     BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
@@ -764,14 +774,11 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
     ddt_bias = torch.empty_like(dA_log) if gate else None
     dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    # wy's blocks: 64-wide for 16-bit inputs (K = V = 128: 196 registers, no spills, 80 KB shared; 32-wide: 234,
-    # 44 KB). fp32 inputs keep 32-wide ones: 64-wide fit (96 KB) without spills, but take 254 registers at
-    # K = V = 64, the largest head dim the Triton path runs fp32 at (32-wide: 213).
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
         dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=min(BK, wide), BV=BV, NK=NK, GATE_IN_KERNEL=gate,
-        BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0, num_warps=CHUNK_WARPS)
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, NK=NK, GATE_IN_KERNEL=gate, BETA_SIGMOID=beta_scale is not None,
+        BETA_SCALE=beta_scale or 1.0)
     if gate:
         dA_log = dA_log.sum(0).to(A_log.dtype)
         ddt_bias = ddt_bias.sum(0).to(dt_bias.dtype)
@@ -781,8 +788,12 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over chunk_fwd / chunk_bwd, with the optional in-kernel q/k L2 norm, gate and beta sigmoid.
 
-    Saves the (normalised) inputs and, from the forward, G, beta and the inverse Ai (BT values per token and
-    value head, like v's size for V = 64): the backward recomputes w, u, Aqk and the states, never the inverse.
+    Saves the (normalised) inputs and, from the forward, G, beta, the inverse Ai and Aqk (BT values per token and
+    value head each), w and u (K and V per token and value head): the backward recomputes only the per-chunk
+    states. Keeping w, u and Aqk costs K + V + 64 values per token and value head (bf16: 0.16 GB per layer of the
+    1.3b preset at 4 x 4096 tokens; under full recomputation 2.6 GB for the one layer being recomputed at 256K)
+    and saves the backward a launch of the wu kernel, which had to read q, k, v and Ai again (H100, B16 T2048 H32
+    K128 V128: 0.69 ms of a 10.0 ms forward+backward).
     """
 
     @staticmethod

@@ -5,9 +5,10 @@ twice (gate, up). As separate linears, backward gives one input gradient per pro
 pairwise: five extra passes over a [tokens, hidden] tensor per mixer and one per MLP. Here backward accumulates
 them in one buffer with addmm, whose epilogue adds the product to what the buffer holds. On an H100 the bf16
 additions of a `1.3b` training step went from 10.9 ms to under the 4.5 ms of the last row of the profile's top 40,
-and the step from 381.8 to 373.2 ms (`small`: 4.7 ms of additions, 128.2 -> 127.5 ms; docs/PERFORMANCE.md). The parameters, their names and their gradients are those of the separate layers, so state
-dicts, tensor-parallel sharding and optimizers see no difference; what does change is that the layers' own
-forward (and any hook on it) does not run.
+and the step from 381.8 to 373.2 ms (`small`: 4.7 ms of additions, 128.2 -> 127.5 ms; docs/PERFORMANCE.md). The
+parameters, their names and their gradients are those of the separate layers, so state dicts, tensor-parallel
+sharding and optimizers see no difference; what does change is that the layers' own forward (and any hook on it)
+does not run.
 """
 
 from __future__ import annotations
