@@ -69,8 +69,8 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
         return t.to(dtype if act else torch.float32).requires_grad_()
 
     N, h, I = tokens, config.hidden_size, config.intermediate_size
-    key_dim, value_dim = config.num_heads * config.head_dim, int(config.num_v_heads * config.head_dim * config.expand_v)
-    Dv = value_dim // config.num_v_heads
+    Dv = config.head_v_dim
+    value_dim = config.num_v_heads * Dv
     B, esize = tokens // seqlen, torch.finfo(dtype).bits // 8
     x, residual, norm_w = randn(N, h), randn(N, h), 1 + randn(h, act=False, scale=0.1)
     gate, up = randn(N, I, scale=3), randn(N, I)

@@ -217,7 +217,7 @@ def gpu_timeline(kernels: list[tuple[float, float, str]], largest: int = 15) -> 
     lines = [f"GPU timeline of the step: {len(kernels)} kernels over {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, "
              f"idle {(span - busy) / 1e3:.2f} ms in {len(gaps)} gaps ({len(small)} under 10 us: "
              f"{sum(g[0] for g in small) / 1e3:.2f} ms)",
-             f"largest gaps (us, the kernel before -> the kernel after):"]
+             "largest gaps (us, the kernel before -> the kernel after):"]
     lines += [f"  {g:9.1f}  {before[:60]} -> {after[:60]}" for g, before, after in sorted(gaps, reverse=True)[:largest]]
     return "\n".join(lines) + "\n\n"
 
