@@ -37,11 +37,11 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, 
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dG", "dg",
-       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "dpre", "row_max", "sums",
+       "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums",
        "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
-SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
+SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32", "NS": "i32",
            "V": "i32", "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -140,13 +140,16 @@ def fused_runs(dtype: str) -> list:
              ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3)]
     flags = dict(HAS_PAST=True, HAS_DOCS=True)
     for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
-        sc = dict(D=1024, W=W, BD=short_conv.BD)
-        bwd = dict(sc, BT=short_conv.BT_BWD, BD=short_conv.BD_BWD, **flags)
-        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel,
-                  dict(sc, BT=short_conv.BT_FWD, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dict(bwd, HAS_BIAS=True), 4, 3),
-                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, bwd, 4, 3),
-                 (f"short_conv step W={W}", short_conv.short_conv_step_kernel, dict(sc, HAS_BIAS=True), 4, 3)]
+        sc = dict(D=1024, W=W, BT=short_conv.BT, BD=short_conv.BD)
+        dw = dict(sc, WP=triton.next_power_of_2(W), BT=short_conv.BT_DW, BD=short_conv.BD_DW,
+                  BLOCKS=short_conv.STRIP_BLOCKS, HAS_BIAS=True, **flags)
+        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, HAS_BIAS=True, **flags), 4, 3),
+                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel,
+                  dict(sc, HAS_BIAS=True, **flags), 4, 3),
+                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
+                 (f"short_conv bwd dweight W={W}", short_conv.short_conv_bwd_dweight_kernel, dw, 4, 3),
+                 (f"short_conv step W={W}", short_conv.short_conv_step_kernel,
+                  dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
         runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),

@@ -107,11 +107,15 @@ CASES = {
     "conv_varlen_negative_start": lambda: op_errors(
         _conv(torch.tensor([-2, 5, 6, 20, 21, 40])), x=randn(1, 33, 40), weight=randn(40, 1, 4, seed=1),
         bias=randn(40, seed=2), past=randn(1, 3, 40, seed=3)),
-    # several blocks of rows and channels in both backward kernels, documents ending on either side of a block
-    # boundary (the backward's blocks are 32 rows, starting W - 1 rows early for dx)
+    # several blocks of rows and channels in the backward kernels, documents ending on either side of a block
+    # boundary (blocks of 16 rows; dx's start W - 1 rows early)
     "conv_varlen_blocks": lambda: op_errors(
-        _conv(torch.tensor([-1, 30, 32, 61, 63, 97, 130])), x=randn(1, 100, 70), weight=randn(70, 1, 4, seed=1),
-        bias=randn(70, seed=2), past=randn(1, 3, 70, seed=3)),
+        _conv(torch.tensor([-1, 14, 16, 29, 31, 49, 130])), x=randn(1, 100, 140), weight=randn(140, 1, 4, seed=1),
+        bias=randn(140, seed=2), past=randn(1, 3, 140, seed=3)),
+    # three strips of the weight-gradient kernel (512 rows each), documents crossing the strip boundaries
+    "conv_varlen_strips": lambda: op_errors(
+        _conv(torch.tensor([-2, 300, 510, 511, 513, 1023, 1025, 1100])), x=randn(1, 1100, 20),
+        weight=randn(20, 1, 4, seed=1), bias=randn(20, seed=2), past=randn(1, 3, 20, seed=3)),
     "conv_varlen_W8_length1_first": lambda: op_errors(
         _conv(torch.tensor([0, 1, 10, 33])), x=randn(1, 33, 24), weight=randn(24, 1, 8, seed=1)),
     "conv_W1": lambda: op_errors(_conv(), x=randn(2, 9, 20), weight=randn(20, 1, 1, seed=1),

@@ -7,17 +7,20 @@ inputs before x (zeros when absent); with packed documents a tap s is cut at tok
 tokens into its document (document_positions, which lets the first document start inside `past`). fp32
 inside, y in x's dtype.
 
-Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
-- short_conv_bwd_dpre_kernel, one program per block of *output* rows: recomputes the pre-activation a (W shifted
-  loads, as the forward), stores dpre = dy * silu'(a) in fp32 ([B, T, D] scratch) and this program's partial
-  sums of the weight and bias gradients ([B * NT, W, D] and [B * NT, D], channels contiguous; torch sums them);
-- short_conv_bwd_dx_kernel, one program per block of *input* rows, which start W - 1 rows before x so that the
-  first program also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] * dpre[t + s] over the taps
-  not cut at t + s (W shifted loads of dpre).
-Per token and channel that reads x, dy and dpre once and writes dpre and dx once (the shifted loads overlap, so
-they come from cache); recomputing the pre-activation of the W outputs each input feeds instead would take
-W (W + 1) tile loads per row. Decoding one token has its own kernel (short_conv_silu_step), which also shifts
-the cached inputs.
+Forward: one program per (block of tokens, block of channels, sequence). Backward, three kernels, each streaming
+its rows once:
+- short_conv_bwd_dpre_kernel, per block of output rows as the forward: recomputes the pre-activation a (W shifted
+  loads) and stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch);
+- short_conv_bwd_dx_kernel, per block of *input* rows, which start W - 1 rows before x so that the first program
+  also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps not cut at
+  t + s (W shifted loads of dpre);
+- short_conv_bwd_dweight_kernel, per strip of STRIP_BLOCKS blocks of rows: sums dpre[t] x[t - s] over the strip
+  elementwise in registers and reduces across rows once at the end, giving partial weight and bias gradients
+  ([B * strips, W, D], channels contiguous; torch adds the strips).
+Per token and channel that reads x twice, dy and dpre twice, and writes dpre and dx once (14 bytes in bf16); the
+shifted loads overlap and come from cache. An earlier version computed the weight gradient in the dpre kernel
+with W reductions across rows per block and kept dpre in fp32 (the same bytes): 7 times the forward's time on
+an H100. Decoding one token has its own kernel (short_conv_silu_step), which also shifts the cached inputs.
 """
 
 from __future__ import annotations
@@ -28,13 +31,11 @@ import triton.language as tl
 
 from .fused_reference import document_positions
 
-# Tokens x channels per program. The backward kernels hold W fp32 tiles at once (the taps' inputs, or the
-# gradients of the outputs an input feeds) and more intermediates than the forward, so they take as many elements
-# as the forward's 16 x 128 in the shape 32 x 64: 32 rows leave partial weight gradients W / 32 the size of dpre.
-# ptxas (sm_90a, 4 warps) then reports about 140 registers for the dpre kernel at W = 4 and no spills for W <= 4
-# in bf16 and fp32 (W = 8 spills a few bytes in fp32, still correct).
-BT_FWD, BD = 16, 128
-BT_BWD, BD_BWD = 32, 64
+# Tokens x channels per program: the forward, dpre and dx kernels hold W + 1 tiles at most; 16 x 128 is what the
+# forward has always used. The weight-gradient kernel sums W [rows, channels] fp32 products in one
+# [W rounded up to a power of two, 16, 64] tile for a strip of 32 blocks (512 rows).
+BT, BD = 16, 128
+BT_DW, BD_DW, STRIP_BLOCKS = 16, 64, 32
 
 
 @triton.jit
@@ -93,30 +94,47 @@ def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, D: tl.constexpr, W: 
 
 
 @triton.jit
-def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, NT, D: tl.constexpr,
-                               W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """The gradient of the pre-activation at a block of output rows (stored fp32 for short_conv_bwd_dx_kernel),
-    and this program's partial sums of the weight and bias gradients."""
+def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, T, D: tl.constexpr, W: tl.constexpr,
+                               BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               HAS_DOCS: tl.constexpr):
+    """The gradient of the pre-activation at a block of output rows, in dpre's dtype."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
     b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
-    m_t = (o_t < T)[:, None] & m_d[None, :]
+    m_t = (o_t < T)[:, None] & (o_d < D)[None, :]
     b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m_t, other=0.).to(tl.float32)
     b_s = tl.sigmoid(b_a)
-    b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero at rows past T
-    tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre, mask=m_t)
+    b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a)
+    tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre.to(dpre.dtype.element_ty), mask=m_t)
 
-    # Output row t contributes dpre[t] * x[t - s] to weight[:, W-1-s]. The partial sums are [B * NT, W, D]
-    # (channels contiguous, so the stores coalesce); the taps' inputs were just loaded, so they come from cache.
-    i_p = i_b * NT + i_t
-    for s in tl.static_range(W):
-        b_x = load_tap(x, past, pos, i_b, o_t, o_d, s, T, D, W, HAS_PAST, HAS_DOCS)
-        tl.store(dweight + (i_p * W + W - 1 - s) * D + o_d, tl.sum(b_dpre * b_x, axis=0), mask=m_d)
+
+@triton.jit
+def short_conv_bwd_dweight_kernel(x, past, pos, dpre, dweight, dbias, T, NS, D: tl.constexpr, W: tl.constexpr,
+                                  WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BLOCKS: tl.constexpr,
+                                  HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """This strip's partial sums of the weight and bias gradients: output row t adds dpre[t] x[t - s] to
+    weight[:, W-1-s] (nothing where tap s is cut) and dpre[t] to the bias."""
+    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_s = tl.arange(0, WP)
+    # tap s's products go to row s of one [WP, BT, BD] tile (a select, not a list: Triton has no arrays of tiles)
+    b_dw = tl.zeros([WP, BT, BD], dtype=tl.float32)
+    b_db = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in range(BLOCKS):
+        o_t = (i_s * BLOCKS + j) * BT + tl.arange(0, BT)
+        b_dpre = tl.load(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=(o_t < T)[:, None] & m_d[None, :],
+                         other=0.).to(tl.float32)
+        for s in tl.static_range(W):
+            b_x = load_tap(x, past, pos, i_b, o_t, o_d, s, T, D, W, HAS_PAST, HAS_DOCS)
+            b_dw = tl.where((o_s == s)[:, None, None], b_dw + (b_dpre * b_x)[None, :, :], b_dw)
+        b_db += b_dpre
+    i_p = i_b * NS + i_s
+    tl.store(dweight + (i_p * W + W - 1 - o_s[:, None]) * D + o_d[None, :], tl.sum(b_dw, axis=1),
+             mask=(o_s < W)[:, None] & m_d[None, :])
     if HAS_BIAS:
-        tl.store(dbias + i_p * D + o_d, tl.sum(b_dpre, axis=0), mask=m_d)
+        tl.store(dbias + i_p * D + o_d, tl.sum(b_db, axis=0), mask=m_d)
 
 
 @triton.jit
@@ -135,7 +153,7 @@ def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W
         if HAS_DOCS:
             m_u &= tap_kept(pos, o_u, s, T)
         b_dpre = tl.load(dpre + (i_b * T + o_u)[:, None] * D + o_d[None, :], mask=m_u[:, None] & m_d[None, :],
-                         other=0.)
+                         other=0.).to(tl.float32)
         b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
         b_dx += b_dpre * b_w[None, :]
     tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
@@ -174,8 +192,8 @@ class ShortConvFunction(torch.autograd.Function):
         x, weight = x.contiguous(), weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
         y = torch.empty_like(x)
-        short_conv_fwd_kernel[(triton.cdiv(T, BT_FWD), triton.cdiv(D, BD), B)](
-            x, past, weight, bias, pos, y, T, D=D, W=W, BT=BT_FWD, BD=BD, HAS_PAST=past is not None,
+        short_conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
+            x, past, weight, bias, pos, y, T, D=D, W=W, BT=BT, BD=BD, HAS_PAST=past is not None,
             HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
         ctx.save_for_backward(x, weight, bias, past, pos)
         return y
@@ -188,16 +206,18 @@ class ShortConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         dpast = None if past is None else torch.empty_like(past)
-        dpre = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
-        NT = triton.cdiv(T, BT_BWD)
-        dweight = torch.empty(B * NT, W, D, dtype=torch.float32, device=x.device)
-        dbias = None if bias is None else torch.empty(B * NT, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_dpre_kernel[(NT, triton.cdiv(D, BD_BWD), B)](
-            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, NT, D=D, W=W, BT=BT_BWD, BD=BD_BWD,
-            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
-        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT_BWD), triton.cdiv(D, BD_BWD), B)](  # past's rows too
-            weight, pos, dpre, dx, dpast, T, D=D, W=W, BT=BT_BWD, BD=BD_BWD, HAS_PAST=past is not None,
-            HAS_DOCS=pos is not None)
+        flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
+        dpre = torch.empty_like(x)
+        short_conv_bwd_dpre_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
+            x, past, weight, bias, pos, dy, dpre, T, D=D, W=W, BT=BT, BD=BD, HAS_BIAS=bias is not None, **flags)
+        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
+            weight, pos, dpre, dx, dpast, T, D=D, W=W, BT=BT, BD=BD, **flags)
+        NS = triton.cdiv(T, STRIP_BLOCKS * BT_DW)
+        dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
+        dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
+        short_conv_bwd_dweight_kernel[(NS, triton.cdiv(D, BD_DW), B)](
+            x, past, pos, dpre, dweight, dbias, T, NS, D=D, W=W, WP=triton.next_power_of_2(W), BT=BT_DW, BD=BD_DW,
+            BLOCKS=STRIP_BLOCKS, HAS_BIAS=bias is not None, **flags)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
 
