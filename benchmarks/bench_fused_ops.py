@@ -7,8 +7,8 @@ how far is it from memory speed?
 For each op, at the shapes one layer of the preset sees in bench_train.py's step (4096 tokens per sequence;
 `small` 8 sequences, `1.3b` 4), forward and forward+backward: ours (the Triton kernel, backend='auto'), the
 PyTorch reference the model falls back to (backend='torch'), and with --compile that reference under
-torch.compile. bf16 activations, fp32 weights (as under autocast); GPU time, the median of
-triton.testing.do_bench_cudagraph (measure() says why); the backward through torch.autograd.grad, so no gradient
+torch.compile. bf16 activations, fp32 weights (as under autocast); GPU time, the kernels' summed durations
+per call under torch.profiler (measure() says why); the backward through torch.autograd.grad, so no gradient
 is accumulated into a .grad.
 
 The memory-bound ops get a floor: the bytes they cannot avoid (below), moved once at the DRAM bandwidth this
@@ -96,23 +96,26 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
     ]
 
 
-def measure(fn: Callable[[], object], cuda: bool) -> float:
-    """Milliseconds of GPU time: on a GPU the median of do_bench_cudagraph, the calls replayed as a CUDA graph; the
-    median of 3 runs on CPU (smoke runs only).
+def measure(fn: Callable[[], object], cuda: bool, calls: int = 20) -> float:
+    """Milliseconds of GPU time per call: on a GPU the sum of the kernels' durations over `calls` calls
+    (torch.profiler), divided by `calls`; the median of 3 runs on CPU (smoke runs only).
 
-    Timed eagerly (do_bench), a call whose kernels take less time than the host takes to launch them measures the
-    host: autograd, the launches, the small torch ops around the kernels. Session 6 on an H100 read rms_norm with
-    its residual at 4-7x its byte floor forward+backward while its forward alone was at 1.1-1.6x, and the same code
-    0.54 and 0.93 ms in two processes. In a training step the host runs ahead of the GPU, so the GPU time is the
-    one that counts. A call that cannot be captured is timed eagerly, and says so."""
+    Timed by the wall clock (do_bench), a call whose kernels take less time than the host takes to launch them
+    measures the host: autograd, the launches, the small torch ops around the kernels. Session 6 on an H100 read
+    rms_norm with its residual at 4-7x its byte floor forward+backward while its forward alone was at 1.1-1.6x, and
+    the same code 0.54 and 0.93 ms in two processes. In a training step the host runs ahead of the GPU, so the GPU
+    time is the one that counts. (Replaying the calls as a CUDA graph would also hide the host, but the backward
+    cannot be captured here: its leaf inputs' gradient nodes belong to the default stream, and the capture fails.)"""
     if cuda:
-        fn()  # compile and allocate outside the capture
-        try:
-            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-        except Exception as e:  # noqa: BLE001 - any capture failure: fall back, and say so
-            print(f"not capturable in a CUDA graph ({type(e).__name__}: {str(e)[:100]}); timed eagerly", flush=True)
+        fn()  # compile and autotune outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
             torch.cuda.synchronize()
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        gpu_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+        return gpu_us / 1e3 / calls
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -160,8 +163,8 @@ def main() -> None:
     if cuda:
         bandwidth = copy_bandwidth(device)
         header = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-                  f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; bf16 activations; GPU time, median of "
-                  f"do_bench_cudagraph")
+                  f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; bf16 activations; GPU time (kernels' summed "
+                  f"durations per call, torch.profiler)")
     else:
         bandwidth = 0.0
         header = f"CPU smoke run (Triton interpreter, fp32); torch {torch.__version__}; triton {triton.__version__}"
@@ -174,8 +177,8 @@ def main() -> None:
         for op in make_ops(config, sequences * seqlen, seqlen, device, dtype):
             for passname, make_step in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
                 steps = {label: make_step(op, backend) for label, backend in (("ours", ours), ("torch", "torch"))}
-                # Each timed twice, alternating, keeping its faster median (as bench_kernels.py does). Timed once
-                # with do_bench's mean, identical code read 0.073 and 0.104 ms in two processes (H100, session 6).
+                # Each timed twice, alternating, keeping the faster (as bench_kernels.py does). Timed once by the
+                # wall clock, identical code read 0.073 and 0.104 ms in two processes (H100, session 6).
                 timings = dict.fromkeys(steps, math.inf)
                 for _ in range(2):
                     for label, step in steps.items():
