@@ -41,8 +41,8 @@ F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0
        "lse", "row_scale"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
-SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32", "NS": "i32",
-           "V": "i32", "vocab_start": "i32"}
+SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
+           "NS": "i32", "V": "i32", "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
@@ -104,14 +104,15 @@ def chunk_runs(dtype: str) -> list:
     # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):
         shape = dict(base, K=K, V=V, BK=C._pow2(K))
-        for cfg in C.SCAN_CONFIGS:
+        for cfg in C.SCAN_FWD_CONFIGS:
             bv, nw, ns = cfg.kwargs["BV"], cfg.num_warps, cfg.num_stages
             runs += [(f"scan fwd (o) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
                       STORE_HT=True, STORE_O=True, STORE_STATES=False), nw, ns),
                      (f"scan fwd (h) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
-                      STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns),
-                     (f"scan bwd K={K} BV={bv}", C.chunk_scan_bwd_kernel, dict(shape, BV=bv, USE_DHT=True,
-                      STORE_DH0=True), nw, ns)]
+                      STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns)]
+        runs += [(f"scan bwd K={K} BV={cfg.kwargs['BV']}", C.chunk_scan_bwd_kernel, dict(
+                  shape, BV=cfg.kwargs["BV"], USE_DHT=True, STORE_DH0=True), cfg.num_warps, cfg.num_stages)
+                 for cfg in C.SCAN_BWD_CONFIGS]
         runs += [(f"o K={K} BK={cfg.kwargs['BK']} BV={cfg.kwargs['BV']}", C.chunk_o_kernel, dict(shape, **cfg.kwargs),
                   cfg.num_warps, cfg.num_stages) for cfg in C.O_CONFIGS]
     return runs

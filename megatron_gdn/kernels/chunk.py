@@ -265,13 +265,20 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 
 
 # Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. Every config is
-# pipelined (2 stages): an unpipelined (32, 8, 1) config raised "illegal memory access" on an H200 (Triton 3.6)
+# pipelined (2 or 3 stages): an unpipelined (32, 8, 1) config raised "illegal memory access" on an H200 (Triton 3.6)
 # whenever the grid was larger than a few hundred programs (B4 T4096 H6 K256 V512; 50 documents at K = 128),
 # while it passed on small grids. The pipelined [BT, K] tiles take shared memory: with fp32 inputs and K > 64
 # every config needs more than Hopper's 227 KB (262 KB at K = 128; benchmarks/kernel_resources.py --dtype fp32),
 # so the Triton path takes fp32 inputs up to FP32_MAX_HEAD_DIM only (kernels/__init__.py falls back or says so).
-SCAN_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2)
-                for bv, nw in ((32, 8), (16, 8), (16, 4), (64, 8))]
+# The forward also tries 4 warps at BV 32 / 64 and 3 stages: at B1 T32768 H16 (32 programs at BV 64) the autotuner
+# took (16, 4, 3), and the states scan went from about 1.0 to 0.49 ms (H100, session 7): one warp group per program
+# has no cross-group barrier in the chain of dependent products, and the third stage loads w, u and k two chunks
+# ahead. Every forward config passed the forced-config GPU test; the backward scan keeps the four it was verified
+# with (the new ones were not run there).
+SCAN_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv, nw in ((32, 8), (16, 8), (16, 4),
+                                                                                        (64, 8))]
+SCAN_FWD_CONFIGS = SCAN_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=4, num_stages=ns)
+                                       for bv, ns in ((32, 2), (64, 2), (32, 3), (16, 3))]
 FP32_MAX_HEAD_DIM = 64
 # Warps of dqk_intra, whose [64, 64] fp32 product and decay tiles want 8; dqkw and wy autotune theirs (DQKW_CONFIGS,
 # WY_CONFIGS).
@@ -305,7 +312,7 @@ def load_state(ptr, i_n, i_hv, p_s, m_s, HV: tl.constexpr, K: tl.constexpr, V: t
     return b_S
 
 
-@triton.autotune(configs=configs(SCAN_CONFIGS),
+@triton.autotune(configs=configs(SCAN_FWD_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ", "STORE_O", "STORE_STATES"],
                  restore_value=[])
 @triton.jit
@@ -382,7 +389,7 @@ def chunk_o_kernel(q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale,
     store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
 
 
-@triton.autotune(configs=configs(SCAN_CONFIGS),
+@triton.autotune(configs=configs(SCAN_BWD_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
 def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, chunk_offsets, scale, NSEQ,
