@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from megatron_gdn.config import TrainingConfig, parse_args
 from megatron_gdn.data.mock_dataset import MockGPTDataset
-from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
+from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate, to_device
 from megatron_gdn.data.tokenizer import padded_vocab_size
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, barrier, check_tensor_parallel_config, get_rank,
@@ -132,11 +132,11 @@ def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], dev
     never exist (kernels/cross_entropy.py); not under ZeRO-3, which gathers the partitioned head weight only for
     the head's own forward (DeepSpeed marks such parameters with ds_id). autocast_cache=False casts a weight at
     each use instead of caching its copy for the forward (what a CUDA graph needs: training/cuda_graph.py)."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
+    tokens = to_device(batch["tokens"], device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is not None:
-        inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens.to(device)
+        inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), to_device(cu_seqlens, device)
     inputs, targets = split_sequence(inputs, context_parallel_group), split_sequence(targets, context_parallel_group)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                         cache_enabled=autocast_cache):
