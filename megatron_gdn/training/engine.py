@@ -144,7 +144,14 @@ class BuiltinDataParallel:
     def load_state(self, state: dict, load_optimizer: bool) -> None:
         load_model_state(self.model, state["model"], state.get("iteration"))
         if load_optimizer:
-            self.optimizer.load_state_dict(optimizer_state(state))
+            saved = optimizer_state(state)
+            # A checkpoint's param groups carry the implementation flags of the optimizer that wrote it (an older
+            # run's unfused AdamW, a consolidated ZeRO state), and load_state_dict would take them over: keep ours,
+            # fused, which step() relies on to skip an update on the device (and which puts AdamW's step counts on
+            # the parameters' device as they load).
+            flags = [{key: group[key] for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict({**saved, "param_groups": [
+                {**group, **flag} for group, flag in zip(saved["param_groups"], flags)]})
             if "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
 
