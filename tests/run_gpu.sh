@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: three
+# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: four
 # pytest processes side by side, since compiling and autotuning the Triton kernels keeps the CPU busier than the
 # GPU. Each writes its log under $OUT (default gpu-test-logs/) and stops after LIMIT seconds (default 600), so a run
 # cut by time still leaves the log of what passed; a line per process says how it ended.
@@ -24,7 +24,9 @@ run() {
 
 run kernels_autotuned tests/test_kernels_gpu.py -k every_autotuned &
 run kernels tests/test_kernels_gpu.py -k "not every_autotuned" &
-run fused_ops tests/test_fused_ops.py tests/test_cuda_graph_gpu.py tests/test_hf_fla_gpu.py &
+run fused_ops tests/test_fused_ops.py tests/test_cuda_graph_gpu.py &
+# -s: its progress lines (fla compiling and autotuning its kernels for two dtypes takes minutes) reach the log
+run hf_fla -s tests/test_hf_fla_gpu.py &
 failed=0
 for job in $(jobs -p); do
     wait "$job" || failed=1
