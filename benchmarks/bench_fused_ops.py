@@ -43,6 +43,8 @@ from megatron_gdn.kernels import gated_rmsnorm, rms_norm, short_conv_silu, silu_
 from megatron_gdn.models import MODEL_PRESETS, GatedDeltaNetConfig  # noqa: E402
 from megatron_gdn.parallel import fused_linear_cross_entropy  # noqa: E402
 
+from gpu_kernels import kernel_times  # noqa: E402  (this folder, the script's own)
+
 SEQUENCES = {"small": 8, "1.3b": 4}  # bench_train.py's batches at 4096 tokens per sequence
 TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=8)
 
@@ -107,15 +109,7 @@ def measure(fn: Callable[[], object], cuda: bool, calls: int = 20) -> float:
     time is the one that counts. (Replaying the calls as a CUDA graph would also hide the host, but the backward
     cannot be captured here: its leaf inputs' gradient nodes belong to the default stream, and the capture fails.)"""
     if cuda:
-        fn()  # compile and autotune outside the profile
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        gpu_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-        return gpu_us / 1e3 / calls
+        return sum(ms for ms, _ in kernel_times(fn, calls).values()) / calls
     times = []
     for _ in range(3):
         start = time.perf_counter()

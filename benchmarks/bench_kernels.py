@@ -37,6 +37,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gdn.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: E402
 
+from gpu_kernels import kernel_times  # noqa: E402  (this folder, the script's own)
+
 SHAPES = [  # (B, T, H, K, V): H q/k heads = value heads
     (4, 4096, 16, 128, 128),
     (8, 2048, 6, 256, 512),
@@ -188,17 +190,7 @@ def kernel_profile(fn, xs, steps=10):
             x.grad = None
         o, _ = fn(*xs, **kw)
         o.backward(do)
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t, n = kernels.get(e.name, (0.0, 0))
-            kernels[e.name] = (t + e.time_range.elapsed_us() / 1e3, n + 1)
+    kernels = kernel_times(step, steps)
     total = sum(t for t, _ in kernels.values()) / steps
     lines = [f"  {t / steps:7.3f} ms  x{n // steps:<2d} {name[:90]}"
              for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])]
