@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from megatron_gdn.config import TrainingConfig, parse_args
 from megatron_gdn.data.mock_dataset import MockGPTDataset
-from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
+from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate, to_device
 from megatron_gdn.data.tokenizer import padded_vocab_size
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, barrier, check_tensor_parallel_config, get_rank,
@@ -132,11 +132,11 @@ def lm_loss(model: GatedDeltaNetForCausalLM, batch: dict[str, torch.Tensor], dev
     never exist (kernels/cross_entropy.py); not under ZeRO-3, which gathers the partitioned head weight only for
     the head's own forward (DeepSpeed marks such parameters with ds_id). autocast_cache=False casts a weight at
     each use instead of caching its copy for the forward (what a CUDA graph needs: training/cuda_graph.py)."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
+    tokens = to_device(batch["tokens"], device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is not None:
-        inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens.to(device)
+        inputs, targets, cu_seqlens = inputs.reshape(1, -1), targets.reshape(1, -1), to_device(cu_seqlens, device)
     inputs, targets = split_sequence(inputs, context_parallel_group), split_sequence(targets, context_parallel_group)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                         cache_enabled=autocast_cache):
@@ -295,14 +295,15 @@ def build_cuda_graph(engine: BuiltinDataParallel | DeepSpeedDataParallel, cfg: T
 
 def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterator[dict[str, torch.Tensor]],
                cfg: TrainingConfig, device: torch.device, groups: ParallelGroups,
-               inject_nan: bool = False, graph: CudaGraphStep | None = None) -> tuple[float, bool, StepResult]:
+               inject_nan: bool = False, graph: CudaGraphStep | None = None) -> StepResult:
     """One iteration: forward and backward over the micro batches (gradient accumulation up to the global batch),
     then the engine reduces the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and
-    steps. Returns the loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens), whether it
-    is finite on every rank, and the engine's StepResult. inject_nan makes this rank's first loss NaN.
-    graph (build_cuda_graph, --cuda-graph) runs the micro batches; the one with inject_nan runs eagerly."""
+    steps. Returns the engine's StepResult: the loss averaged over DP x CP (each CP rank's is the mean over its
+    slice's tokens), whether it is finite on every rank, whether the update was applied, the gradient norm.
+    inject_nan makes this rank's first loss NaN. graph (build_cuda_graph, --cuda-graph) runs the micro batches;
+    the one with inject_nan runs eagerly."""
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host sync per step
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: the engine reads it once
     for micro in range(num_micro):
         batch, nan = next(data), micro == 0 and inject_nan
         if graph is None or nan:
@@ -310,10 +311,7 @@ def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterat
         else:
             loss = graph(batch)  # the graph's static loss: read here, before the next micro batch's replay
         total += loss.detach().double() / num_micro
-    dp_cp = groups.data_parallel_size * groups.context_parallel_size
-    total = all_reduce_scalar(total.item(), groups.data_context_parallel_group) / dp_cp
-    loss_is_finite = all_reduce_scalar(float(not math.isfinite(total)), op="max") == 0  # every rank agrees
-    return total, loss_is_finite, engine.step(loss_is_finite)
+    return engine.step(total)
 
 
 # Why a run stops early, in increasing priority: every rank must stop at the same iteration.
@@ -436,10 +434,9 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
-        total, loss_is_finite, step = train_step(engine, data, cfg, device, groups,
-                                                 inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0,
-                                                 graph=graph)
-        grad_norm = step.grad_norm
+        step = train_step(engine, data, cfg, device, groups,
+                          inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0, graph=graph)
+        total, loss_is_finite, grad_norm = step.loss, step.loss_is_finite, step.grad_norm
         iteration += 1
         consumed_samples += cfg.global_batch_size
         losses[iteration] = total

@@ -1,5 +1,6 @@
 """--cuda-graph on a GPU: the replayed forward and backward train exactly as the eager path does, with and without
-gradient accumulation, and a replay launches nothing from the host but the token copy and the graph.
+gradient accumulation, and a replay launches nothing from the host but the token copy and the graph. Also what
+keeps the host ahead of the GPU in an eager step: the built-in engine's step waits for the GPU once.
 
     pytest -m gpu tests/test_cuda_graph_gpu.py
 
@@ -113,5 +114,34 @@ def test_replay_launches_nothing_from_the_host():
         eager_kernels, eager_graphs = launches(lambda: step(graph=None))  # eager forward and backward
         assert graphed_graphs == 2 and eager_graphs == 0
         assert 0 < 3 * graphed_kernels < eager_kernels, (graphed_kernels, eager_kernels)
+    finally:
+        destroy_model_parallel()
+
+
+def test_builtin_step_waits_for_the_gpu_once():
+    """The built-in engine queues the gradient reductions, the norm, the clipping and the AdamW update (which skips
+    itself on the device if the loss or the norm is not finite) without a host sync: under torch's sync debug mode
+    the step's only synchronising call is the one that reads its results, after the update is queued."""
+    import warnings
+
+    config, cfg = parse_args(flags(1, ["--bf16"]))
+    groups, device, ds_config = pretrain_gdn.setup_run(config, cfg)
+    try:
+        _, train_data, _ = pretrain_gdn.build_datasets(cfg)
+        engine, _ = pretrain_gdn.build_engine(dataclasses.replace(config, vocab_size=512), cfg, groups, device,
+                                              ds_config)
+        data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size)
+        pretrain_gdn.train_step(engine, data, cfg, device, groups)  # the first step creates AdamW's state
+        loss = pretrain_gdn.forward_backward(engine, next(data), cfg, device, groups).detach().double()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step = engine.step(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert step.applied and len(syncs) == 1, syncs
     finally:
         destroy_model_parallel()

@@ -367,3 +367,52 @@ def test_reset_state_at_eod_training_matches_per_document_loss():
         logits = model(flat_in[None, a:b]).logits[0]
         total += torch.nn.functional.cross_entropy(logits, flat_out[a:b], reduction="sum").item()
     assert math.isclose(loss.item(), total / 20, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_builtin_step_skips_a_non_finite_update_on_the_device(poison):
+    """The built-in engine decides the skip on the device (the fused AdamW's found_inf): a NaN loss or a NaN gradient
+    leaves the weights, AdamW's moments and its step count as they were, and the next finite step updates the
+    weights exactly as a fresh torch AdamW (the unfused one) does from the same clipped gradient."""
+    import copy
+
+    from megatron_gdn.parallel import destroy_model_parallel
+    from megatron_gdn.training.optimizer import parameter_groups
+
+    config, cfg = parse_args(["--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "2",
+                              "--head-dim", "16", "--mock-data", "--vocab-size", "128", "--seq-length", "32",
+                              "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
+                              "--lr", "1e-3", "--clip-grad", "1.0", "--weight-decay", "0.1"])
+    groups, _ = pretrain_gdn.setup_parallel(config, cfg, torch.device("cpu"))
+    try:
+        engine, _ = pretrain_gdn.build_engine(config, cfg, groups, torch.device("cpu"), None)
+        engine.set_lr(1e-3)
+        params = list(engine.model.parameters())
+        reference = copy.deepcopy(engine.model)
+        initial = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        params[0].grad.view(-1)[0] = math.nan if poison == "gradient" else 0.0
+        step = engine.step(torch.tensor(math.nan if poison == "loss" else 2.5, dtype=torch.float64))
+        assert not step.applied and step.loss_is_finite == (poison != "loss")
+        assert math.isfinite(step.grad_norm) == (poison != "gradient")
+        assert all(torch.equal(p, r) for p, r in zip(params, reference.parameters()))
+        for state in engine.optimizer.state.values():
+            assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, r, g in zip(params, reference.parameters(), grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        step = engine.step(torch.tensor(2.5, dtype=torch.float64))
+        assert step.applied and step.loss == 2.5
+        norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+        assert step.grad_norm == pytest.approx(norm.item(), rel=1e-6) and step.grad_norm > 1.0  # it did clip
+        oracle = torch.optim.AdamW(parameter_groups(reference, 0.1), lr=1e-3, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   eps=cfg.adam_eps, foreach=False)
+        oracle.step()
+        for p, r in zip(params, reference.parameters()):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+        assert not any(torch.equal(p, w) for p, w in zip(params, initial))  # every weight moved
+    finally:
+        destroy_model_parallel()

@@ -47,3 +47,15 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             pieces.append(s["cu_seqlens"][1:].long() + i * seq_length)
         batch["cu_seqlens"] = torch.cat(pieces).to(torch.int32)
     return batch
+
+
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor in page-locked memory, from which a copy to a GPU runs without making the host wait. A copy
+    from pageable memory first waits for the GPU's queue to drain, and the GPU then idles while the host launches
+    what follows. (torch's pinned allocator keeps the buffer until the copy has run.) Other tensors as they are."""
+    return tensor.pin_memory() if tensor.device.type == "cpu" and not tensor.is_pinned() else tensor
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device; a CPU tensor bound for a GPU goes through page-locked memory (pinned)."""
+    return (pinned(tensor) if device.type == "cuda" else tensor).to(device, non_blocking=True)

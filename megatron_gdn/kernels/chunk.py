@@ -273,12 +273,11 @@ def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, 
 # The forward also tries 4 warps at BV 32 / 64 and 3 stages: at B1 T32768 H16 (32 programs at BV 64) the autotuner
 # took (16, 4, 3), and the states scan went from about 1.0 to 0.49 ms (H100, session 7): one warp group per program
 # has no cross-group barrier in the chain of dependent products, and the third stage loads w, u and k two chunks
-# ahead. Every forward config passed the forced-config GPU test; the backward scan keeps the four it was verified
-# with (the new ones were not run there).
-SCAN_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv, nw in ((32, 8), (16, 8), (16, 4),
-                                                                                        (64, 8))]
-SCAN_FWD_CONFIGS = SCAN_BWD_CONFIGS + [triton.Config({"BV": bv}, num_warps=4, num_stages=ns)
-                                       for bv, ns in ((32, 2), (64, 2), (32, 3), (16, 3))]
+# ahead. The backward scan tries the same 4-warp ones at BV 16 / 32 (BV 64 at 4 warps needs 255 registers there).
+SCAN_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                    for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 4, 2), (32, 4, 3),
+                                       (16, 4, 3))]
+SCAN_FWD_CONFIGS = SCAN_BWD_CONFIGS + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
 FP32_MAX_HEAD_DIM = 64
 # Warps of dqk_intra, whose [64, 64] fp32 product and decay tiles want 8; dqkw and wy autotune theirs (DQKW_CONFIGS,
 # WY_CONFIGS).

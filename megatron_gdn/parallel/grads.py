@@ -49,15 +49,16 @@ def finalize_model_grads(model: nn.Module, tensor_parallel_group: ProcessGroup |
     _all_reduce_coalesced([p.grad for _, p in named], data_parallel_group, average=True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: ProcessGroup | None) -> float:
-    """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm before clipping.
+def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: ProcessGroup | None) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm before clipping, a
+    0-d fp32 tensor on the gradients' device (computed and applied without waiting for the GPU).
 
     The norm is that of the full (unsharded) model's gradient: the same number on every rank and the
     same as a single process computes. Non-finite gradients give a non-finite norm on every rank.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
     if not named:
-        return 0.0
+        return torch.zeros(())
     sharded, replicated = [], []
     for name, p in named:
         is_sharded = group_size(tensor_parallel_group) > 1 and rule_for(name).is_sharded
@@ -73,7 +74,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: Pro
     total = squared.sqrt()
     if max_norm < math.inf:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
-    return total.item()
+    return total
 
 
 def all_reduce_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,

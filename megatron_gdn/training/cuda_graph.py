@@ -61,6 +61,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..data.sampler import pinned
+
 if TYPE_CHECKING:
     from ..config import TrainingConfig
 
@@ -126,11 +128,7 @@ class CudaGraphStep:
             return self._on_side_stream(batch)
         if self.graph is None:
             self._capture(batch)
-        tokens = batch["tokens"]
-        if tokens.device.type == "cpu" and not tokens.is_pinned():
-            # a copy from pageable memory may make the host wait for the stream (the previous replay), which
-            # would take back the head start on the GPU that the graph gives; pinned memory copies asynchronously
-            tokens = tokens.pin_memory()
+        tokens = pinned(batch["tokens"])  # a copy from pageable memory would wait for the previous replay
         if tokens.shape != self.tokens.shape or tokens.dtype != self.tokens.dtype:
             raise ValueError(f"--cuda-graph replays one shape: got tokens {tuple(tokens.shape)} {tokens.dtype}, "
                              f"captured {tuple(self.tokens.shape)} {self.tokens.dtype}")

@@ -2,7 +2,7 @@
 
     engine.set_lr(lr)
     for each micro batch:  loss = lm_loss(engine.model, batch, ...); engine.backward(loss)
-    result = engine.step(loss_is_finite)        # StepResult: applied?, grad norm, fp16 loss scale
+    result = engine.step(loss)                  # StepResult: loss over DP x CP, applied?, grad norm, fp16 scale
     engine.save(root, iteration, client_state)  # collective
     state = engine.read_checkpoint(root, iteration, load_optimizer); engine.load_state(state, load_optimizer)
 
@@ -21,8 +21,13 @@ in bf16 (fp32 accumulation needs ZeRO), applies an fp32 update even when the gra
 no gradient norm; the built-in path has none of these problems and is what stage 0 means (replicated optimizer,
 all-reduced gradients).
 
-Non-finite steps: the built-in path skips the update when the loss or the global gradient norm is not finite (fp16:
-the GradScaler skips and lowers the scale). DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
+Non-finite steps: the built-in path skips the update when the loss (on any rank) or the global gradient norm is not
+finite (fp16: the GradScaler skips and lowers the scale). It decides on the device: the fused AdamW takes the skip
+flag as its `found_inf` tensor (the attribute GradScaler sets for fused optimizers) and leaves weights, moments and
+step counts alone where it is 1. So the whole step, up to the optimizer's update, is queued without waiting for the
+GPU; the one host sync per iteration reads the loss, the norm and the flag after it, while the GPU runs the update.
+(It used to wait twice before the update, on the loss and on the norm, and the GPU idled while the host launched
+what followed each wait.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
 finite by themselves (fp16: loss-scale overflow; bf16/fp32: invalid norm), and `was_step_applied()` says so.
 """
 
@@ -42,7 +47,7 @@ from ..config import TrainingConfig
 from ..parallel.grads import all_reduce_found_inf, clip_grad_norm, finalize_model_grads
 from ..parallel.mpu import ModelParallelUnit, mark_tensor_parallel_parameters
 from ..parallel.sharding import rule_for
-from ..parallel.state import ParallelGroups
+from ..parallel.state import ParallelGroups, group_size
 from .checkpointing import (CheckpointError, begin_save, commit_save, fsync_path, iteration_dir, load_checkpoint,
                             read_tracker, save_checkpoint, tensor_parallel_mismatch)
 from .optimizer import build_optimizer, optimizer_param_names, parameter_groups
@@ -50,9 +55,25 @@ from .optimizer import build_optimizer, optimizer_param_names, parameter_groups
 
 @dataclass
 class StepResult:
+    loss: float                  # the iteration's loss averaged over DP x CP (each CP rank's: its slice's tokens)
+    loss_is_finite: bool         # on every rank
     applied: bool                # the optimizer updated the weights
     grad_norm: float             # global L2 norm of the gradient before clipping (inf/nan when not finite)
     loss_scale: float | None     # the fp16 loss scale after the step, None without --fp16
+
+
+def reduce_loss(loss: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the loss's device, without a host sync: this rank's loss averaged over DP x CP (fp64), and 1.0 if any
+    rank's loss is not finite, else 0.0 (fp32; the maximum over every rank, so that all of them agree)."""
+    loss = loss.detach().double().clone()
+    group = groups.data_context_parallel_group
+    if group_size(group) > 1:
+        dist.all_reduce(loss, group=group)
+        loss /= group_size(group)
+    not_finite = (~torch.isfinite(loss)).float()
+    if group_size(None) > 1:
+        dist.all_reduce(not_finite, op=dist.ReduceOp.MAX)
+    return loss, not_finite
 
 
 class BuiltinDataParallel:
@@ -76,21 +97,35 @@ class BuiltinDataParallel:
         """Backward of one micro batch's mean loss, scaled to its share of the global batch."""
         self.scaler.scale(loss / self.num_micro_batches).backward()
 
-    def step(self, loss_is_finite: bool) -> StepResult:
+    def step(self, loss: torch.Tensor) -> StepResult:
+        """loss: this rank's loss of the iteration, on the device. Queues the reductions, the clipping and the
+        update, then reads the results (the iteration's one host sync)."""
         tp_group = self.groups.tensor_model_parallel_group
         # Sum the partial gradients of replicated weights over TP, average everything over DP x CP (each CP
         # rank's gradients are those of its slice's tokens).
         finalize_model_grads(self.model, tp_group, self.groups.data_context_parallel_group, self.cfg.sequence_parallel)
+        loss, loss_not_finite = reduce_loss(loss, self.groups)
         self.scaler.unscale_(self.optimizer)
         all_reduce_found_inf(self.scaler, self.optimizer, tp_group)
         grad_norm = clip_grad_norm(self.model, self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf, tp_group)
-        applied = loss_is_finite and math.isfinite(grad_norm)
-        if applied:  # otherwise skip the update rather than poison the weights (fp16: the scaler lowers the scale)
+        grad_norm = grad_norm.to(loss.device)
+        # Skip the update rather than poison the weights (fp16: the scaler also lowers the scale).
+        skip = torch.maximum(loss_not_finite, (~torch.isfinite(grad_norm)).float())
+        if self.scaler.is_enabled():  # fp16: the scaler hands its overflow flags to the fused AdamW as found_inf
+            for found_inf in self.scaler._found_inf_per_device(self.optimizer).values():
+                torch.maximum(found_inf, skip.to(found_inf.device), out=found_inf)
             self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.found_inf = skip
+            self.optimizer.step()
+            del self.optimizer.found_inf
         self.scaler.update()
         # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
         self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
-        return StepResult(applied, grad_norm, self.scaler.get_scale() if self.cfg.fp16 else None)
+        loss, grad_norm, loss_not_finite, skip = torch.stack(
+            [loss, grad_norm.double(), loss_not_finite.double(), skip.double()]).tolist()
+        return StepResult(loss, not loss_not_finite, not skip, grad_norm,
+                          self.scaler.get_scale() if self.cfg.fp16 else None)
 
     def save(self, root: str, iteration: int, client_state: dict) -> None:
         """Every rank calls it; DP (and CP) rank 0 of each TP rank writes that rank's file."""
@@ -109,7 +144,14 @@ class BuiltinDataParallel:
     def load_state(self, state: dict, load_optimizer: bool) -> None:
         load_model_state(self.model, state["model"], state.get("iteration"))
         if load_optimizer:
-            self.optimizer.load_state_dict(optimizer_state(state))
+            saved = optimizer_state(state)
+            # A checkpoint's param groups carry the implementation flags of the optimizer that wrote it (an older
+            # run's unfused AdamW, a consolidated ZeRO state), and load_state_dict would take them over: keep ours,
+            # fused, which step() relies on to skip an update on the device (and which puts AdamW's step counts on
+            # the parameters' device as they load).
+            flags = [{key: group[key] for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict({**saved, "param_groups": [
+                {**group, **flag} for group, flag in zip(saved["param_groups"], flags)]})
             if "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
 
@@ -202,12 +244,13 @@ class DeepSpeedDataParallel:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self, loss_is_finite: bool) -> StepResult:
+    def step(self, loss: torch.Tensor) -> StepResult:
+        loss, loss_not_finite = (x.item() for x in reduce_loss(loss, self.groups))
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         scale = float(self.engine.optimizer.cur_scale) if self.cfg.fp16 else None
-        return StepResult(bool(self.engine.was_step_applied()), norm, scale)
+        return StepResult(loss, not loss_not_finite, bool(self.engine.was_step_applied()), norm, scale)
 
     # Checkpoints ----------------------------------------------------------------------------------
 
