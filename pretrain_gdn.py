@@ -55,7 +55,7 @@ from megatron_gdn.parallel.launch import consume_launcher_arguments, describe_to
 from megatron_gdn.training.checkpointing import CheckpointError, check_model_config, saved_tensor_parallel_size
 from megatron_gdn.training.cuda_graph import WARMUP_ITERATIONS, CudaGraphStep
 from megatron_gdn.training.deepspeed_config import deepspeed_config_for, read_deepspeed_config, resolve_zero_stage
-from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel, StepResult
+from megatron_gdn.training.engine import BuiltinDataParallel, DeepSpeedDataParallel, QueuedStep, StepResult
 from megatron_gdn.training.flops import peak_flops, training_flops_per_token
 from megatron_gdn.training.logging import (TensorBoardLogger, format_iteration_line, format_memory_line,
                                            format_validation_line)
@@ -295,11 +295,12 @@ def build_cuda_graph(engine: BuiltinDataParallel | DeepSpeedDataParallel, cfg: T
 
 def train_step(engine: BuiltinDataParallel | DeepSpeedDataParallel, data: Iterator[dict[str, torch.Tensor]],
                cfg: TrainingConfig, device: torch.device, groups: ParallelGroups,
-               inject_nan: bool = False, graph: CudaGraphStep | None = None) -> StepResult:
+               inject_nan: bool = False, graph: CudaGraphStep | None = None) -> QueuedStep:
     """One iteration: forward and backward over the micro batches (gradient accumulation up to the global batch),
     then the engine reduces the gradients (summed over TP for replicated weights, averaged over DP x CP), clips and
-    steps. Returns the engine's StepResult: the loss averaged over DP x CP (each CP rank's is the mean over its
-    slice's tokens), whether it is finite on every rank, whether the update was applied, the gradient norm.
+    steps, all queued on the device. Returns the engine's QueuedStep, whose read() waits for the iteration and
+    gives its StepResult: the loss averaged over DP x CP (each CP rank's is the mean over its slice's tokens),
+    whether it is finite on every rank, whether the update was applied, the gradient norm.
     inject_nan makes this rank's first loss NaN. graph (build_cuda_graph, --cuda-graph) runs the micro batches;
     the one with inject_nan runs eagerly."""
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
@@ -428,39 +429,65 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             if iteration < cfg.train_iters else iter(()))
     losses: dict[int, float] = {}
     interval_losses, nan_iterations, consecutive_nan, exit_reason = [], 0, 0, "finished"
+
+    def account(at_iteration: int, at_consumed: int, step: StepResult) -> None:
+        """The bookkeeping of one iteration's results: losses, skipped updates, the stop on too many in a row."""
+        nonlocal skipped_iterations, nan_iterations, consecutive_nan
+        losses[at_iteration] = step.loss
+        interval_losses.append(step.loss if step.applied else None)  # skipped iterations do not enter the mean
+        if step.applied:
+            consecutive_nan = 0
+            return
+        skipped_iterations += 1  # skipped rather than poison the weights
+        overflow = cfg.fp16 and step.loss_is_finite  # fp16 loss-scale overflow: the scaler lowers the scale
+        if not overflow:
+            nan_iterations += 1
+            consecutive_nan += 1
+        print_rank_0(f" iteration {at_iteration}: skipped the optimizer step: "
+                     + (f"fp16 gradient overflow, loss scale lowered to {step.loss_scale:.1f}" if overflow else
+                        f"non-finite loss ({step.loss:.4g}) or gradient norm ({step.grad_norm:.4g}), "
+                        f"{consecutive_nan} in a row") + f"; {skipped_iterations} skipped in total")
+        tensorboard.log({"skipped-iterations": skipped_iterations, "nan-iterations": nan_iterations},
+                        at_iteration, at_consumed)
+        if cfg.max_skipped_steps and consecutive_nan >= cfg.max_skipped_steps:
+            raise TrainingStopped(
+                f"{consecutive_nan} consecutive iterations (up to {at_iteration}) had a non-finite loss or gradient "
+                f"and were skipped (--max-skipped-steps {cfg.max_skipped_steps}): the run is not making progress. "
+                f"Resume from the last checkpoint with a lower --lr or more warmup, or inspect the data after "
+                f"consumed sample {at_consumed - consecutive_nan * cfg.global_batch_size}")
+
     interval_start = time.time()
     engine.model.train()
     graph = build_cuda_graph(engine, cfg, device, groups)
+    # Iterations queued on the device whose results are not read yet: reading an iteration's results right after
+    # queueing it would drain the device's queue every iteration, and the device would idle while the host
+    # prepares the next batch and launches its first kernels. So an iteration is read once the next one is
+    # queued, and at once only where the loop needs it (a log line, evaluation, a checkpoint, the exit).
+    unread: list[tuple[int, int, QueuedStep]] = []
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
-        step = train_step(engine, data, cfg, device, groups,
-                          inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0, graph=graph)
-        total, loss_is_finite, grad_norm = step.loss, step.loss_is_finite, step.grad_norm
+        queued = train_step(engine, data, cfg, device, groups,
+                            inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0, graph=graph)
         iteration += 1
         consumed_samples += cfg.global_batch_size
-        losses[iteration] = total
-        interval_losses.append(total if step.applied else None)  # skipped iterations do not enter the mean
-        if step.applied:
-            consecutive_nan = 0
-        else:  # skipped rather than poison the weights
-            skipped_iterations += 1
-            overflow = cfg.fp16 and loss_is_finite  # fp16 loss-scale overflow: the scaler lowers the scale
-            if not overflow:
-                nan_iterations += 1
-                consecutive_nan += 1
-            print_rank_0(f" iteration {iteration}: skipped the optimizer step: "
-                         + (f"fp16 gradient overflow, loss scale lowered to {step.loss_scale:.1f}" if overflow else
-                            f"non-finite loss ({total:.4g}) or gradient norm ({grad_norm:.4g}), {consecutive_nan} "
-                            f"in a row") + f"; {skipped_iterations} skipped in total")
-            tensorboard.log({"skipped-iterations": skipped_iterations, "nan-iterations": nan_iterations},
-                            iteration, consumed_samples)
-            if cfg.max_skipped_steps and consecutive_nan >= cfg.max_skipped_steps:
-                raise TrainingStopped(
-                    f"{consecutive_nan} consecutive iterations (up to {iteration}) had a non-finite loss or gradient "
-                    f"and were skipped (--max-skipped-steps {cfg.max_skipped_steps}): the run is not making progress. "
-                    f"Resume from the last checkpoint with a lower --lr or more warmup, or inspect the data after "
-                    f"consumed sample {consumed_samples - consecutive_nan * cfg.global_batch_size}")
+        reason = None
+        if exit_request.requested:
+            reason = "signal"
+        elif cfg.exit_duration_in_mins is not None and time.time() - start_time > 60 * cfg.exit_duration_in_mins:
+            reason = "exit-duration-in-mins"
+        elif cfg.exit_interval and iteration % cfg.exit_interval == 0:
+            reason = "exit-interval"
+        # A signal or the clock can reach the ranks at different iterations: take the strongest reason of any.
+        reason = EXIT_REASONS[int(all_reduce_scalar(EXIT_REASONS.index(reason), op="max"))]
+        for at_iteration, at_consumed, earlier in unread:  # the previous iteration: done or nearly
+            account(at_iteration, at_consumed, step := earlier.read())
+        unread = [(iteration, consumed_samples, queued)]
+        if (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reason is not None
+                or valid_data is not None and iteration % cfg.eval_interval == 0
+                or cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0):
+            account(iteration, consumed_samples, step := queued.read())
+            unread = []
 
         if iteration % cfg.log_interval == 0:
             if device.type == "cuda":
@@ -473,10 +500,10 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             mean_loss = sum(applied) / len(applied) if applied else math.nan
             print_rank_0(format_iteration_line(
                 iteration, cfg.train_iters, consumed_samples, 1000 * elapsed, lr, cfg.global_batch_size, mean_loss,
-                grad_norm, step.loss_scale, skipped_iterations, nan_iterations,
+                step.grad_norm, step.loss_scale, skipped_iterations, nan_iterations,
                 tokens_per_sec, mfu))
             scalars = {"learning-rate": lr, "batch-size": cfg.global_batch_size, "lm loss": mean_loss,
-                       "grad-norm": grad_norm, "iteration-time": elapsed, "throughput": tokens_per_sec,
+                       "grad-norm": step.grad_norm, "iteration-time": elapsed, "throughput": tokens_per_sec,
                        "skipped-iterations": skipped_iterations}
             if mfu is not None:
                 scalars["mfu"] = mfu
@@ -498,15 +525,6 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
             save(iteration)
             saved = True
-        reason = None
-        if exit_request.requested:
-            reason = "signal"
-        elif cfg.exit_duration_in_mins is not None and time.time() - start_time > 60 * cfg.exit_duration_in_mins:
-            reason = "exit-duration-in-mins"
-        elif cfg.exit_interval and iteration % cfg.exit_interval == 0:
-            reason = "exit-interval"
-        # A signal or the clock can reach the ranks at different iterations: take the strongest reason of any.
-        reason = EXIT_REASONS[int(all_reduce_scalar(EXIT_REASONS.index(reason), op="max"))]
         if reason is not None:
             if cfg.save and not saved:
                 save(iteration)

@@ -3,7 +3,7 @@
 # 4 x 4096 tokens per GPU, no accumulation, so the global batch grows with the GPUs) at 1, 2 and 4 GPUs of one node,
 # and the scaling efficiency = tokens/s/GPU at N GPUs / tokens/s/GPU at 1 GPU (docs/PERFORMANCE.md,
 # "Data-parallel scaling"). Each point is one `torchrun benchmarks/bench_train.py --zero-stage 1` run: pretrain_gdn's
-# training step, median of the timed steps.
+# training step, mean of the timed steps.
 #
 #   bash benchmarks/bench_dp_scaling.sh                         # 1, 2, 4 GPUs; results under runs/bench_dp_scaling
 #   CONFIG=small GPUS="1 2 4 8" STEPS=20 bash benchmarks/bench_dp_scaling.sh

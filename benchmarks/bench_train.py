@@ -20,8 +20,11 @@ fla's model runs the loop its users write: bf16 weights, torch.optim.AdamW(fused
 with labels, gradient checkpointing (its `gradient_checkpointing_enable()`) where the configuration recomputes.
 Both see the same tokens.
 
-Each run: warm-up steps (Triton compilation and autotuning), then --steps steps each timed between
-torch.cuda.synchronize() calls; the table gives the median. Memory is torch.cuda.max_memory_allocated over the
+Each run: warm-up steps (Triton compilation and autotuning), then --steps steps back to back, timed between a
+torch.cuda.synchronize() before the first and one after the last; the table gives their mean. Neither side waits
+for the GPU inside the window, as in a training run that reads the loss only for its log lines: ours reads each
+iteration's results once the next is queued (what train() does between log lines), fla's loop keeps its loss on
+the GPU and copies its batches from pinned memory. Memory is torch.cuda.max_memory_allocated over the
 whole run (weights, optimizer state and the step), reset between runs. MFU is given twice: by our FLOPs model
 (megatron_gdn/training/flops.py, docs/PERFORMANCE.md "FLOPs model and MFU") and by 6 x parameters per token (the
 convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
@@ -41,7 +44,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -94,7 +96,7 @@ class Result:
     recompute: str
     tokens_per_step: int          # per GPU
     parameters: int = 0
-    step_ms: float | None = None  # median
+    step_ms: float | None = None  # mean over the timed steps
     peak_gib: float | None = None
     status: str = "ok"            # or "OOM", or why the run was skipped
 
@@ -113,12 +115,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
-                   label: str = "") -> float:
-    """Run warm-up steps, then time each of `steps` steps between synchronisations; the median in ms. Each warm-up
-    step's time goes to stderr: the first ones compile and autotune Triton kernels, which at new shapes can take
-    minutes (fla's model at the 1.3b shapes gave no result within 270 s on an H100), and a log cut short by a time
-    limit then still says where the time went. Without a label nothing is printed (the other ranks)."""
+def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
+                 label: str = "") -> float:
+    """Run warm-up steps, each timed between synchronisations, then `steps` steps back to back with a
+    synchronisation only before and after them, as a training loop runs them (neither side reads a result before the
+    next step is queued); the mean step in ms. Each warm-up step's time goes to stderr: the first ones compile and
+    autotune Triton kernels, which at new shapes can take minutes (fla's model at the 1.3b shapes gave no result
+    within 270 s on an H100), and a log cut short by a time limit then still says where the time went. Without a
+    label nothing is printed (the other ranks)."""
     for i in range(warmup):
         synchronize(device)
         start = time.perf_counter()
@@ -127,14 +131,12 @@ def median_step_ms(step: Callable[[], object], warmup: int, steps: int, device: 
         if label:
             print(f"{label}: warm-up step {i + 1}/{warmup} took {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
-    times = []
+    synchronize(device)
+    start = time.perf_counter()
     for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
         step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    synchronize(device)
+    return 1e3 * (time.perf_counter() - start) / steps
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
@@ -175,9 +177,15 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size, groups.data_parallel_rank,
                                 groups.data_parallel_size)
     graph = pretrain_gdn.build_cuda_graph(engine, cfg, device, groups)  # None without --cuda-graph
-    step = lambda: pretrain_gdn.train_step(engine, data, cfg, device, groups, graph=graph)  # noqa: E731
+    unread = []
+
+    def step() -> None:  # as train() does between log lines: an iteration is read once the next one is queued
+        unread.append(pretrain_gdn.train_step(engine, data, cfg, device, groups, graph=graph))
+        if len(unread) == 2:
+            unread.pop(0).read()
+
     label = f"{result.config} ours" if get_rank() == 0 else ""
-    result.step_ms = median_step_ms(step, args.warmup, args.steps, device, label)
+    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, label)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -253,15 +261,15 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
     data = pretrain_gdn.batches(MockGPTDataset(case.batch * (args.warmup + args.steps), case.seq_length,
                                                case.vocab_size, seed=1234), 0, case.batch)
 
-    def step() -> float:
-        inputs = next(data)["tokens"][:, :-1].to(device, non_blocking=True)
+    def step() -> torch.Tensor:  # nothing in it waits for the GPU
+        inputs = next(data)["tokens"][:, :-1].pin_memory().to(device, non_blocking=True)
         loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss  # labels shift inside
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
-    result.step_ms = median_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla")
+    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla")
     return result
 
 
@@ -325,7 +333,7 @@ def table(results: list[Result], cases: dict[str, Case], header: str, peak: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {DEFAULT_CONFIGS}")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (their mean is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, autotuning)")
     parser.add_argument("--no-fla", action="store_true", help="time ours only")
     parser.add_argument("--no-ours", action="store_true", help="time fla's model only (a run of its own: at the "

@@ -73,7 +73,7 @@ def test_engine_zeroes_the_same_gradient_tensors():
             pretrain_gdn.forward_backward(engine, {"tokens": tokens}, cfg, torch.device("cpu"), groups)
             grads = [p.grad for p in engine.model.parameters()]
             assert all(g is not None and g.abs().sum() > 0 for g in grads)
-            assert engine.step(torch.tensor(1.0, dtype=torch.float64)).applied
+            assert engine.step(torch.tensor(1.0, dtype=torch.float64)).read().applied
             after = [p.grad for p in engine.model.parameters()]
             if keeps:
                 assert all(a is g and not a.any() for a, g in zip(after, grads))

@@ -138,10 +138,12 @@ def test_builtin_step_waits_for_the_gpu_once():
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                step = engine.step(loss)
+                queued = engine.step(loss)
+                while_queueing = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+                step = queued.read()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        assert step.applied and len(syncs) == 1, syncs
+        assert not while_queueing and step.applied and len(syncs) == 1, syncs
     finally:
         destroy_model_parallel()

@@ -27,6 +27,7 @@ from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.training.checkpointing import TRACKER, checkpoint_file, read_tracker
+from megatron_gdn.training.engine import QueuedStep
 from megatron_gdn.training.flops import forward_flops_per_token
 from megatron_gdn.training.lr_schedule import LRSchedule
 from megatron_gdn.training.optimizer import build_optimizer, is_no_weight_decay
@@ -394,7 +395,7 @@ def test_builtin_step_skips_a_non_finite_update_on_the_device(poison):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         params[0].grad.view(-1)[0] = math.nan if poison == "gradient" else 0.0
-        step = engine.step(torch.tensor(math.nan if poison == "loss" else 2.5, dtype=torch.float64))
+        step = engine.step(torch.tensor(math.nan if poison == "loss" else 2.5, dtype=torch.float64)).read()
         assert not step.applied and step.loss_is_finite == (poison != "loss")
         assert math.isfinite(step.grad_norm) == (poison != "gradient")
         assert all(torch.equal(p, r) for p, r in zip(params, reference.parameters()))
@@ -404,7 +405,7 @@ def test_builtin_step_skips_a_non_finite_update_on_the_device(poison):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
         for p, r, g in zip(params, reference.parameters(), grads):
             p.grad, r.grad = g.clone(), g.clone()
-        step = engine.step(torch.tensor(2.5, dtype=torch.float64))
+        step = engine.step(torch.tensor(2.5, dtype=torch.float64)).read()
         assert step.applied and step.loss == 2.5
         norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
         assert step.grad_norm == pytest.approx(norm.item(), rel=1e-6) and step.grad_norm > 1.0  # it did clip
@@ -416,3 +417,36 @@ def test_builtin_step_skips_a_non_finite_update_on_the_device(poison):
         assert not any(torch.equal(p, w) for p, w in zip(params, initial))  # every weight moved
     finally:
         destroy_model_parallel()
+
+
+def test_loop_reads_an_iteration_once_the_next_is_queued(monkeypatch, capsys):
+    """Between log lines the loop reads an iteration's results (a host sync) only after it has queued the next
+    iteration, so that the device's queue never runs dry; at a log line (and at the end) it reads at once. Losses,
+    skipped steps and their messages are those of a loop that reads every iteration at once (--log-interval 1)."""
+    events, numbers = [], {}
+    queue, read = pretrain_gdn.train_step, QueuedStep.read
+
+    def recorded_train_step(*args, **kwargs):
+        queued = queue(*args, **kwargs)
+        numbers[id(queued)] = len(numbers) + 1
+        events.append(f"queue {numbers[id(queued)]}")
+        return queued
+
+    def recorded_read(self):
+        events.append(f"read {numbers[id(self)]}")
+        return read(self)
+
+    monkeypatch.setattr(pretrain_gdn, "train_step", recorded_train_step)
+    monkeypatch.setattr(QueuedStep, "read", recorded_read)
+    lagged = run_train(flags("--log-interval", "3", "--inject-nan-at", "2", iters=7))
+    lagged_out = capsys.readouterr().out
+    assert events == ["queue 1", "queue 2", "read 1", "queue 3", "read 2", "read 3",  # log line at 3
+                      "queue 4", "queue 5", "read 4", "queue 6", "read 5", "read 6",  # log line at 6
+                      "queue 7", "read 7"]                                            # the end
+    monkeypatch.undo()
+    eager = run_train(flags("--inject-nan-at", "2", iters=7))
+    eager_out = capsys.readouterr().out
+    assert math.isnan(lagged["losses"].pop(2)) and math.isnan(eager["losses"].pop(2))  # the injected NaN
+    assert lagged["losses"] == eager["losses"] and len(lagged["losses"]) == 6
+    skipped = " iteration 2: skipped the optimizer step: non-finite loss (nan) or gradient norm"
+    assert lagged_out.count(skipped) == 1 and eager_out.count(skipped) == 1

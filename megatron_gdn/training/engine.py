@@ -2,7 +2,8 @@
 
     engine.set_lr(lr)
     for each micro batch:  loss = lm_loss(engine.model, batch, ...); engine.backward(loss)
-    result = engine.step(loss)                  # StepResult: loss over DP x CP, applied?, grad norm, fp16 scale
+    queued = engine.step(loss)                  # QueuedStep: the update is queued on the device
+    result = queued.read()                      # StepResult: loss over DP x CP, applied?, grad norm, fp16 scale
     engine.save(root, iteration, client_state)  # collective
     state = engine.read_checkpoint(root, iteration, load_optimizer); engine.load_state(state, load_optimizer)
 
@@ -24,10 +25,12 @@ all-reduced gradients).
 Non-finite steps: the built-in path skips the update when the loss (on any rank) or the global gradient norm is not
 finite (fp16: the GradScaler skips and lowers the scale). It decides on the device: the fused AdamW takes the skip
 flag as its `found_inf` tensor (the attribute GradScaler sets for fused optimizers) and leaves weights, moments and
-step counts alone where it is 1. So the whole step, up to the optimizer's update, is queued without waiting for the
-GPU; the one host sync per iteration reads the loss, the norm and the flag after it, while the GPU runs the update.
-(It used to wait twice before the update, on the loss and on the norm, and the GPU idled while the host launched
-what followed each wait.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
+step counts alone where it is 1. So the whole step, the update included, is queued without waiting for the GPU, and
+step() returns a QueuedStep whose read() waits for it and gives the loss, the norm and the flag. The training loop
+reads an iteration's results only after it has queued the next iteration, except where it logs, evaluates, saves or
+exits: the GPU never runs dry while the host prepares the next batch and launches its kernels. (The step used to
+wait twice before the update, on the loss and on the norm, and the GPU idled while the host launched what followed
+each wait.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
 finite by themselves (fp16: loss-scale overflow; bf16/fp32: invalid norm), and `was_step_applied()` says so.
 """
 
@@ -60,6 +63,19 @@ class StepResult:
     applied: bool                # the optimizer updated the weights
     grad_norm: float             # global L2 norm of the gradient before clipping (inf/nan when not finite)
     loss_scale: float | None     # the fp16 loss scale after the step, None without --fp16
+
+
+@dataclass
+class QueuedStep:
+    """An iteration whose update is queued: its results on the device, read() waits for them (a host sync)."""
+
+    values: torch.Tensor                    # fp64 [loss, loss not finite, update skipped, gradient norm]
+    loss_scale: torch.Tensor | None = None  # fp16: the loss scale after the step (a copy), else None
+
+    def read(self) -> StepResult:
+        loss, loss_not_finite, skipped, grad_norm = self.values.tolist()
+        scale = None if self.loss_scale is None else float(self.loss_scale)
+        return StepResult(loss, not loss_not_finite, not skipped, grad_norm, scale)
 
 
 def reduce_loss(loss: torch.Tensor, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +113,9 @@ class BuiltinDataParallel:
         """Backward of one micro batch's mean loss, scaled to its share of the global batch."""
         self.scaler.scale(loss / self.num_micro_batches).backward()
 
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def step(self, loss: torch.Tensor) -> QueuedStep:
         """loss: this rank's loss of the iteration, on the device. Queues the reductions, the clipping and the
-        update, then reads the results (the iteration's one host sync)."""
+        update without waiting for the device."""
         tp_group = self.groups.tensor_model_parallel_group
         # Sum the partial gradients of replicated weights over TP, average everything over DP x CP (each CP
         # rank's gradients are those of its slice's tokens).
@@ -122,10 +138,10 @@ class BuiltinDataParallel:
         self.scaler.update()
         # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
         self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
-        loss, grad_norm, loss_not_finite, skip = torch.stack(
-            [loss, grad_norm.double(), loss_not_finite.double(), skip.double()]).tolist()
-        return StepResult(loss, not loss_not_finite, not skip, grad_norm,
-                          self.scaler.get_scale() if self.cfg.fp16 else None)
+        values = torch.stack([loss, loss_not_finite.double(), skip.double(), grad_norm.double()])
+        # fp16: the scaler updates its scale tensor in place at every step; keep this step's (get_scale() would sync)
+        scale = self.scaler._get_scale_async().clone() if self.cfg.fp16 else None
+        return QueuedStep(values, scale)
 
     def save(self, root: str, iteration: int, client_state: dict) -> None:
         """Every rank calls it; DP (and CP) rank 0 of each TP rank writes that rank's file."""
@@ -244,13 +260,15 @@ class DeepSpeedDataParallel:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def step(self, loss: torch.Tensor) -> QueuedStep:
+        """DeepSpeed's optimizers wait for the device inside their step: the results are read here already."""
         loss, loss_not_finite = (x.item() for x in reduce_loss(loss, self.groups))
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
-        scale = float(self.engine.optimizer.cur_scale) if self.cfg.fp16 else None
-        return StepResult(loss, not loss_not_finite, bool(self.engine.was_step_applied()), norm, scale)
+        skipped = not self.engine.was_step_applied()
+        scale = torch.tensor(float(self.engine.optimizer.cur_scale)) if self.cfg.fp16 else None
+        return QueuedStep(torch.tensor([loss, loss_not_finite, skipped, norm], dtype=torch.float64), scale)
 
     # Checkpoints ----------------------------------------------------------------------------------
 
