@@ -6,15 +6,16 @@
 #
 # Hardware: one 80 GB GPU (H100/H200 class). Data: a corpus preprocessed with tools/preprocess_data.py (docs/DATA.md).
 # Batch: micro batch 8 x 4096 tokens, global batch 64 (8 accumulation steps): 262K tokens per step.
-# Expected: not measured at this shape yet (benchmarks/bench_train.py --configs small measures it; docs/PERFORMANCE.md).
-# At 8 x 2048 tokens the small preset ran at about 106-110K tokens/s with a 20.7 GiB peak on one H200
-# (docs/PERFORMANCE.md, tensor-parallel and ZeRO tables); 4096-token sequences double the activations.
+# --cuda-graph: at this size the eager step is bound by the host launching kernels, and replaying each micro batch
+# as one CUDA graph takes that away (docs/TRAINING.md, "CUDA graphs"; evaluation stays eager).
+# Expected, on one H100: about 313K tokens/s. That is bench_train.py --configs small --cuda-graph, with one micro
+# batch per step (104.7 ms, 22.2 GiB peak; docs/PERFORMANCE.md). Here 8 accumulation steps share one optimizer step.
 # Resubmit the same command to continue: --save and --load are the same directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/corpus_text_document}
 TOKENIZER=${TOKENIZER:-tok.model}
-ARGS=(--model-size small --bf16
+ARGS=(--model-size small --bf16 --cuda-graph
       --seq-length 4096 --micro-batch-size 8 --global-batch-size 64 --train-iters 20000
       --lr 6e-4 --min-lr 6e-5 --lr-decay-style cosine --lr-warmup-iters 500 --weight-decay 0.1 --clip-grad 1.0
       --adam-beta2 0.95
