@@ -14,6 +14,7 @@ against the PyTorch path. ``pytest -m gpu tests/test_fused_ops.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -141,8 +142,13 @@ def conv_decode_errors(device: str = "cpu", dtype: torch.dtype = torch.float32, 
         ref, ref_cache = short_conv_silu(x.double(), weight.double(), bias.double(), backend="torch")
         # the model's path: a one-token short_conv with a cache runs the step kernel too
         y_model, _ = short_conv_silu(x[:, 14:15], weight, bias, x[:, 11:14], backend="triton")
+        # training asks for no cache: the same outputs, no cache on either backend
+        y_only = {b: short_conv_silu(x[:, :10], weight, bias, backend=b, output_final_state=False)
+                  for b in ("triton", "torch")}
+    no_cache = all(tail is None for _, tail in y_only.values())
     return {"y": rel_rms(torch.cat(ys, 1), ref), "cache": rel_rms(cache, ref_cache),
-            "one_token_call": rel_rms(y_model, ref[:, 14:15])}
+            "one_token_call": rel_rms(y_model, ref[:, 14:15]),
+            **{f"no_cache_{b}": rel_rms(y, ref[:, :10]) if no_cache else math.inf for b, (y, _) in y_only.items()}}
 
 
 def set_fused_ops_backend(model: torch.nn.Module, backend: str) -> None:

@@ -245,8 +245,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> tor
 
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution then SiLU: (y [B, T, D], the last W - 1 inputs [B, W - 1, D]).
+               backend: str = "auto", output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depthwise causal convolution then SiLU: (y [B, T, D], the last W - 1 inputs [B, W - 1, D]), or (y, None)
+    with output_final_state=False (training: the cache is not needed, and assembling it costs launches).
 
     x: [B, T, D]; weight: [D, 1, W]; bias: [D]; past: the W - 1 inputs before x (zeros when None);
     cu_seqlens: packed documents (no tap crosses a document start; cu_seqlens[0] may be negative: the first
@@ -258,13 +259,14 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          f"{tuple(weight.shape)}")
     kernel = _triton_module("short_conv", x, backend)
     if kernel is None:
-        return fused_reference.short_conv_silu(x, weight, bias, past, cu_seqlens)
+        y, tail = fused_reference.short_conv_silu(x, weight, bias, past, cu_seqlens)
+        return y, tail if output_final_state else None
     decoding = x.shape[1] == 1 and past is not None and cu_seqlens is None and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, past)))
     if decoding:
         y, new_past = kernel.short_conv_step_triton(x[:, 0], past, weight, bias)
-        return y[:, None], new_past
-    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens)
+        return y[:, None], new_past if output_final_state else None
+    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens, output_final_state)
 
 
 def short_conv_silu_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

@@ -223,9 +223,10 @@ class ShortConvFunction(torch.autograd.Function):
 
 
 def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      past: torch.Tensor | None = None,
-                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(silu(causal depthwise conv(x)), the last W - 1 inputs): fused_reference.short_conv_silu's contract.
+                      past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                      output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(silu(causal depthwise conv(x)), the last W - 1 inputs): fused_reference.short_conv_silu's contract;
+    (y, None) with output_final_state=False.
 
     Differentiable in x, weight, bias and past. The returned tail is a small torch slice (autograd follows it).
     """
@@ -233,6 +234,8 @@ def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     W = weight.shape[-1]
     pos = None if cu_seqlens is None else document_positions(cu_seqlens, T).to(torch.int32)
     y = ShortConvFunction.apply(x, weight, bias, past, pos)
+    if not output_final_state:
+        return y, None
     past_or_zeros = x.new_zeros(B, W - 1, D) if past is None else past.to(x.dtype)
     last = torch.cat([past_or_zeros, x[:, max(0, T - (W - 1)):]], dim=1)  # at least W - 1 rows
     return y, last[:, last.shape[1] - (W - 1):]

@@ -53,7 +53,7 @@ class ShortConvolution(nn.Module):
     (packed documents, B == 1) no input leaks across a document start. cu_seqlens[0] may be negative: the
     first document then began -cu_seqlens[0] tokens before x, and its taps reach into `past` (context
     parallelism passes a slice's offsets this way, with the previous rank's last inputs as `past`).
-    Returns (y, the last W - 1 inputs). backend as RMSNorm's: the Triton kernels of kernels/short_conv.py
+    Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. backend as RMSNorm's: the Triton kernels of kernels/short_conv.py
     (training and one-token decoding) or the PyTorch reference (kernels/fused_reference.py).
     """
 
@@ -64,9 +64,10 @@ class ShortConvolution(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return short_conv_silu(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend)
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return short_conv_silu(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend,
+                               output_final_state=output_final_state)
 
 
 class GatedDeltaNet(nn.Module):
@@ -176,9 +177,9 @@ class GatedDeltaNet(nn.Module):
         conv_state = None
         if self.use_short_conv:
             past_q, past_k, past_v = last.conv_state if last is not None else (None, None, None)
-            q, tail_q = self.q_conv1d(q, past_q, cu_seqlens)
-            k, tail_k = self.k_conv1d(k, past_k, cu_seqlens)
-            v, tail_v = self.v_conv1d(v, past_v, cu_seqlens)
+            q, tail_q = self.q_conv1d(q, past_q, cu_seqlens, output_final_state=use_cache)
+            k, tail_k = self.k_conv1d(k, past_k, cu_seqlens, output_final_state=use_cache)
+            v, tail_v = self.v_conv1d(v, past_v, cu_seqlens, output_final_state=use_cache)
             conv_state = (tail_q, tail_k, tail_v)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)

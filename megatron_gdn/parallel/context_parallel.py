@@ -375,8 +375,8 @@ class ContextParallelShortConvolution(ShortConvolution):
         new.weight, new.bias, new.group = conv.weight, conv.bias, group
         return new
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         if past is not None:
             raise ValueError("context parallelism cannot continue from a cache (generation): generate with a "
                              "single-process model")
@@ -389,7 +389,7 @@ class ContextParallelShortConvolution(ShortConvolution):
         halo = _HaloExchange.apply(x[:, L - (W - 1):], self.group) if W > 1 else None
         # The relative offsets start the first document where it truly starts (up to W - 1 tokens back in the
         # halo); taps that reach before it are cut, as at any document start.
-        return super().forward(x, halo, layout.relative_cu_seqlens)
+        return super().forward(x, halo, layout.relative_cu_seqlens, output_final_state)
 
 
 def _refuse_generation_and_labels(module: nn.Module, args: tuple, kwargs: dict) -> None:
