@@ -144,6 +144,8 @@ def test_builtin_step_waits_for_the_gpu_once():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        assert not while_queueing and step.applied and len(syncs) == 1, syncs
+        assert not while_queueing, f"engine.step waited for the GPU: {while_queueing}"
+        assert len(syncs) == 1, f"read() should wait once: {syncs}"
+        assert step.applied, step
     finally:
         destroy_model_parallel()
