@@ -479,7 +479,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
         elif cfg.exit_interval and iteration % cfg.exit_interval == 0:
             reason = "exit-interval"
         # A signal or the clock can reach the ranks at different iterations: take the strongest reason of any.
-        reason = EXIT_REASONS[int(all_reduce_scalar(EXIT_REASONS.index(reason), op="max"))]
+        reason = EXIT_REASONS[int(all_reduce_scalar(EXIT_REASONS.index(reason), groups.host_group, op="max"))]
         for at_iteration, at_consumed, earlier in unread:  # the previous iteration: done or nearly
             account(at_iteration, at_consumed, step := earlier.read())
         unread = [(iteration, consumed_samples, queued)]

@@ -81,6 +81,9 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 def _layer_case(tp: int, sequence_parallel: bool, num_v_heads: int, **options) -> None:
     groups = initialize_model_parallel(tp)
+    # the loop's host-side agreements (the exit decision) go through gloo over every rank, never a GPU tensor
+    assert dist.get_backend(groups.host_group) == "gloo"
+    assert dist.get_world_size(groups.host_group) == dist.get_world_size()
     group, rank = groups.tensor_model_parallel_group, groups.tensor_model_parallel_rank
     layer_args = dict(hidden_size=64, num_heads=4, head_dim=16, num_v_heads=num_v_heads, layer_idx=0, **options)
     torch.manual_seed(0)

@@ -120,6 +120,9 @@ class ParallelGroups:
     data_parallel_group: ProcessGroup | None
     # DP x CP: the ranks that hold the same model shard; gradients are averaged over it.
     data_context_parallel_group: ProcessGroup | None
+    # Every rank, over gloo (None alone): the training loop agrees on host values through it (whether to exit
+    # after this iteration) without a GPU tensor, whose .item() would wait for the GPU's whole queue.
+    host_group: ProcessGroup | None = None
 
 
 _GROUPS: ParallelGroups | None = None
@@ -179,13 +182,14 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, context_paral
             group = dist.new_group(ranks, timeout=timeout) if dist.is_initialized() else None
             if rank in ranks:
                 mine[kind] = group
+    host_group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
     tp, cp = tensor_model_parallel_size, context_parallel_size
     _GROUPS = ParallelGroups(
         tensor_model_parallel_size=tp, context_parallel_size=cp, data_parallel_size=world_size // (tp * cp),
         tensor_model_parallel_rank=rank % tp, context_parallel_rank=(rank // tp) % cp,
         data_parallel_rank=rank // (tp * cp),
         tensor_model_parallel_group=mine["tp"], context_parallel_group=mine["cp"],
-        data_parallel_group=mine["dp"], data_context_parallel_group=mine["dp_cp"])
+        data_parallel_group=mine["dp"], data_context_parallel_group=mine["dp_cp"], host_group=host_group)
     return _GROUPS
 
 
@@ -198,7 +202,7 @@ def destroy_model_parallel() -> None:
     global _GROUPS
     if _GROUPS is not None and dist.is_initialized():
         for group in {_GROUPS.tensor_model_parallel_group, _GROUPS.context_parallel_group,
-                      _GROUPS.data_parallel_group, _GROUPS.data_context_parallel_group} - {None}:
+                      _GROUPS.data_parallel_group, _GROUPS.data_context_parallel_group, _GROUPS.host_group} - {None}:
             dist.destroy_process_group(group)
     _GROUPS = None
 
