@@ -463,7 +463,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     # queueing it would drain the device's queue every iteration, and the device would idle while the host
     # prepares the next batch and launches its first kernels. So an iteration is read once the next one is
     # queued, and at once only where the loop needs it (a log line, evaluation, a checkpoint, the exit).
-    unread: list[tuple[int, int, QueuedStep]] = []
+    pending: tuple[int, int, QueuedStep] | None = None  # (iteration, consumed samples, its queued step)
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
@@ -480,14 +480,14 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             reason = "exit-interval"
         # A signal or the clock can reach the ranks at different iterations: take the strongest reason of any.
         reason = EXIT_REASONS[int(all_reduce_scalar(EXIT_REASONS.index(reason), groups.host_group, op="max"))]
-        for at_iteration, at_consumed, earlier in unread:  # the previous iteration: done or nearly
-            account(at_iteration, at_consumed, step := earlier.read())
-        unread = [(iteration, consumed_samples, queued)]
+        if pending is not None:  # the previous iteration: done or nearly
+            account(pending[0], pending[1], step := pending[2].read())
+        pending = (iteration, consumed_samples, queued)
         if (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters or reason is not None
                 or valid_data is not None and iteration % cfg.eval_interval == 0
                 or cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0):
             account(iteration, consumed_samples, step := queued.read())
-            unread = []
+            pending = None
 
         if iteration % cfg.log_interval == 0:
             if device.type == "cuda":

@@ -53,8 +53,9 @@ class ShortConvolution(nn.Module):
     (packed documents, B == 1) no input leaks across a document start. cu_seqlens[0] may be negative: the
     first document then began -cu_seqlens[0] tokens before x, and its taps reach into `past` (context
     parallelism passes a slice's offsets this way, with the previous rank's last inputs as `past`).
-    Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. backend as RMSNorm's: the Triton kernels of kernels/short_conv.py
-    (training and one-token decoding) or the PyTorch reference (kernels/fused_reference.py).
+    Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. backend as RMSNorm's: the
+    Triton kernels of kernels/short_conv.py (training and one-token decoding) or the PyTorch reference
+    (kernels/fused_reference.py).
     """
 
     def __init__(self, dim: int, kernel_size: int, bias: bool = False, backend: str = "auto") -> None:
