@@ -19,8 +19,9 @@ TFLOP/s instead.
 Unavoidable bytes, in elements of the activation dtype (N tokens, h hidden, I SwiGLU width, D conv channels,
 HV x Dv value heads):
     rms_norm + residual   fwd x, residual -> y, h (4 N h)          bwd dy, dh, h -> dx (4 N h)
-    swiglu                fwd gate, up -> y (3 N I)                bwd dy, gate, up -> dgate, dup (5 N I)
+    swiglu                fwd [gate | up] -> y (3 N I)             bwd dy, [gate | up] -> [dgate | dup] (5 N I)
     short conv + SiLU     fwd x -> y (2 N D)                       bwd dy, x -> dx (3 N D)
+                          (x: the value slice of a fused [q | k | v | a | b | g] projection, as in the model)
     gated RMSNorm         fwd o, gate -> y (3 N HV Dv)             bwd dy, o, gate -> do, dgate (5 N HV Dv)
 """
 
@@ -39,7 +40,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_gdn.kernels import gated_rmsnorm, rms_norm, short_conv_silu, silu_mul  # noqa: E402
+from megatron_gdn.kernels import gated_rmsnorm, rms_norm, short_conv_silu, swiglu  # noqa: E402
 from megatron_gdn.models import MODEL_PRESETS, GatedDeltaNetConfig  # noqa: E402
 from megatron_gdn.parallel import fused_linear_cross_entropy  # noqa: E402
 
@@ -75,8 +76,11 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
     value_dim = config.num_v_heads * Dv
     B, esize = tokens // seqlen, torch.finfo(dtype).bits // 8
     x, residual, norm_w = randn(N, h), randn(N, h), 1 + randn(h, act=False, scale=0.1)
-    gate, up = randn(N, I, scale=3), randn(N, I)
-    conv_x, conv_w = randn(B, seqlen, value_dim), randn(value_dim, 1, config.conv_size, act=False, scale=0.5)
+    gate_up = randn(N, 2 * I, scale=3)
+    key_dim = config.num_heads * config.head_dim
+    projection = randn(B, seqlen, 2 * key_dim + 2 * value_dim + 2 * config.num_v_heads)
+    conv_x = projection[..., 2 * key_dim:2 * key_dim + value_dim].detach().requires_grad_()  # a strided leaf
+    conv_w = randn(value_dim, 1, config.conv_size, act=False, scale=0.5)
     o, o_gate = randn(B, seqlen, config.num_v_heads, Dv), randn(B, seqlen, config.num_v_heads, Dv)
     o_w = 1 + randn(Dv, act=False, scale=0.1)
     hidden, head_w = randn(N, h), randn(config.vocab_size, h, scale=0.02)
@@ -84,10 +88,10 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
     return [
         Op("rms_norm + residual", f"{N} x {h}", lambda b: rms_norm(x, norm_w, 1e-5, residual, backend=b),
            [x, residual, norm_w], 4 * N * h * esize, 8 * N * h * esize),
-        Op("swiglu", f"{N} x {I}", lambda b: (silu_mul(gate, up, backend=b),), [gate, up],
+        Op("swiglu", f"{N} x {I}", lambda b: (swiglu(gate_up, backend=b),), [gate_up],
            3 * N * I * esize, 8 * N * I * esize),
         Op(f"short conv + SiLU (W={config.conv_size})", f"{B} x {seqlen} x {value_dim}",
-           lambda b: (short_conv_silu(conv_x, conv_w, backend=b)[0],), [conv_x, conv_w],
+           lambda b: (short_conv_silu(conv_x, conv_w, backend=b, output_final_state=False)[0],), [conv_x, conv_w],
            2 * conv_x.numel() * esize, 5 * conv_x.numel() * esize),
         Op("gated RMSNorm", f"{B} x {seqlen} x {config.num_v_heads} x {Dv}",
            lambda b: (gated_rmsnorm(o, o_gate, o_w, 1e-5, backend=b),), [o, o_gate, o_w],

@@ -42,7 +42,7 @@ F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
-           "NS": "i32", "V": "i32", "vocab_start": "i32"}
+           "NS": "i32", "NB": "i32", "SX": "i32", "SG": "i32", "V": "i32", "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
@@ -130,25 +130,22 @@ def fused_runs(dtype: str) -> list:
     for D in (64, 128, 130, 256, 512):  # head_v_dim (512: head_dim 256 x expand_v 2)
         BD = triton.next_power_of_2(D)
         runs += [(f"gated_rmsnorm fwd D={D}", rmsnorm.gated_rmsnorm_fwd_kernel,
-                  dict(D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
+                  dict(H=8, D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
                  (f"gated_rmsnorm bwd D={D}", rmsnorm.gated_rmsnorm_bwd_kernel,
-                  dict(D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
+                  dict(H=8, D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
     for D in (64, 128, 256):  # K (the Triton kernels take K <= 256)
         BD = triton.next_power_of_2(D)
         runs += [(f"l2norm fwd D={D}", l2norm.l2norm_fwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
                  (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
-    runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3),
-             ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(BLOCK=swiglu.BLOCK), 4, 3)]
+    runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(I=5632, BLOCK=swiglu.BLOCK), 4, 3),
+             ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(I=5632, BLOCK=swiglu.BLOCK), 4, 3)]
     flags = dict(HAS_PAST=True, HAS_DOCS=True)
     for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
         sc = dict(D=1024, W=W, BT=short_conv.BT, BD=short_conv.BD)
-        dw = dict(sc, WP=triton.next_power_of_2(W), BT=short_conv.BT_DW, BD=short_conv.BD_DW,
-                  BLOCKS=short_conv.STRIP_BLOCKS, HAS_BIAS=True, **flags)
+        bwd = dict(sc, WP=triton.next_power_of_2(W), BT=short_conv.BT_BWD, BD=short_conv.BD_BWD,
+                   BLOCKS=short_conv.STRIP_BLOCKS, HAS_BIAS=True, **flags)
         runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel,
-                  dict(sc, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
-                 (f"short_conv bwd dweight W={W}", short_conv.short_conv_bwd_dweight_kernel, dw, 4, 3),
+                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, bwd, 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel,
                   dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV

@@ -27,7 +27,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
 from kernel_cases import interpreter_results, poisoned_empty, rel_rms  # noqa: E402
 
-from megatron_gdn.kernels import rms_norm, short_conv_silu, short_conv_silu_step, silu_mul  # noqa: E402
+from megatron_gdn.kernels import rms_norm, short_conv_silu, short_conv_silu_step, swiglu  # noqa: E402
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedMLP  # noqa: E402
 from megatron_gdn.models import gated_deltanet  # noqa: E402
 from megatron_gdn.models.gated_deltanet import RMSNorm, ShortConvolution  # noqa: E402
@@ -75,6 +75,12 @@ def _conv(cu_seqlens=None):
     return op
 
 
+def _conv_slice(start, width):
+    def op(backend, x, weight, bias=None, past=None):
+        return short_conv_silu(x[..., start:start + width], weight, bias, past, backend=backend)
+    return op
+
+
 def _ce(reduction, chunk_size=None, ignore_index=-100):
     def op(backend, hidden, weight, target):
         return fused_linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, reduction=reduction,
@@ -97,8 +103,7 @@ CASES = {
     "norm_bf16_into_fp32_residual": lambda: op_errors(_norm, x=randn(5, 64, dtype=torch.bfloat16),
                                                       weight=1 + randn(64, seed=1, scale=0.1),
                                                       residual=randn(5, 64, seed=2)),
-    "swiglu": lambda: op_errors(lambda b, gate, up: silu_mul(gate, up, backend=b), gate=randn(5, 301, scale=3),
-                                up=randn(5, 301, seed=1)),
+    "swiglu": lambda: op_errors(lambda b, x: swiglu(x, backend=b), x=randn(5, 602, scale=3)),
     "conv_dense_bias": lambda: op_errors(_conv(), x=randn(2, 37, 150), weight=randn(150, 1, 4, seed=1),
                                          bias=randn(150, seed=2)),
     "conv_dense_past_W3": lambda: op_errors(_conv(), x=randn(2, 37, 70), weight=randn(70, 1, 3, seed=1),
@@ -119,6 +124,10 @@ CASES = {
         weight=randn(20, 1, 4, seed=1), bias=randn(20, seed=2), past=randn(1, 3, 20, seed=3)),
     "conv_varlen_W8_length1_first": lambda: op_errors(
         _conv(torch.tensor([0, 1, 10, 33])), x=randn(1, 33, 24), weight=randn(24, 1, 8, seed=1)),
+    # a column slice of a fused projection (rows 200 elements apart), read where it lies
+    "conv_column_slice_past": lambda: op_errors(_conv_slice(30, 150), x=randn(2, 37, 200),
+                                                weight=randn(150, 1, 4, seed=1), bias=randn(150, seed=2),
+                                                past=randn(2, 3, 150, seed=3)),
     "conv_W1": lambda: op_errors(_conv(), x=randn(2, 9, 20), weight=randn(20, 1, 1, seed=1),
                                  past=randn(2, 0, 20)),
     "ce_mean_chunked": lambda: op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2),
@@ -261,8 +270,8 @@ def test_fused_op_matches_reference(results, name):
 # Errors and API (no kernel runs)
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="share shape and dtype"):
-        silu_mul(torch.randn(2, 3), torch.randn(3))
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"weight \[D, 1, W\]"):
         short_conv_silu(torch.randn(1, 4, 6), torch.randn(6, 4))
     with pytest.raises(ValueError, match="residual"):
@@ -328,8 +337,9 @@ GPU_CASES = {
     "norm_residual": lambda: bf16_errors(_norm, x=randn(4, 1000, 2048), weight=1 + randn(2048, seed=1, scale=0.1),
                                          residual=randn(4, 1000, 2048, seed=2)),
     "norm_odd_hidden": lambda: bf16_errors(_norm, x=randn(3000, 1000), weight=1 + randn(1000, seed=1, scale=0.1)),
-    "swiglu": lambda: bf16_errors(lambda b, gate, up: silu_mul(gate, up, backend=b), gate=randn(4096, 5632, scale=3),
-                                  up=randn(4096, 5632, seed=1)),
+    "swiglu": lambda: bf16_errors(lambda b, x: swiglu(x, backend=b), x=randn(4096, 2 * 5632, scale=3)),
+    "conv_column_slice": lambda: bf16_errors(_conv_slice(1536, 1536), x=randn(4, 4096, 4 * 1536),
+                                             weight=randn(1536, 1, 4, seed=1, scale=0.5)),
     "conv_dense": lambda: bf16_errors(_conv(), x=randn(4, 4096, 1536), weight=randn(1536, 1, 4, seed=1, scale=0.5),
                                       bias=randn(1536, seed=2)),
     "conv_varlen_negative_start": lambda: bf16_errors(

@@ -73,17 +73,25 @@ def _worker(names: list[str]) -> dict:
 
 
 def rmsnorm_errors() -> dict:
+    """Triton against torch, with a contiguous gate and with the gate a column slice of a wider tensor (the fused
+    projection's layout: tokens 107 elements apart, heads 48)."""
     from megatron_gdn.kernels import gated_rmsnorm
     from kernel_cases import rel_rms
     torch.manual_seed(0)
-    x, z = torch.randn(3, 5, 2, 48, requires_grad=True), torch.randn(3, 5, 2, 48, requires_grad=True)
+    x = torch.randn(3, 5, 2, 48, requires_grad=True)
     w = (1 + 0.1 * torch.randn(48)).requires_grad_()
     dy = torch.randn(3, 5, 2, 48)
-    out = {}
-    for backend in ("triton", "torch"):
-        y = gated_rmsnorm(x, z, w, 1e-5, backend=backend)
-        out[backend] = [y, *torch.autograd.grad((y * dy).sum(), (x, z, w))]
-    return {n: rel_rms(a, b) for n, a, b in zip(("o", "dx", "dgate", "dweight"), out["triton"], out["torch"])}
+    errors = {}
+    for layout, z in (("", torch.randn(3, 5, 2, 48, requires_grad=True)),
+                      ("_sliced", torch.randn(3, 5, 107, requires_grad=True))):
+        out = {}
+        for backend in ("triton", "torch"):
+            gate = z if not layout else z[..., 5:101].view(3, 5, 2, 48)
+            y = gated_rmsnorm(x, gate, w, 1e-5, backend=backend)
+            out[backend] = [y, *torch.autograd.grad((y * dy).sum(), (x, z, w))]
+        errors |= {n + layout: rel_rms(a, b)
+                   for n, a, b in zip(("o", "dx", "dgate", "dweight"), out["triton"], out["torch"])}
+    return errors
 
 
 def slice_summary_errors() -> dict:

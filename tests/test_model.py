@@ -12,7 +12,7 @@ from megatron_gdn.kernels.reference import l2norm, recurrent_gated_delta_rule
 from megatron_gdn.models import (MODEL_PRESETS, Cache, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                  ShortConvolution)
 from megatron_gdn.models.language_model import sample_next_token
-from megatron_gdn.models.shared_input import shared_input_projections
+from megatron_gdn.models.fused_projection import fused_projection, fused_projections
 
 
 def small_config(**overrides) -> GatedDeltaNetConfig:
@@ -222,10 +222,11 @@ def test_config_dict_round_trip():
     assert math.isclose(cfg.head_v_dim, 32)
 
 
-def test_shared_input_projections_equal_separate_linears():
-    """The mixer's and MLP's projections of one input: values and every gradient as separate nn.Linear calls give
-    (fp64: the same up to summation order), a frozen weight gets none, and under autocast the outputs are in its
-    dtype with gradients within bf16 rounding; a layer with a bias is called as it is."""
+def test_fused_projections_equal_separate_linears():
+    """The mixer's and MLP's projections of one input as one product: values and every gradient as separate
+    nn.Linear calls give (fp64: the same up to summation order), the packed form is their concatenation, and under
+    autocast the outputs are in its dtype with gradients within bf16 rounding; a layer with a bias is called as it
+    is (and the packed form concatenates the calls)."""
     gen = torch.Generator().manual_seed(0)
     layers = [torch.nn.Linear(24, n, bias=False).double() for n in (16, 16, 40, 3)]
     layers[2].weight.requires_grad_(False)
@@ -236,9 +237,11 @@ def test_shared_input_projections_equal_separate_linears():
         return torch.autograd.grad(loss, [x] + [layer.weight for layer in layers if layer.weight.requires_grad])
 
     x = torch.randn(2, 7, 24, dtype=torch.float64, generator=gen, requires_grad=True)
-    ours, separate = shared_input_projections(x, *layers), [layer(x) for layer in layers]
+    ours, separate = fused_projections(x, *layers), [layer(x) for layer in layers]
     for o, r in zip(ours, separate):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    assert all(o._base is ours[0]._base is not None for o in ours)  # views of one product
+    torch.testing.assert_close(fused_projection(x, *layers), torch.cat(separate, -1), rtol=1e-12, atol=1e-12)
     for g, r in zip(grads(x, ours), grads(x, separate)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
@@ -246,7 +249,7 @@ def test_shared_input_projections_equal_separate_linears():
     for layer in layers:
         layer.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, separate = shared_input_projections(x32, *layers), [layer(x32) for layer in layers]
+        ours, separate = fused_projections(x32, *layers), [layer(x32) for layer in layers]
     assert all(o.dtype == torch.bfloat16 for o in ours)
     for o, r in zip(ours, separate):
         torch.testing.assert_close(o, r, rtol=0, atol=0)  # the same casts and products
@@ -255,4 +258,5 @@ def test_shared_input_projections_equal_separate_linears():
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)  # bf16 sums in another order
 
     biased = torch.nn.Linear(24, 5)
-    torch.testing.assert_close(shared_input_projections(x32, biased)[0], biased(x32))
+    torch.testing.assert_close(fused_projections(x32, biased)[0], biased(x32))
+    torch.testing.assert_close(fused_projection(x32, biased, layers[0]), torch.cat([biased(x32), layers[0](x32)], -1))

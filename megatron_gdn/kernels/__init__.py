@@ -31,7 +31,7 @@ from . import fused_reference
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
            "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "BACKENDS", "slice_summary", "fold_summaries",
-           "rms_norm", "silu_mul", "short_conv_silu", "short_conv_silu_step"]
+           "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
@@ -232,15 +232,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return fused_norm.rms_norm_triton(x, weight, eps, residual)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """silu(gate) * up (the SwiGLU MLP's activation); one Triton kernel each way (swiglu.py) on CUDA tensors."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"gate and up must share shape and dtype; got {tuple(gate.shape)} {gate.dtype} and "
-                         f"{tuple(up.shape)} {up.dtype}")
-    kernel = _triton_module("swiglu", gate, backend)
+def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up with x = [..., gate | up] ([..., 2 I]: the MLP's fused gate and up projection, as
+    Megatron-LM's swiglu takes it); one Triton kernel each way (swiglu.py) on CUDA tensors."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dimension ([..., gate | up]); got {tuple(x.shape)}")
+    kernel = _triton_module("swiglu", x, backend)
     if kernel is None:
-        return fused_reference.silu_mul(gate, up)
-    return kernel.swiglu_triton(gate, up)
+        return fused_reference.swiglu(x)
+    return kernel.swiglu_triton(x)
 
 
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,7 +1,7 @@
 """The model's small ops in plain PyTorch: the CPU path and the oracle of the fused Triton kernels.
 
     rms_norm(x, weight, eps, residual=None)              RMSNorm, optionally of x + residual   (fused_norm.py)
-    silu_mul(gate, up)                                   silu(gate) * up, SwiGLU's activation  (swiglu.py)
+    swiglu(x)                                            silu(gate) * up, x = [..., gate | up] (swiglu.py)
     short_conv_silu(x, weight, bias, past, cu_seqlens)   depthwise causal convolution, SiLU    (short_conv.py)
 
 Each is differentiable through autograd in every tensor input. The linear + cross entropy op's reference is
@@ -26,8 +26,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y if residual is None else (y, h)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, the SwiGLU MLP's activation."""
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with x = [..., gate | up], the SwiGLU MLP's activation."""
+    gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

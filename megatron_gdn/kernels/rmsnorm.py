@@ -1,7 +1,8 @@
 """Gated RMSNorm in Triton, forward and backward: y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate).
 
 The output norm of the GDN layer, over the last dimension (per head). fp32 inside, y in x's dtype; the
-weight gradient is reduced per program, then summed.
+weight gradient is reduced per program, then summed. The gate may be a column slice of a fused projection: its
+rows of H heads are read SG elements apart, where they lie; dgate comes back contiguous.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
-def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, D: tl.constexpr, BR: tl.constexpr,
-                             BD: tl.constexpr):
+def gate_offsets(i_r, o_d, SG, H: tl.constexpr, D: tl.constexpr):
+    """[len(i_r), len(o_d)] offsets in the gate of rows i_r (token i_r // H, head i_r % H), tokens SG apart."""
+    return ((i_r // H) * SG + (i_r % H) * D)[:, None] + o_d[None, :]
+
+
+@triton.jit
+def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, SG, H: tl.constexpr, D: tl.constexpr,
+                             BR: tl.constexpr, BD: tl.constexpr):
     i_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (i_r < N)[:, None] & (o_d < D)[None, :]
     p = i_r[:, None] * D + o_d[None, :]
     b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
-    b_z = tl.load(gate + p, mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(gate + gate_offsets(i_r, o_d, SG, H, D), mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
     b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
     b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * tl.sigmoid(b_z))
@@ -30,15 +37,15 @@ def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, D: tl.constexpr, 
 
 
 @triton.jit
-def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, D: tl.constexpr, BR: tl.constexpr,
-                             BD: tl.constexpr):
+def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, SG, H: tl.constexpr,
+                             D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     i_p = tl.program_id(0).to(tl.int64)
     i_r = i_p * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m = (i_r < N)[:, None] & (o_d < D)[None, :]
     p = i_r[:, None] * D + o_d[None, :]
     b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
-    b_z = tl.load(gate + p, mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(gate + gate_offsets(i_r, o_d, SG, H, D), mask=m, other=0.).to(tl.float32)
     b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
     b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)
@@ -58,12 +65,17 @@ class GatedRMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, gate, weight, eps):
         shape = x.shape
         D = shape[-1]
-        x, gate = x.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous()
+        x = x.reshape(-1, D).contiguous()
+        # gate as [tokens, H, D] with heads D apart and tokens SG apart (a column slice of a fused projection)
+        gate = gate.reshape(-1, shape[-2], D) if gate.dim() > 2 else gate.reshape(-1, 1, D)
+        if gate.stride(-1) != 1 or gate.stride(-2) != D:
+            gate = gate.contiguous()
         N = x.shape[0]
         y = torch.empty_like(x)
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
         gated_rmsnorm_fwd_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM),)](
-            x, gate, weight, y, rstd, N, eps, D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
+            x, gate, weight, y, rstd, N, eps, gate.stride(0), H=gate.shape[1], D=D, BR=ROWS_PER_PROGRAM,
+            BD=triton.next_power_of_2(D))
         ctx.save_for_backward(x, gate, weight, rstd)
         return y.view(shape)
 
@@ -73,11 +85,11 @@ class GatedRMSNormFunction(torch.autograd.Function):
         N, D = x.shape
         shape = dy.shape
         dy = dy.reshape(N, D).contiguous()
-        dx, dgate = torch.empty_like(x), torch.empty_like(gate)
+        dx, dgate = torch.empty_like(x), torch.empty(N, D, dtype=gate.dtype, device=gate.device)
         grid = triton.cdiv(N, ROWS_PER_PROGRAM)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
-        gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, D=D,
-                                          BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
+        gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, gate.stride(0),
+                                          H=gate.shape[1], D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
         return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None
 
 

@@ -7,20 +7,17 @@ inputs before x (zeros when absent); with packed documents a tap s is cut at tok
 tokens into its document (document_positions, which lets the first document start inside `past`). fp32
 inside, y in x's dtype.
 
-Forward: one program per (block of tokens, block of channels, sequence). Backward, three kernels, each streaming
-its rows once:
-- short_conv_bwd_dpre_kernel, per block of output rows as the forward: recomputes the pre-activation a (W shifted
-  loads) and stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch);
-- short_conv_bwd_dx_kernel, per block of *input* rows, which start W - 1 rows before x so that the first program
-  also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps not cut at
-  t + s (W shifted loads of dpre);
-- short_conv_bwd_dweight_kernel, per strip of STRIP_BLOCKS blocks of rows: sums dpre[t] x[t - s] over the strip
-  elementwise in registers and reduces across rows once at the end, giving partial weight and bias gradients
-  ([B * strips, W, D], channels contiguous; torch adds the strips).
-Per token and channel that reads x twice, dy and dpre twice, and writes dpre and dx once (14 bytes in bf16); the
-shifted loads overlap and come from cache. An earlier version computed the weight gradient in the dpre kernel
-with W reductions across rows per block and kept dpre in fp32 (the same bytes): 7 times the forward's time on
-an H100. Decoding one token has its own kernel (short_conv_silu_step), which also shifts the cached inputs.
+Forward: one program per (block of tokens, block of channels, sequence). Backward: one kernel,
+short_conv_bwd_kernel, one program per (strip of STRIP_BLOCKS blocks of rows, block of channels, sequence). For
+each block of input rows (starting W - 1 rows before x, so that the first block also gives the gradient of
+`past`) it recomputes the pre-activation's gradient dpre = dy * silu'(a) at the W shifted row blocks that the
+rows feed, sums dx[t] = sum_s weight[:, W-1-s] dpre[t + s], and adds dpre[u] x[u - s] to the weight gradient
+elementwise in registers, reducing across rows once per strip ([B * strips, W, D] partial sums, channels
+contiguous; torch adds the strips). Per token and channel that reads x and dy once and writes dx once (6 bytes in
+bf16); the W x W shifted loads overlap and come from cache. History on an H100 (`small`'s 8 x 4096 x 768, bf16):
+three kernels (dpre to a scratch tensor, dx from it, the weight gradient from it and x; 14 bytes) took 222 us; an
+earlier one reduced across rows W times per block: 7 times the forward's time. Decoding one token has its own
+kernel (short_conv_silu_step), which also shifts the cached inputs.
 """
 
 from __future__ import annotations
@@ -31,18 +28,18 @@ import triton.language as tl
 
 from .fused_reference import document_positions
 
-# Tokens x channels per program: the forward, dpre and dx kernels hold W + 1 tiles at most; 16 x 128 is what the
-# forward has always used. The weight-gradient kernel sums W [rows, channels] fp32 products in one
-# [W rounded up to a power of two, 16, 64] tile for a strip of 32 blocks (512 rows).
+# Tokens x channels per program: the forward holds W + 1 tiles at most. The backward sums W [rows, channels] fp32
+# products in one [W rounded up to a power of two, 16, 64] tile for a strip of 32 blocks (512 rows).
 BT, BD = 16, 128
-BT_DW, BD_DW, STRIP_BLOCKS = 16, 64, 32
+BT_BWD, BD_BWD, STRIP_BLOCKS = 16, 64, 32
 
 
 @triton.jit
-def load_inputs(x, past, i_b, o_t, o_d, T, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
-    """[len(o_t), len(o_d)] fp32 inputs of sequence i_b at rows o_t: rows < 0 from past (zero without it)."""
+def load_inputs(x, past, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
+    """[len(o_t), len(o_d)] fp32 inputs of sequence i_b at rows o_t (SX elements apart in x): rows < 0 from past
+    (zero without it)."""
     m_d = (o_d < D)[None, :]
-    b_x = tl.load(x + (i_b * T + o_t)[:, None] * D + o_d[None, :],
+    b_x = tl.load(x + (i_b * T + o_t)[:, None] * SX + o_d[None, :],
                   mask=((o_t >= 0) & (o_t < T))[:, None] & m_d, other=0.).to(tl.float32)
     if HAS_PAST:  # past is [B, W - 1, D]: row -1 is its last
         b_x += tl.load(past + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :],
@@ -58,17 +55,17 @@ def tap_kept(pos, o_u, s, T):
 
 
 @triton.jit
-def load_tap(x, past, pos, i_b, o_t, o_d, s, T, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr,
+def load_tap(x, past, pos, i_b, o_t, o_d, s, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr,
              HAS_DOCS: tl.constexpr):
     """[len(o_t), len(o_d)] fp32 input x[t - s] that tap s brings to output rows o_t, zero where it is cut."""
-    b_x = load_inputs(x, past, i_b, o_t - s, o_d, T, D, W, HAS_PAST)
+    b_x = load_inputs(x, past, i_b, o_t - s, o_d, T, SX, D, W, HAS_PAST)
     if HAS_DOCS:
         b_x = tl.where(tap_kept(pos, o_t, s, T)[:, None], b_x, 0.)
     return b_x
 
 
 @triton.jit
-def conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D: tl.constexpr, W: tl.constexpr,
+def conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_DOCS: tl.constexpr):
     """[BT, BD] fp32 bias + sum_s weight[:, W-1-s] x[t - s] at rows o_t, with the taps that reach before the
@@ -78,43 +75,43 @@ def conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D: tl.constexpr, W
         b_acc += tl.load(bias + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
     for s in tl.static_range(W):
         b_w = tl.load(weight + o_d * W + W - 1 - s, mask=o_d < D, other=0.).to(tl.float32)  # [BD]
-        b_acc += load_tap(x, past, pos, i_b, o_t, o_d, s, T, D, W, HAS_PAST, HAS_DOCS) * b_w[None, :]
+        b_acc += load_tap(x, past, pos, i_b, o_t, o_d, s, T, SX, D, W, HAS_PAST, HAS_DOCS) * b_w[None, :]
     return b_acc
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
                           BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
-    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, SX, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
     tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], (b_a * tl.sigmoid(b_a)).to(y.dtype.element_ty),
              mask=(o_t < T)[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
-def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, T, D: tl.constexpr, W: tl.constexpr,
-                               BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               HAS_DOCS: tl.constexpr):
-    """The gradient of the pre-activation at a block of output rows, in dpre's dtype."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
-    m_t = (o_t < T)[:, None] & (o_d < D)[None, :]
-    b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m_t, other=0.).to(tl.float32)
+def conv_dpre(x, past, weight, bias, pos, dy, i_b, o_u, o_d, T, SX, D: tl.constexpr, W: tl.constexpr,
+              BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_DOCS: tl.constexpr):
+    """[BT, BD] fp32 gradient of the pre-activation at output rows o_u, recomputed from x; zero outside [0, T)."""
+    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_u, o_d, T, SX, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    b_dy = tl.load(dy + (i_b * T + o_u)[:, None] * D + o_d[None, :],
+                   mask=((o_u >= 0) & (o_u < T))[:, None] & (o_d < D)[None, :], other=0.).to(tl.float32)
     b_s = tl.sigmoid(b_a)
-    b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a)
-    tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre.to(dpre.dtype.element_ty), mask=m_t)
+    return b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a)
 
 
 @triton.jit
-def short_conv_bwd_dweight_kernel(x, past, pos, dpre, dweight, dbias, T, NS, D: tl.constexpr, W: tl.constexpr,
-                                  WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BLOCKS: tl.constexpr,
-                                  HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """This strip's partial sums of the weight and bias gradients: output row t adds dpre[t] x[t - s] to
-    weight[:, W-1-s] (nothing where tap s is cut) and dpre[t] to the bias."""
+def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, SX, NB, NS, D: tl.constexpr,
+                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                          BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_DOCS: tl.constexpr):
+    """One strip of up to BLOCKS blocks of BT input rows. Input rows start W - 1 rows before x, so the first block
+    also gives the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at
+    output t + s, with dpre recomputed at each shifted row block. The last of those blocks (rows t + W - 1, each
+    output row once over all blocks) adds dpre[u] x[u - s] to the weight gradient's column W-1-s, summed
+    elementwise in registers and across rows once at the end: this strip's partial sums ([B * NS, W, D])."""
     i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -122,12 +119,26 @@ def short_conv_bwd_dweight_kernel(x, past, pos, dpre, dweight, dbias, T, NS, D: 
     # tap s's products go to row s of one [WP, BT, BD] tile (a select, not a list: Triton has no arrays of tiles)
     b_dw = tl.zeros([WP, BT, BD], dtype=tl.float32)
     b_db = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(BLOCKS):
-        o_t = (i_s * BLOCKS + j) * BT + tl.arange(0, BT)
-        b_dpre = tl.load(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=(o_t < T)[:, None] & m_d[None, :],
-                         other=0.).to(tl.float32)
+    for j in range(i_s * BLOCKS, tl.minimum(i_s * BLOCKS + BLOCKS, NB)):
+        o_t = j * BT - (W - 1) + tl.arange(0, BT)
+        b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+        b_dpre = tl.zeros([BT, BD], dtype=tl.float32)
         for s in tl.static_range(W):
-            b_x = load_tap(x, past, pos, i_b, o_t, o_d, s, T, D, W, HAS_PAST, HAS_DOCS)
+            b_dpre = conv_dpre(x, past, weight, bias, pos, dy, i_b, o_t + s, o_d, T, SX, D, W, BT, BD, HAS_PAST,
+                               HAS_BIAS, HAS_DOCS)
+            b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
+            if HAS_DOCS:
+                b_dx += tl.where(tap_kept(pos, o_t + s, s, T)[:, None], b_dpre, 0.) * b_w[None, :]
+            else:
+                b_dx += b_dpre * b_w[None, :]
+        tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
+        if HAS_PAST:
+            tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :],
+                     b_dx.to(dpast.dtype.element_ty), mask=(o_t < 0)[:, None] & m_d[None, :])
+        o_u = o_t + W - 1  # b_dpre's rows
+        for s in tl.static_range(W):
+            b_x = load_tap(x, past, pos, i_b, o_u, o_d, s, T, SX, D, W, HAS_PAST, HAS_DOCS)
             b_dw = tl.where((o_s == s)[:, None, None], b_dw + (b_dpre * b_x)[None, :, :], b_dw)
         b_db += b_dpre
     i_p = i_b * NS + i_s
@@ -135,32 +146,6 @@ def short_conv_bwd_dweight_kernel(x, past, pos, dpre, dweight, dbias, T, NS, D: 
              mask=(o_s < W)[:, None] & m_d[None, :])
     if HAS_BIAS:
         tl.store(dbias + i_p * D + o_d, tl.sum(b_db, axis=0), mask=m_d)
-
-
-@triton.jit
-def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
-                             BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at output t + s. The input rows start
-    W - 1 rows before x, so the first program also writes the gradient of `past`."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_t = i_t * BT - (W - 1) + tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
-    for s in tl.static_range(W):
-        o_u = o_t + s  # the output rows that tap s feeds
-        m_u = (o_u >= 0) & (o_u < T)
-        if HAS_DOCS:
-            m_u &= tap_kept(pos, o_u, s, T)
-        b_dpre = tl.load(dpre + (i_b * T + o_u)[:, None] * D + o_d[None, :], mask=m_u[:, None] & m_d[None, :],
-                         other=0.).to(tl.float32)
-        b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
-        b_dx += b_dpre * b_w[None, :]
-    tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
-             mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
-    if HAS_PAST:
-        tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dpast.dtype.element_ty),
-                 mask=(o_t < 0)[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -189,11 +174,13 @@ class ShortConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, past, pos):
         B, T, D = x.shape
         W = weight.shape[-1]
-        x, weight = x.contiguous(), weight.reshape(D, W).contiguous()
+        if x.stride(-1) != 1 or (B > 1 and x.stride(0) != T * x.stride(1)):
+            x = x.contiguous()  # rows a constant stride apart (a column slice of a fused projection is kept)
+        weight = weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
-        y = torch.empty_like(x)
+        y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         short_conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-            x, past, weight, bias, pos, y, T, D=D, W=W, BT=BT, BD=BD, HAS_PAST=past is not None,
+            x, past, weight, bias, pos, y, T, x.stride(1), D=D, W=W, BT=BT, BD=BD, HAS_PAST=past is not None,
             HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
         ctx.save_for_backward(x, weight, bias, past, pos)
         return y
@@ -204,20 +191,16 @@ class ShortConvFunction(torch.autograd.Function):
         B, T, D = x.shape
         W = weight.shape[-1]
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         dpast = None if past is None else torch.empty_like(past)
-        flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
-        dpre = torch.empty_like(x)
-        short_conv_bwd_dpre_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-            x, past, weight, bias, pos, dy, dpre, T, D=D, W=W, BT=BT, BD=BD, HAS_BIAS=bias is not None, **flags)
-        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
-            weight, pos, dpre, dx, dpast, T, D=D, W=W, BT=BT, BD=BD, **flags)
-        NS = triton.cdiv(T, STRIP_BLOCKS * BT_DW)
+        NB = triton.cdiv(T + W - 1, BT_BWD)  # blocks of input rows, past's included
+        NS = triton.cdiv(NB, STRIP_BLOCKS)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_dweight_kernel[(NS, triton.cdiv(D, BD_DW), B)](
-            x, past, pos, dpre, dweight, dbias, T, NS, D=D, W=W, WP=triton.next_power_of_2(W), BT=BT_DW, BD=BD_DW,
-            BLOCKS=STRIP_BLOCKS, HAS_BIAS=bias is not None, **flags)
+        short_conv_bwd_kernel[(NS, triton.cdiv(D, BD_BWD), B)](
+            x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, x.stride(1), NB, NS, D=D, W=W,
+            WP=triton.next_power_of_2(W), BT=BT_BWD, BD=BD_BWD, BLOCKS=STRIP_BLOCKS, HAS_PAST=past is not None,
+            HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
 

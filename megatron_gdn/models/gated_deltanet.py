@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm,
                        short_conv_silu)
-from .shared_input import shared_input_projections
+from .fused_projection import fused_projections
 from .utils import Cache, LayerState
 
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
@@ -172,7 +172,7 @@ class GatedDeltaNet(nn.Module):
                 raise ValueError("a GatedDeltaNet layer used with a cache needs layer_idx")
             last = past_key_values[self.layer_idx]
 
-        q, k, v, a, b, *gate = shared_input_projections(
+        q, k, v, a, b, *gate = fused_projections(  # views of one product: the kernels take row strides
             hidden_states, self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj,
             *([self.g_proj] if self.use_gate else []))
         conv_state = None

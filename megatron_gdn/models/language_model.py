@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import silu_mul
+from ..kernels import swiglu
 from .configuration import GatedDeltaNetConfig
 from .gated_deltanet import GatedDeltaNet, RMSNorm
 from .hf_conversion import DEFAULT_MAX_SHARD_SIZE, FLA, load_hf_model_state, write_hf_model
-from .shared_input import shared_input_projections
+from .fused_projection import fused_projection
 from .utils import Cache
 
 
@@ -31,8 +31,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input_projections(x, self.gate_proj, self.up_proj)
-        return self.down_proj(silu_mul(gate, up, backend=self.backend))
+        # [..., gate | up]: the activation reads both halves of one product and writes its gradient as one tensor
+        return self.down_proj(swiglu(fused_projection(x, self.gate_proj, self.up_proj), backend=self.backend))
 
 
 class GatedDeltaNetBlock(nn.Module):

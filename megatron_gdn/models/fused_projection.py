@@ -1,0 +1,51 @@
+"""Several bias-free projections of one input as one matrix product.
+
+The GDN mixer projects its input six times (q, k, v, the decay and beta inputs a and b, the gate g) and the MLP
+twice (gate, up). As separate linears, the forward reads the input once per projection, the two 1-wide-per-head
+projections a and b run as thin, slow products, and backward adds one input gradient per projection to a
+[tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB) and multiplied once: the input is
+read once each way and its gradient is one product. On an H100 (`small`, docs/PERFORMANCE.md) this replaced
+6 + 12 products per mixer, 24 of them thin. An earlier version kept the products apart and summed the input
+gradients inside them with addmm.
+
+The parameters, their names and their gradients are those of the separate layers, so state dicts,
+tensor-parallel sharding and optimizers see no difference; what does change is that the layers' own forward (and
+any hook on it) does not run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _plain_projection(layer: nn.Module) -> bool:
+    """Whether layer(x) is F.linear(x, layer.weight): a bias-free nn.Linear, or a column-parallel layer that
+    neither brings its input into the tensor-parallel region nor gathers its output (parallel/layers.py)."""
+    if isinstance(layer, nn.Linear):
+        return layer.bias is None
+    return getattr(layer, "communicate_input", True) is False and getattr(layer, "gather_output", True) is False
+
+
+def _fusable(layers: tuple[nn.Module, ...]) -> bool:
+    """Plain projections whose weights are all here: not under ZeRO-3, whose hooks gather a partitioned weight
+    (marked ds_id) only for its own module's forward."""
+    return all(_plain_projection(layer) and not hasattr(layer.weight, "ds_id") for layer in layers)
+
+
+def fused_projection(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """torch.cat([layer(x) for layer in layers], -1), computed as one matrix product where the layers allow it
+    (bias-free, not ZeRO-3 partitioned; otherwise it is exactly that cat). Under autocast the product runs in its
+    dtype, as each F.linear would."""
+    if not _fusable(layers):
+        return torch.cat([layer(x) for layer in layers], -1)
+    return F.linear(x, torch.cat([layer.weight for layer in layers]))
+
+
+def fused_projections(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for each layer): views of fused_projection's output (strided in their last-but-one dimension),
+    or the layers' own outputs where they cannot be fused."""
+    if not _fusable(layers):
+        return tuple(layer(x) for layer in layers)
+    return fused_projection(x, *layers).split([layer.weight.shape[0] for layer in layers], -1)
