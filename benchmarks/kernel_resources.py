@@ -32,8 +32,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gdn.kernels import chunk as C  # noqa: E402
-from megatron_gdn.kernels import (cross_entropy, fused_norm, l2norm, recurrent, rmsnorm,  # noqa: E402
-                                  short_conv, swiglu)
+from megatron_gdn.kernels import (cross_entropy, fused_norm, fused_swiglu, l2norm, recurrent, rmsnorm,  # noqa: E402
+                                  short_conv)
 
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dG", "dg",
@@ -137,15 +137,17 @@ def fused_runs(dtype: str) -> list:
         BD = triton.next_power_of_2(D)
         runs += [(f"l2norm fwd D={D}", l2norm.l2norm_fwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
                  (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
-    runs += [("swiglu fwd", swiglu.swiglu_fwd_kernel, dict(I=5632, BLOCK=swiglu.BLOCK), 4, 3),
-             ("swiglu bwd", swiglu.swiglu_bwd_kernel, dict(I=5632, BLOCK=swiglu.BLOCK), 4, 3)]
+    runs += [("swiglu fwd", fused_swiglu.swiglu_fwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3),
+             ("swiglu bwd", fused_swiglu.swiglu_bwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3)]
     flags = dict(HAS_PAST=True, HAS_DOCS=True)
     for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
-        sc = dict(D=1024, W=W, BT=short_conv.BT, BD=short_conv.BD)
-        bwd = dict(sc, WP=triton.next_power_of_2(W), BT=short_conv.BT_BWD, BD=short_conv.BD_BWD,
-                   BLOCKS=short_conv.STRIP_BLOCKS, HAS_BIAS=True, **flags)
+        sc = dict(D=1024, W=W, WP=triton.next_power_of_2(W), BT=short_conv.tile_rows(W, short_conv.TAP_ROWS),
+                  BD=short_conv.BD)
+        BT = short_conv.tile_rows(W, short_conv.TAP_ROWS_DPRE)
+        dpre = dict(sc, BT=BT, BD=short_conv.BD_DPRE, BLOCKS=short_conv.STRIP_ROWS // BT, HAS_BIAS=True, **flags)
         runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd W={W}", short_conv.short_conv_bwd_kernel, bwd, 4, 3),
+                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dpre, 4, 3),
+                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
                  (f"short_conv step W={W}", short_conv.short_conv_step_kernel,
                   dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV

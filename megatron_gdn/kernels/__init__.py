@@ -234,10 +234,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up with x = [..., gate | up] ([..., 2 I]: the MLP's fused gate and up projection, as
-    Megatron-LM's swiglu takes it); one Triton kernel each way (swiglu.py) on CUDA tensors."""
+    Megatron-LM's swiglu takes it); one Triton kernel each way (fused_swiglu.py) on CUDA tensors."""
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu needs an even last dimension ([..., gate | up]); got {tuple(x.shape)}")
-    kernel = _triton_module("swiglu", x, backend)
+    kernel = _triton_module("fused_swiglu", x, backend)
     if kernel is None:
         return fused_reference.swiglu(x)
     return kernel.swiglu_triton(x)

@@ -1,7 +1,7 @@
 """The model's small ops in plain PyTorch: the CPU path and the oracle of the fused Triton kernels.
 
     rms_norm(x, weight, eps, residual=None)              RMSNorm, optionally of x + residual   (fused_norm.py)
-    swiglu(x)                                            silu(gate) * up, x = [..., gate | up] (swiglu.py)
+    swiglu(x)                                            silu(gate) * up, x = [..., gate | up] (fused_swiglu.py)
     short_conv_silu(x, weight, bias, past, cu_seqlens)   depthwise causal convolution, SiLU    (short_conv.py)
 
 Each is differentiable through autograd in every tensor input. The linear + cross entropy op's reference is

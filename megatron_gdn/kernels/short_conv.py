@@ -7,16 +7,21 @@ inputs before x (zeros when absent); with packed documents a tap s is cut at tok
 tokens into its document (document_positions, which lets the first document start inside `past`). fp32
 inside, y in x's dtype.
 
-Forward: one program per (block of tokens, block of channels, sequence). Backward: one kernel,
-short_conv_bwd_kernel, one program per (strip of STRIP_BLOCKS blocks of rows, block of channels, sequence). For
-each block of input rows (starting W - 1 rows before x, so that the first block also gives the gradient of
-`past`) it recomputes the pre-activation's gradient dpre = dy * silu'(a) at the W shifted row blocks that the
-rows feed, sums dx[t] = sum_s weight[:, W-1-s] dpre[t + s], and adds dpre[u] x[u - s] to the weight gradient
-elementwise in registers, reducing across rows once per strip ([B * strips, W, D] partial sums, channels
-contiguous; torch adds the strips). Per token and channel that reads x and dy once and writes dx once (6 bytes in
-bf16); the W x W shifted loads overlap and come from cache. History on an H100 (`small`'s 8 x 4096 x 768, bf16):
-three kernels (dpre to a scratch tensor, dx from it, the weight gradient from it and x; 14 bytes) took 222 us; an
-earlier one reduced across rows W times per block: 7 times the forward's time. Decoding one token has its own
+Every kernel loads the W taps of a block of rows as one [rows, W rounded up to a power of two, channels] tile
+(x[t - s] at [t, s]: the shifted row blocks overlap, so all but one row of each is a cache hit) and sums over
+the taps in registers. x may be a column slice of a wider tensor (the fused projection's output): its rows are
+read SX elements apart where they lie.
+Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
+- short_conv_bwd_dpre_kernel, per strip of STRIP_ROWS output rows: recomputes the pre-activation a,
+  stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch), and adds dpre[t] x[t - s] to the weight gradient
+  in the taps' tile, summed elementwise over the strip and across rows once at the end ([B * strips, W, D]
+  partial sums, channels contiguous; torch adds the strips);
+- short_conv_bwd_dx_kernel, per block of *input* rows, which start W - 1 rows before x so that the first program
+  also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps not cut at t + s.
+Per token and channel that reads x, dy and dpre once and writes dpre and dx once (10 bytes in bf16). History on
+an H100 (`small`'s 8 x 4096 x 1536): three kernels, the weight gradient apart (14 bytes), took 0.32 ms; one
+kernel that recomputed dpre at the W shifted row blocks (6 bytes, W x W loads) took longer; an earlier version
+reduced across rows W times per block: 7 times the forward's time. Decoding one token has its own
 kernel (short_conv_silu_step), which also shifts the cached inputs.
 """
 
@@ -28,124 +33,130 @@ import triton.language as tl
 
 from .fused_reference import document_positions
 
-# Tokens x channels per program: the forward holds W + 1 tiles at most. The backward sums W [rows, channels] fp32
-# products in one [W rounded up to a power of two, 16, 64] tile for a strip of 32 blocks (512 rows).
-BT, BD = 16, 128
-BT_BWD, BD_BWD, STRIP_BLOCKS = 16, 64, 32
+# Rows x channels per program. Each program holds [rows, WP, channels] tiles, WP being W rounded up to a power of
+# two, with rows = TAP_ROWS // WP: the same tile for every width (at 16 rows, W > 4 spilled registers). The dpre
+# kernel holds two (the taps and the weight gradient's products) and runs over strips of STRIP_ROWS rows.
+TAP_ROWS, BD = 64, 128
+TAP_ROWS_DPRE, BD_DPRE, STRIP_ROWS = 64, 64, 512
+
+
+def tile_rows(W: int, tap_rows: int) -> int:
+    """Rows per block for width W: tap_rows // WP (a power of two, at least 1)."""
+    return max(1, tap_rows // triton.next_power_of_2(W))
 
 
 @triton.jit
-def load_inputs(x, past, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
-    """[len(o_t), len(o_d)] fp32 inputs of sequence i_b at rows o_t (SX elements apart in x): rows < 0 from past
-    (zero without it)."""
-    m_d = (o_d < D)[None, :]
-    b_x = tl.load(x + (i_b * T + o_t)[:, None] * SX + o_d[None, :],
-                  mask=((o_t >= 0) & (o_t < T))[:, None] & m_d, other=0.).to(tl.float32)
+def tap_weights(weight, o_d, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """[WP, BD] fp32 weight[:, W-1-s] for tap s (zero for s >= W)."""
+    o_s = tl.arange(0, WP)
+    return tl.load(weight + o_d[None, :] * W + W - 1 - o_s[:, None], mask=(o_s < W)[:, None] & (o_d < D)[None, :],
+                   other=0.).to(tl.float32)
+
+
+@triton.jit
+def load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+              HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """[len(o_t), WP, len(o_d)] fp32 x[t - s]: what tap s brings to output row t, zero for s >= W and where the
+    tap is cut (t fewer than s tokens into its document). x's rows are SX elements apart; rows < 0 come from past
+    (zero without it). The W shifted row blocks overlap: all but one row of each is a cache hit."""
+    o_s = tl.arange(0, WP)
+    o_r = o_t[:, None] - o_s[None, :]  # [BT, WP] source rows
+    m = ((o_s < W)[None, :] & (o_r >= 0) & (o_r < T))[:, :, None] & (o_d < D)[None, None, :]
+    b_x = tl.load(x + (i_b * T + o_r)[:, :, None] * SX + o_d[None, None, :], mask=m, other=0.).to(tl.float32)
     if HAS_PAST:  # past is [B, W - 1, D]: row -1 is its last
-        b_x += tl.load(past + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :],
-                       mask=((o_t < 0) & (o_t >= 1 - W))[:, None] & m_d, other=0.).to(tl.float32)
-    return b_x
-
-
-@triton.jit
-def tap_kept(pos, o_u, s, T):
-    """[len(o_u)] whether output rows u keep tap s: u is at least s tokens into its document (rows outside
-    [0, T) read position 0)."""
-    return tl.load(pos + o_u, mask=(o_u >= 0) & (o_u < T), other=0) >= s
-
-
-@triton.jit
-def load_tap(x, past, pos, i_b, o_t, o_d, s, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr,
-             HAS_DOCS: tl.constexpr):
-    """[len(o_t), len(o_d)] fp32 input x[t - s] that tap s brings to output rows o_t, zero where it is cut."""
-    b_x = load_inputs(x, past, i_b, o_t - s, o_d, T, SX, D, W, HAS_PAST)
+        m = ((o_s < W)[None, :] & (o_r < 0) & (o_r >= 1 - W))[:, :, None] & (o_d < D)[None, None, :]
+        b_x += tl.load(past + (i_b * (W - 1) + o_r + W - 1)[:, :, None] * D + o_d[None, None, :], mask=m,
+                       other=0.).to(tl.float32)
     if HAS_DOCS:
-        b_x = tl.where(tap_kept(pos, o_t, s, T)[:, None], b_x, 0.)
+        b_x = tl.where(taps_kept(pos, o_t, T, WP)[:, :, None], b_x, 0.)
     return b_x
 
 
 @triton.jit
-def conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_DOCS: tl.constexpr):
-    """[BT, BD] fp32 bias + sum_s weight[:, W-1-s] x[t - s] at rows o_t, with the taps that reach before the
-    token's document start cut."""
-    b_acc = tl.zeros([BT, BD], dtype=tl.float32)
-    if HAS_BIAS:
-        b_acc += tl.load(bias + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
-    for s in tl.static_range(W):
-        b_w = tl.load(weight + o_d * W + W - 1 - s, mask=o_d < D, other=0.).to(tl.float32)  # [BD]
-        b_acc += load_tap(x, past, pos, i_b, o_t, o_d, s, T, SX, D, W, HAS_PAST, HAS_DOCS) * b_w[None, :]
-    return b_acc
+def taps_kept(pos, o_u, T, WP: tl.constexpr):
+    """[len(o_u), WP] whether output rows u keep tap s: u is at least s tokens into its document (rows outside
+    [0, T) read position 0)."""
+    return tl.load(pos + o_u, mask=(o_u >= 0) & (o_u < T), other=0)[:, None] >= tl.arange(0, WP)[None, :]
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
-                          BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr):
+def conv_preact(b_x, b_w, bias, o_d, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """[BT, BD] fp32 bias + sum_s weight[:, W-1-s] x[t - s] from load_taps' and tap_weights' tiles."""
+    b_a = tl.sum(b_x * b_w[None, :, :], axis=1)
+    if HAS_BIAS:
+        b_a += tl.load(bias + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
+    return b_a
+
+
+@triton.jit
+def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                          BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_DOCS: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
-    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_t, o_d, T, SX, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
+    b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
+    b_a = conv_preact(b_x, tap_weights(weight, o_d, D, W, WP), bias, o_d, D, HAS_BIAS)
     tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], (b_a * tl.sigmoid(b_a)).to(y.dtype.element_ty),
              mask=(o_t < T)[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
-def conv_dpre(x, past, weight, bias, pos, dy, i_b, o_u, o_d, T, SX, D: tl.constexpr, W: tl.constexpr,
-              BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_DOCS: tl.constexpr):
-    """[BT, BD] fp32 gradient of the pre-activation at output rows o_u, recomputed from x; zero outside [0, T)."""
-    b_a = conv_preact(x, past, weight, bias, pos, i_b, o_u, o_d, T, SX, D, W, BT, BD, HAS_PAST, HAS_BIAS, HAS_DOCS)
-    b_dy = tl.load(dy + (i_b * T + o_u)[:, None] * D + o_d[None, :],
-                   mask=((o_u >= 0) & (o_u < T))[:, None] & (o_d < D)[None, :], other=0.).to(tl.float32)
-    b_s = tl.sigmoid(b_a)
-    return b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a)
-
-
-@triton.jit
-def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, SX, NB, NS, D: tl.constexpr,
-                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                          BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_DOCS: tl.constexpr):
-    """One strip of up to BLOCKS blocks of BT input rows. Input rows start W - 1 rows before x, so the first block
-    also gives the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at
-    output t + s, with dpre recomputed at each shifted row block. The last of those blocks (rows t + W - 1, each
-    output row once over all blocks) adds dpre[u] x[u - s] to the weight gradient's column W-1-s, summed
-    elementwise in registers and across rows once at the end: this strip's partial sums ([B * NS, W, D])."""
+def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, SX, NS, D: tl.constexpr,
+                               W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                               BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               HAS_DOCS: tl.constexpr):
+    """Per strip of BLOCKS blocks of output rows: dpre = dy * silu'(a) (a recomputed), stored in dpre's dtype, and
+    this strip's partial sums of the weight and bias gradients: row t adds dpre[t] x[t - s] to weight[:, W-1-s]
+    (nothing where tap s is cut) and dpre[t] to the bias. The products are summed elementwise over the strip in
+    the [BT, WP, BD] tile that the taps were loaded in, and across rows once at the end."""
     i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    o_s = tl.arange(0, WP)
-    # tap s's products go to row s of one [WP, BT, BD] tile (a select, not a list: Triton has no arrays of tiles)
-    b_dw = tl.zeros([WP, BT, BD], dtype=tl.float32)
+    b_w = tap_weights(weight, o_d, D, W, WP)
+    b_dw = tl.zeros([BT, WP, BD], dtype=tl.float32)
     b_db = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(i_s * BLOCKS, tl.minimum(i_s * BLOCKS + BLOCKS, NB)):
-        o_t = j * BT - (W - 1) + tl.arange(0, BT)
-        b_dx = tl.zeros([BT, BD], dtype=tl.float32)
-        b_dpre = tl.zeros([BT, BD], dtype=tl.float32)
-        for s in tl.static_range(W):
-            b_dpre = conv_dpre(x, past, weight, bias, pos, dy, i_b, o_t + s, o_d, T, SX, D, W, BT, BD, HAS_PAST,
-                               HAS_BIAS, HAS_DOCS)
-            b_w = tl.load(weight + o_d * W + W - 1 - s, mask=m_d, other=0.).to(tl.float32)
-            if HAS_DOCS:
-                b_dx += tl.where(tap_kept(pos, o_t + s, s, T)[:, None], b_dpre, 0.) * b_w[None, :]
-            else:
-                b_dx += b_dpre * b_w[None, :]
-        tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
-                 mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
-        if HAS_PAST:
-            tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :],
-                     b_dx.to(dpast.dtype.element_ty), mask=(o_t < 0)[:, None] & m_d[None, :])
-        o_u = o_t + W - 1  # b_dpre's rows
-        for s in tl.static_range(W):
-            b_x = load_tap(x, past, pos, i_b, o_u, o_d, s, T, SX, D, W, HAS_PAST, HAS_DOCS)
-            b_dw = tl.where((o_s == s)[:, None, None], b_dw + (b_dpre * b_x)[None, :, :], b_dw)
+    for j in range(BLOCKS):
+        o_t = (i_s * BLOCKS + j) * BT + tl.arange(0, BT)
+        b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
+        b_a = conv_preact(b_x, b_w, bias, o_d, D, HAS_BIAS)
+        m = (o_t < T)[:, None] & m_d[None, :]
+        b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        b_s = tl.sigmoid(b_a)
+        b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero beyond T
+        tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre.to(dpre.dtype.element_ty), mask=m)
+        b_dw += b_dpre[:, None, :] * b_x
         b_db += b_dpre
     i_p = i_b * NS + i_s
-    tl.store(dweight + (i_p * W + W - 1 - o_s[:, None]) * D + o_d[None, :], tl.sum(b_dw, axis=1),
+    o_s = tl.arange(0, WP)
+    tl.store(dweight + (i_p * W + W - 1 - o_s[:, None]) * D + o_d[None, :], tl.sum(b_dw, axis=0),
              mask=(o_s < W)[:, None] & m_d[None, :])
     if HAS_BIAS:
         tl.store(dbias + i_p * D + o_d, tl.sum(b_db, axis=0), mask=m_d)
+
+
+@triton.jit
+def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                             BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at output t + s. The input rows start
+    W - 1 rows before x, so the first program also writes the gradient of `past`."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BT - (W - 1) + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_s = tl.arange(0, WP)
+    o_u = o_t[:, None] + o_s[None, :]  # [BT, WP] the output rows that tap s feeds
+    m_u = (o_s < W)[None, :] & (o_u >= 0) & (o_u < T)
+    if HAS_DOCS:
+        m_u &= tl.load(pos + o_u, mask=m_u, other=0) >= o_s[None, :]
+    b_dpre = tl.load(dpre + (i_b * T + o_u)[:, :, None] * D + o_d[None, None, :],
+                     mask=m_u[:, :, None] & m_d[None, None, :], other=0.).to(tl.float32)  # [BT, WP, BD]
+    b_dx = tl.sum(b_dpre * tap_weights(weight, o_d, D, W, WP)[None, :, :], axis=1)
+    tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+             mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
+    if HAS_PAST:
+        tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dpast.dtype.element_ty),
+                 mask=(o_t < 0)[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -179,9 +190,10 @@ class ShortConvFunction(torch.autograd.Function):
         weight = weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
         y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+        BT = tile_rows(W, TAP_ROWS)
         short_conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-            x, past, weight, bias, pos, y, T, x.stride(1), D=D, W=W, BT=BT, BD=BD, HAS_PAST=past is not None,
-            HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+            x, past, weight, bias, pos, y, T, x.stride(1), D=D, W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD,
+            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
         ctx.save_for_backward(x, weight, bias, past, pos)
         return y
 
@@ -190,17 +202,22 @@ class ShortConvFunction(torch.autograd.Function):
         x, weight, bias, past, pos = ctx.saved_tensors
         B, T, D = x.shape
         W = weight.shape[-1]
+        WP = triton.next_power_of_2(W)
         dy = dy.contiguous()
+        dpre = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         dpast = None if past is None else torch.empty_like(past)
-        NB = triton.cdiv(T + W - 1, BT_BWD)  # blocks of input rows, past's included
-        NS = triton.cdiv(NB, STRIP_BLOCKS)
+        flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
+        BT, BT_DPRE = tile_rows(W, TAP_ROWS), tile_rows(W, TAP_ROWS_DPRE)
+        BLOCKS = max(1, STRIP_ROWS // BT_DPRE)
+        NS = triton.cdiv(T, BLOCKS * BT_DPRE)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_kernel[(NS, triton.cdiv(D, BD_BWD), B)](
-            x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, x.stride(1), NB, NS, D=D, W=W,
-            WP=triton.next_power_of_2(W), BT=BT_BWD, BD=BD_BWD, BLOCKS=STRIP_BLOCKS, HAS_PAST=past is not None,
-            HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+        short_conv_bwd_dpre_kernel[(NS, triton.cdiv(D, BD_DPRE), B)](
+            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, x.stride(1), NS, D=D, W=W, WP=WP, BT=BT_DPRE,
+            BD=BD_DPRE, BLOCKS=BLOCKS, HAS_BIAS=bias is not None, **flags)
+        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
+            weight, pos, dpre, dx, dpast, T, D=D, W=W, WP=WP, BT=BT, BD=BD, **flags)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
 

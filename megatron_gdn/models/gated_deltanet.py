@@ -172,9 +172,11 @@ class GatedDeltaNet(nn.Module):
                 raise ValueError("a GatedDeltaNet layer used with a cache needs layer_idx")
             last = past_key_values[self.layer_idx]
 
-        q, k, v, a, b, *gate = fused_projections(  # views of one product: the kernels take row strides
-            hidden_states, self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj,
-            *([self.g_proj] if self.use_gate else []))
+        # Column slices of one product (the kernels read them in place); the thin a and b last, so that q, k, v and
+        # the gate start aligned.
+        q, k, v, *gate, a, b = fused_projections(
+            hidden_states, self.q_proj, self.k_proj, self.v_proj, *([self.g_proj] if self.use_gate else []),
+            self.a_proj, self.b_proj)
         conv_state = None
         if self.use_short_conv:
             past_q, past_k, past_v = last.conv_state if last is not None else (None, None, None)
