@@ -27,9 +27,11 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
 from kernel_cases import interpreter_results, poisoned_empty, rel_rms  # noqa: E402
 
-from megatron_gdn.kernels import rms_norm, short_conv_silu, short_conv_silu_step, swiglu  # noqa: E402
+from megatron_gdn.kernels import (SharedGradient, gated_rmsnorm, rms_norm, short_conv_silu,  # noqa: E402
+                                  short_conv_silu_step, swiglu)
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedMLP  # noqa: E402
 from megatron_gdn.models import gated_deltanet  # noqa: E402
+from megatron_gdn.models.fused_projection import ColumnSlicesFunction  # noqa: E402
 from megatron_gdn.models.gated_deltanet import RMSNorm, ShortConvolution  # noqa: E402
 from megatron_gdn.parallel import fused_linear_cross_entropy, lm_head_cross_entropy  # noqa: E402
 
@@ -160,6 +162,39 @@ def conv_decode_errors(device: str = "cpu", dtype: torch.dtype = torch.float32, 
             **{f"no_cache_{b}": rel_rms(y, ref[:, :10]) if no_cache else math.inf for b, (y, _) in y_only.items()}}
 
 
+def shared_gradient_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Column slices of one tensor consumed as the mixer consumes its fused projection: one through the short
+    convolution and one (as [B, T, H, D]) through the gated RMSNorm, both writing their gradients in place through
+    a SharedGradient; one through a torch op (its gradient copied into place); one unused and a padding slice
+    (zero). The tensor's gradient against the PyTorch path's, and whether the in-place gradients were written
+    into the very buffer that became it. The PyTorch path runs on fp32 copies."""
+    B, T, H, D = 2, 21, 2, 16
+    sizes = [H * D, H * D, 5, 3, 8]  # conv, gate, torch op, unused, padding
+    y = randn(B, T, sum(sizes), dtype=dtype).to(device).requires_grad_()
+    o = randn(B, T, H, D, seed=1, dtype=dtype).to(device)
+    conv_weight, norm_weight = randn(H * D, 1, 4, seed=2).to(device), 1 + randn(D, seed=3, scale=0.1).to(device)
+    cotangents = [randn(B, T, H * D, seed=4).to(device), randn(B, T, H, D, seed=5).to(device),
+                  randn(B, T, 5, seed=6).to(device)]
+    grads, places = {}, []
+    for backend in ("triton", "torch"):
+        if backend == "torch":
+            y, o = y.detach().float().requires_grad_(), o.float()
+        shared = SharedGradient(y)
+        if backend == "triton":
+            slice_like = shared.slice_like
+            shared.slice_like = lambda x: places.append(slice_like(x)) or places[-1]
+        conv_in, gate, other, _, _ = ColumnSlicesFunction.apply(y, sizes, shared)
+        conv_out, _ = short_conv_silu(conv_in, conv_weight, backend=backend, output_final_state=False,
+                                      shared_gradient=shared)
+        normed = gated_rmsnorm(o, gate.view(B, T, H, D), norm_weight, 1e-5, backend=backend, shared_gradient=shared)
+        loss = sum((out.float() * c).sum() for out, c in zip((conv_out, normed, other.sin()), cotangents))
+        (grads[backend],) = torch.autograd.grad(loss, y)
+    buffer = grads["triton"].untyped_storage().data_ptr()
+    in_place = len(places) == 2 and all(p.untyped_storage().data_ptr() == buffer for p in places)
+    return {"dy": rel_rms(grads["triton"], grads["torch"].to(grads["triton"].dtype)),
+            "written_in_place": 0.0 if in_place else math.inf}
+
+
 def set_fused_ops_backend(model: torch.nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, (RMSNorm, ShortConvolution, GatedMLP)):
@@ -236,11 +271,12 @@ def tensor_parallel_ce_errors() -> dict:
 
 
 EXTRA_CASES = {"conv_decode": conv_decode_errors, "model": model_errors, "ce_tensor_parallel_2_ranks":
-               tensor_parallel_ce_errors}
+               tensor_parallel_ce_errors, "shared_gradient": shared_gradient_errors}
 ALL_CASES = {**CASES, **EXTRA_CASES}
 # Two interpreter workers (this CI machine has 2 cores); the gloo case starts two more processes, so it shares
 # a worker with the quick cases.
-SHARES = [["ce_tensor_parallel_2_ranks", *list(CASES)[::2]], ["model", "conv_decode", *list(CASES)[1::2]]]
+SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", *list(CASES)[::2]],
+          ["model", "conv_decode", *list(CASES)[1::2]]]
 
 
 def _worker(names: list[str]) -> dict:
@@ -272,6 +308,10 @@ def test_fused_op_matches_reference(results, name):
 def test_clear_errors():
     with pytest.raises(ValueError, match="even last dimension"):
         swiglu(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="contiguous"):
+        SharedGradient(torch.randn(4, 6)[:, :3])
+    with pytest.raises(ValueError, match="do not cover"):
+        SharedGradient(torch.randn(4, 6)).gather((None, None), [2, 3])
     with pytest.raises(ValueError, match=r"weight \[D, 1, W\]"):
         short_conv_silu(torch.randn(1, 4, 6), torch.randn(6, 4))
     with pytest.raises(ValueError, match="residual"):
@@ -357,6 +397,13 @@ def test_fused_op_bf16_gpu(name):
     errors = GPU_CASES[name]()
     print(name, " ".join(f"{k}={e:.1e}" for k, e in errors.items()))
     assert all(e <= BF16_BUDGET["out" if k.startswith("out") else "d"] for k, e in errors.items()), errors
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_shared_gradient_bf16_gpu():
+    errors = shared_gradient_errors("cuda", torch.bfloat16)
+    assert errors["written_in_place"] == 0 and errors["dy"] <= BF16_BUDGET["d"], errors
 
 
 @pytest.mark.gpu

@@ -237,10 +237,14 @@ def test_fused_projections_equal_separate_linears():
         return torch.autograd.grad(loss, [x] + [layer.weight for layer in layers if layer.weight.requires_grad])
 
     x = torch.randn(2, 7, 24, dtype=torch.float64, generator=gen, requires_grad=True)
-    ours, separate = fused_projections(x, *layers), [layer(x) for layer in layers]
+    (ours, shared), separate = fused_projections(x, *layers), [layer(x) for layer in layers]
+    assert shared is not None
     for o, r in zip(ours, separate):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
     assert all(o._base is ours[0]._base is not None for o in ours)  # views of one product
+    with torch.no_grad():  # no autograd: plain slices, nothing to share
+        plain, no_shared = fused_projections(x, *layers)
+    assert no_shared is None and all(torch.equal(p, o) for p, o in zip(plain, ours))
     torch.testing.assert_close(fused_projection(x, *layers), torch.cat(separate, -1), rtol=1e-12, atol=1e-12)
     for g, r in zip(grads(x, ours), grads(x, separate)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
@@ -249,7 +253,7 @@ def test_fused_projections_equal_separate_linears():
     for layer in layers:
         layer.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, separate = fused_projections(x32, *layers), [layer(x32) for layer in layers]
+        (ours, _), separate = fused_projections(x32, *layers), [layer(x32) for layer in layers]
     assert all(o.dtype == torch.bfloat16 for o in ours)
     for o, r in zip(ours, separate):
         torch.testing.assert_close(o, r, rtol=0, atol=0)  # the same casts and products
@@ -258,5 +262,7 @@ def test_fused_projections_equal_separate_linears():
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)  # bf16 sums in another order
 
     biased = torch.nn.Linear(24, 5)
-    torch.testing.assert_close(fused_projections(x32, biased)[0], biased(x32))
+    outputs, shared = fused_projections(x32, biased)
+    torch.testing.assert_close(outputs[0], biased(x32))
+    assert shared is None
     torch.testing.assert_close(fused_projection(x32, biased, layers[0]), torch.cat([biased(x32), layers[0](x32)], -1))

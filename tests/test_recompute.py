@@ -157,7 +157,9 @@ def test_recomputation_saves_memory():
     # selective: the mixer keeps its input only; everything else it saved without recomputation is gone.
     torch.manual_seed(0)
     mixer = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**TINY)).model.layers[0].attn
-    mixer_saved = saved_activation_bytes(mixer, torch.randn(B, T, h))  # its input included
+    # Its input requires grad, as a block's does: the fused projection then keeps its weights for the input's
+    # gradient (and the count includes the input).
+    mixer_saved = saved_activation_bytes(mixer, torch.randn(B, T, h, requires_grad=True))
     assert none - selective == mixer_saved - hidden_state
     # The mixer holds most of a block's activations (q, k, v, gate, the convolutions' and the delta rule's
     # intermediates: tens of hidden states), the MLP a few (its input and 4 x intermediate_size channels).

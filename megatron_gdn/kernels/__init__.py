@@ -28,10 +28,11 @@ import torch
 from .reference import chunk_gated_delta_rule_torch, gdn_gate, l2norm, recurrent_gated_delta_rule
 from .reference import gated_rmsnorm as gated_rmsnorm_torch
 from . import fused_reference
+from .shared_gradient import SharedGradient
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
            "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "BACKENDS", "slice_summary", "fold_summaries",
-           "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step"]
+           "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step", "SharedGradient"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
@@ -205,15 +206,17 @@ def fused_recurrent_gated_delta_rule(
 
 
 def gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", shared_gradient: SharedGradient | None = None) -> torch.Tensor:
     """rmsnorm(x) * weight * silu(gate) over the last dimension (the GDN output norm), in fp32 inside.
 
-    x, gate: [..., D]; weight: [D]. Triton (rmsnorm.py) on CUDA tensors with backend='auto'.
+    x, gate: [..., D]; weight: [D]. Triton (rmsnorm.py) on CUDA tensors with backend='auto'. The gate may be a
+    column slice of a wider tensor (read in place); with that tensor's shared_gradient (kernels/shared_gradient.py)
+    the Triton backward writes the gate's gradient in its place there.
     """
     rmsnorm = _triton_module("rmsnorm", x, backend)
     if rmsnorm is None:
         return gated_rmsnorm_torch(x, gate, weight, eps)
-    return rmsnorm.gated_rmsnorm_triton(x, gate, weight, eps)
+    return rmsnorm.gated_rmsnorm_triton(x, gate, weight, eps, shared_gradient)
 
 
 
@@ -245,14 +248,17 @@ def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-               backend: str = "auto", output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+               backend: str = "auto", output_final_state: bool = True,
+               shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal convolution then SiLU: (y [B, T, D], the last W - 1 inputs [B, W - 1, D]), or (y, None)
     with output_final_state=False (training: the cache is not needed, and assembling it costs launches).
 
     x: [B, T, D]; weight: [D, 1, W]; bias: [D]; past: the W - 1 inputs before x (zeros when None);
     cu_seqlens: packed documents (no tap crosses a document start; cu_seqlens[0] may be negative: the first
     document then starts inside past). Triton (short_conv.py) on CUDA tensors with backend='auto'; a single
-    token with a cache and no gradient to record runs the decoding kernel (short_conv_silu_step).
+    token with a cache and no gradient to record runs the decoding kernel (short_conv_silu_step). x may be a
+    column slice of a wider tensor (read in place); with that tensor's shared_gradient
+    (kernels/shared_gradient.py) the Triton backward writes x's gradient in its place there.
     """
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[::2] != (x.shape[2], weight.shape[2]):
         raise ValueError(f"short_conv_silu takes x [B, T, D] and weight [D, 1, W]; got {tuple(x.shape)}, "
@@ -266,7 +272,7 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if decoding:
         y, new_past = kernel.short_conv_step_triton(x[:, 0], past, weight, bias)
         return y[:, None], new_past if output_final_state else None
-    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens, output_final_state)
+    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens, output_final_state, shared_gradient)
 
 
 def short_conv_silu_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,

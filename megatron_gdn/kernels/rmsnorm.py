@@ -2,7 +2,8 @@
 
 The output norm of the GDN layer, over the last dimension (per head). fp32 inside, y in x's dtype; the
 weight gradient is reduced per program, then summed. The gate may be a column slice of a fused projection: its
-rows of H heads are read SG elements apart, where they lie; dgate comes back contiguous.
+rows of H heads are read SG elements apart, where they lie, and with a SharedGradient dgate is written in the
+gate's place in its buffer (contiguous otherwise).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .shared_gradient import SharedGradient, gradient_like
 
 ROWS_PER_PROGRAM = 16
 
@@ -37,7 +40,7 @@ def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, SG, H: tl.constex
 
 
 @triton.jit
-def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, SG, H: tl.constexpr,
+def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, SG, SDG, H: tl.constexpr,
                              D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     i_p = tl.program_id(0).to(tl.int64)
     i_r = i_p * BR + tl.arange(0, BR)
@@ -52,8 +55,8 @@ def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, S
     b_n = b_x * b_rstd[:, None]  # the normalised x
     b_sig = tl.sigmoid(b_z)
     b_dn = b_dy * b_z * b_sig  # d(n * w)
-    tl.store(dgate + p, (b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))).to(dgate.dtype.element_ty),
-             mask=m)
+    b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
+    tl.store(dgate + gate_offsets(i_r, o_d, SDG, H, D), b_dz.to(dgate.dtype.element_ty), mask=m)
     tl.store(dweight + i_p * D + o_d, tl.sum(b_dn * b_n, axis=0), mask=o_d < D)
     b_dn = b_dn * b_w[None, :]
     b_dx = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
@@ -62,7 +65,7 @@ def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, S
 
 class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, weight, eps):
+    def forward(ctx, x, gate, weight, eps, shared_gradient):
         shape = x.shape
         D = shape[-1]
         x = x.reshape(-1, D).contiguous()
@@ -77,6 +80,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
             x, gate, weight, y, rstd, N, eps, gate.stride(0), H=gate.shape[1], D=D, BR=ROWS_PER_PROGRAM,
             BD=triton.next_power_of_2(D))
         ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.shared_gradient = shared_gradient
         return y.view(shape)
 
     @staticmethod
@@ -85,14 +89,18 @@ class GatedRMSNormFunction(torch.autograd.Function):
         N, D = x.shape
         shape = dy.shape
         dy = dy.reshape(N, D).contiguous()
-        dx, dgate = torch.empty_like(x), torch.empty(N, D, dtype=gate.dtype, device=gate.device)
+        dx = torch.empty_like(x)
+        dgate = gradient_like(gate, ctx.shared_gradient)
         grid = triton.cdiv(N, ROWS_PER_PROGRAM)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
         gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, gate.stride(0),
-                                          H=gate.shape[1], D=D, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D))
-        return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None
+                                          dgate.stride(0), H=gate.shape[1], D=D, BR=ROWS_PER_PROGRAM,
+                                          BD=triton.next_power_of_2(D))
+        return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None, None
 
 
-def gated_rmsnorm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight * silu(gate) over the last dimension; differentiable in x, gate and weight."""
-    return GatedRMSNormFunction.apply(x, gate, weight, eps)
+def gated_rmsnorm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                         shared_gradient: SharedGradient | None = None) -> torch.Tensor:
+    """rmsnorm(x) * weight * silu(gate) over the last dimension; differentiable in x, gate and weight. With
+    shared_gradient (gate a column slice of its tensor), gate's gradient is written in gate's place in its buffer."""
+    return GatedRMSNormFunction.apply(x, gate, weight, eps, shared_gradient)

@@ -10,7 +10,7 @@ inside, y in x's dtype.
 Every kernel loads the W taps of a block of rows as one [rows, W rounded up to a power of two, channels] tile
 (x[t - s] at [t, s]: the shifted row blocks overlap, so all but one row of each is a cache hit) and sums over
 the taps in registers. x may be a column slice of a wider tensor (the fused projection's output): its rows are
-read SX elements apart where they lie.
+read SX elements apart where they lie, and with a SharedGradient its gradient is written in its place there.
 Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
 - short_conv_bwd_dpre_kernel, per strip of STRIP_ROWS output rows: recomputes the pre-activation a,
   stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch), and adds dpre[t] x[t - s] to the weight gradient
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .fused_reference import document_positions
+from .shared_gradient import SharedGradient, gradient_like
 
 # Rows x channels per program. Each program holds [rows, WP, channels] tiles, WP being W rounded up to a power of
 # two, with rows = TAP_ROWS // WP: the same tile for every width (at 16 rows, W > 4 spilled registers). The dpre
@@ -136,7 +137,7 @@ def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, db
 
 
 @triton.jit
-def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, SDX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                              BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
     """dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at output t + s. The input rows start
     W - 1 rows before x, so the first program also writes the gradient of `past`."""
@@ -152,7 +153,7 @@ def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, D: tl.constexpr, W
     b_dpre = tl.load(dpre + (i_b * T + o_u)[:, :, None] * D + o_d[None, None, :],
                      mask=m_u[:, :, None] & m_d[None, None, :], other=0.).to(tl.float32)  # [BT, WP, BD]
     b_dx = tl.sum(b_dpre * tap_weights(weight, o_d, D, W, WP)[None, :, :], axis=1)
-    tl.store(dx + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+    tl.store(dx + (i_b * T + o_t)[:, None] * SDX + o_d[None, :], b_dx.to(dx.dtype.element_ty),
              mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
     if HAS_PAST:
         tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dpast.dtype.element_ty),
@@ -182,7 +183,7 @@ def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr
 
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, past, pos):
+    def forward(ctx, x, weight, bias, past, pos, shared_gradient):
         B, T, D = x.shape
         W = weight.shape[-1]
         if x.stride(-1) != 1 or (B > 1 and x.stride(0) != T * x.stride(1)):
@@ -195,6 +196,7 @@ class ShortConvFunction(torch.autograd.Function):
             x, past, weight, bias, pos, y, T, x.stride(1), D=D, W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD,
             HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
         ctx.save_for_backward(x, weight, bias, past, pos)
+        ctx.shared_gradient = shared_gradient
         return y
 
     @staticmethod
@@ -205,7 +207,7 @@ class ShortConvFunction(torch.autograd.Function):
         WP = triton.next_power_of_2(W)
         dy = dy.contiguous()
         dpre = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
-        dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+        dx = gradient_like(x, ctx.shared_gradient)
         dpast = None if past is None else torch.empty_like(past)
         flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
         BT, BT_DPRE = tile_rows(W, TAP_ROWS), tile_rows(W, TAP_ROWS_DPRE)
@@ -217,23 +219,25 @@ class ShortConvFunction(torch.autograd.Function):
             x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, x.stride(1), NS, D=D, W=W, WP=WP, BT=BT_DPRE,
             BD=BD_DPRE, BLOCKS=BLOCKS, HAS_BIAS=bias is not None, **flags)
         short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
-            weight, pos, dpre, dx, dpast, T, D=D, W=W, WP=WP, BT=BT, BD=BD, **flags)
+            weight, pos, dpre, dx, dpast, T, dx.stride(1), D=D, W=W, WP=WP, BT=BT, BD=BD, **flags)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
-        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None
+        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None
 
 
 def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                      output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      output_final_state: bool = True,
+                      shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(silu(causal depthwise conv(x)), the last W - 1 inputs): fused_reference.short_conv_silu's contract;
-    (y, None) with output_final_state=False.
+    (y, None) with output_final_state=False. With shared_gradient (x a column slice of its tensor), x's gradient
+    is written in x's place in its buffer.
 
     Differentiable in x, weight, bias and past. The returned tail is a small torch slice (autograd follows it).
     """
     B, T, D = x.shape
     W = weight.shape[-1]
     pos = None if cu_seqlens is None else document_positions(cu_seqlens, T).to(torch.int32)
-    y = ShortConvFunction.apply(x, weight, bias, past, pos)
+    y = ShortConvFunction.apply(x, weight, bias, past, pos, shared_gradient)
     if not output_final_state:
         return y, None
     past_or_zeros = x.new_zeros(B, W - 1, D) if past is None else past.to(x.dtype)

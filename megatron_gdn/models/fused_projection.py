@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import SharedGradient
+
 # Elements: 64 bf16 are 128 bytes. A GDN mixer's a and b are one column per head, which leaves the sum of its
 # widths (q, k, v, g, a, b) odd in general: unpadded, the Triton kernels' loads of strided rows ran 1.8x slower.
 ROW_ALIGNMENT = 64
@@ -47,16 +49,38 @@ def fused_projection(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
     return F.linear(x, torch.cat([layer.weight for layer in layers]))
 
 
-def fused_projections(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for each layer): column slices of one product, or the layers' own outputs where they cannot be
-    fused. The product's width is padded with zero weights to a multiple of ROW_ALIGNMENT, so that every row of
-    every slice starts 16-byte aligned where the slices' widths are multiples of 8 (head dimensions are): the
-    Triton kernels that read them in place load whole vectors, and cuBLAS picks its aligned kernels."""
+class ColumnSlicesFunction(torch.autograd.Function):
+    """y.split(sizes, -1), with backward taking the slices' gradients from one SharedGradient buffer."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, sizes: list[int], shared: SharedGradient) -> tuple[torch.Tensor, ...]:
+        ctx.sizes, ctx.shared = sizes, shared
+        return y.split(sizes, -1)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        return ctx.shared.gather(grads, ctx.sizes), None, None
+
+
+def fused_projections(x: torch.Tensor, *layers: nn.Module) -> tuple[tuple[torch.Tensor, ...], SharedGradient | None]:
+    """((layer(x) for each layer), where the consumers may write the slices' gradients).
+
+    The outputs are column slices of one product, or the layers' own outputs where they cannot be fused (then no
+    SharedGradient, nor without autograd). The product's width is padded with zero weights to a multiple of
+    ROW_ALIGNMENT, so that every row of every slice starts 16-byte aligned where the slices' widths are multiples
+    of 8 (head dimensions are): the Triton kernels that read them in place load whole vectors, and cuBLAS picks its
+    aligned kernels. Pass the SharedGradient to the Triton ops that consume the slices (short_conv_silu,
+    gated_rmsnorm): they write their input gradients in place and no copy joins them.
+    """
     if not _fusable(layers):
-        return tuple(layer(x) for layer in layers)
+        return tuple(layer(x) for layer in layers), None
     weights = [layer.weight for layer in layers]
     sizes = [w.shape[0] for w in weights]
     pad = -sum(sizes) % ROW_ALIGNMENT
     if pad:
         weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
-    return F.linear(x, torch.cat(weights)).split(sizes + [pad], -1)[:len(layers)]
+    y = F.linear(x, torch.cat(weights))
+    if not y.requires_grad:
+        return y.split(sizes + [pad], -1)[:len(layers)], None
+    shared = SharedGradient(y)
+    return ColumnSlicesFunction.apply(y, sizes + [pad], shared)[:len(layers)], shared

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm,
-                       short_conv_silu)
+from ..kernels import (SharedGradient, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm,
+                       rms_norm, short_conv_silu)
 from .fused_projection import fused_projections
 from .utils import Cache, LayerState
 
@@ -53,7 +53,8 @@ class ShortConvolution(nn.Module):
     (packed documents, B == 1) no input leaks across a document start. cu_seqlens[0] may be negative: the
     first document then began -cu_seqlens[0] tokens before x, and its taps reach into `past` (context
     parallelism passes a slice's offsets this way, with the previous rank's last inputs as `past`).
-    Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. backend as RMSNorm's: the
+    Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. x may be a column slice of a
+    fused projection, whose shared_gradient then receives x's gradient in place. backend as RMSNorm's: the
     Triton kernels of kernels/short_conv.py (training and one-token decoding) or the PyTorch reference
     (kernels/fused_reference.py).
     """
@@ -66,9 +67,10 @@ class ShortConvolution(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                output_final_state: bool = True,
+                shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return short_conv_silu(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend,
-                               output_final_state=output_final_state)
+                               output_final_state=output_final_state, shared_gradient=shared_gradient)
 
 
 class GatedDeltaNet(nn.Module):
@@ -172,17 +174,17 @@ class GatedDeltaNet(nn.Module):
                 raise ValueError("a GatedDeltaNet layer used with a cache needs layer_idx")
             last = past_key_values[self.layer_idx]
 
-        # Column slices of one product (the kernels read them in place); the thin a and b last, so that q, k, v and
-        # the gate start aligned.
-        q, k, v, *gate, a, b = fused_projections(
+        # Column slices of one product (the kernels read them in place and write their gradients in place through
+        # `shared`); the thin a and b last, so that q, k, v and the gate start aligned.
+        (q, k, v, *gate, a, b), shared = fused_projections(
             hidden_states, self.q_proj, self.k_proj, self.v_proj, *([self.g_proj] if self.use_gate else []),
             self.a_proj, self.b_proj)
         conv_state = None
         if self.use_short_conv:
             past_q, past_k, past_v = last.conv_state if last is not None else (None, None, None)
-            q, tail_q = self.q_conv1d(q, past_q, cu_seqlens, output_final_state=use_cache)
-            k, tail_k = self.k_conv1d(k, past_k, cu_seqlens, output_final_state=use_cache)
-            v, tail_v = self.v_conv1d(v, past_v, cu_seqlens, output_final_state=use_cache)
+            q, tail_q = self.q_conv1d(q, past_q, cu_seqlens, output_final_state=use_cache, shared_gradient=shared)
+            k, tail_k = self.k_conv1d(k, past_k, cu_seqlens, output_final_state=use_cache, shared_gradient=shared)
+            v, tail_v = self.v_conv1d(v, past_v, cu_seqlens, output_final_state=use_cache, shared_gradient=shared)
             conv_state = (tail_q, tail_k, tail_v)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
@@ -206,7 +208,8 @@ class GatedDeltaNet(nn.Module):
             past_key_values.update(self.layer_idx, LayerState(recurrent_state, conv_state), T)
 
         if self.use_gate:
-            o = gated_rmsnorm(o, gate[0].view(B, T, -1, self.head_v_dim), self.o_norm.weight, self.o_norm.eps)
+            o = gated_rmsnorm(o, gate[0].view(B, T, -1, self.head_v_dim), self.o_norm.weight, self.o_norm.eps,
+                              shared_gradient=shared)
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, -1)), None, past_key_values

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import ProcessGroup
 
-from ..kernels import chunk_gated_delta_rule
+from ..kernels import SharedGradient, chunk_gated_delta_rule
 from ..models.configuration import GatedDeltaNetConfig
 from ..models.gated_deltanet import GatedDeltaNet, ShortConvolution
 from .mappings import _all_gather, gather_from_sequence_parallel_region
@@ -376,7 +376,8 @@ class ContextParallelShortConvolution(ShortConvolution):
         return new
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                output_final_state: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                output_final_state: bool = True,
+                shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if past is not None:
             raise ValueError("context parallelism cannot continue from a cache (generation): generate with a "
                              "single-process model")
@@ -389,7 +390,7 @@ class ContextParallelShortConvolution(ShortConvolution):
         halo = _HaloExchange.apply(x[:, L - (W - 1):], self.group) if W > 1 else None
         # The relative offsets start the first document where it truly starts (up to W - 1 tokens back in the
         # halo); taps that reach before it are cut, as at any document start.
-        return super().forward(x, halo, layout.relative_cu_seqlens, output_final_state)
+        return super().forward(x, halo, layout.relative_cu_seqlens, output_final_state, shared_gradient)
 
 
 def _refuse_generation_and_labels(module: nn.Module, args: tuple, kwargs: dict) -> None:
