@@ -4,9 +4,9 @@ The GDN mixer projects its input six times (q, k, v, the decay and beta inputs a
 twice (gate, up). As separate linears, the forward reads the input once per projection, the two 1-wide-per-head
 projections a and b run as thin, slow products, and backward adds one input gradient per projection to a
 [tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB) and multiplied once: the input is
-read once each way and its gradient is one product. On an H100 (`small`, docs/PERFORMANCE.md) this replaced
-6 + 12 products per mixer, 24 of them thin. An earlier version kept the products apart and summed the input
-gradients inside them with addmm.
+read once each way and its gradient is one product, so a mixer runs 3 products where it ran 18 (6 of them thin).
+On an H100 a `small` step's products went from 41.7 to 36.8 ms (docs/PERFORMANCE.md, session 9). An earlier
+version kept the products apart and summed the input gradients inside them with addmm.
 
 The parameters, their names and their gradients are those of the separate layers, so state dicts,
 tensor-parallel sharding and optimizers see no difference; what does change is that the layers' own forward (and
