@@ -436,7 +436,7 @@ def test_model_fused_ops_gpu(monkeypatch):
     gate_grads = {}
 
     # The gate logits (a_proj's output) reach the delta rule as g, layer after layer; the projections run in
-    # one shared-input op (models/shared_input.py), so a_proj's own forward (and its hooks) never runs.
+    # one fused product (models/fused_projection.py), so a_proj's own forward (and its hooks) never runs.
     delta_rule = gated_deltanet.chunk_gated_delta_rule
 
     def keep_gate_grad(*args, g, **kwargs):
