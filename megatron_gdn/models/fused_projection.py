@@ -3,7 +3,8 @@
 The GDN mixer projects its input six times (q, k, v, the decay and beta inputs a and b, the gate g) and the MLP
 twice (gate, up). As separate linears, the forward reads the input once per projection, the two 1-wide-per-head
 projections a and b run as thin, slow products, and backward adds one input gradient per projection to a
-[tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB) and multiplied once: the input is
+[tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB, cast to the product's dtype on the
+way: CastConcatFunction) and multiplied once: the input is
 read once each way and its gradient is one product, so a mixer runs 3 products where it ran 18 (6 of them thin).
 On an H100 a `small` step's products went from 41.7 to 36.8 ms (docs/PERFORMANCE.md, session 9). An earlier
 version kept the products apart and summed the input gradients inside them with addmm.
@@ -46,7 +47,36 @@ def fused_projection(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
     dtype, as each F.linear would."""
     if not _fusable(layers):
         return torch.cat([layer(x) for layer in layers], -1)
-    return F.linear(x, torch.cat([layer.weight for layer in layers]))
+    return F.linear(x, fused_weight(x, [layer.weight for layer in layers], pad=0))
+
+
+class CastConcatFunction(torch.autograd.Function):
+    """torch.cat(weights) cast to dtype, with `pad` zero rows after them, written in one pass: under autocast the
+    fp32 weights are read once and the bf16 product weight written once (a cat in fp32 and then autocast's cast
+    wrote and read the fp32 copy besides: 8 more bytes per weight, 2.1 ms of a 1.3b step on an H100). The values
+    are those of autocast's cast (both round to nearest); backward casts the gradient back and splits it."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, pad: int, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], weights[0].dtype  # one model, one dtype
+        rows = sum(ctx.sizes)
+        out = weights[0].new_empty((rows + pad, weights[0].shape[1]), dtype=dtype)
+        torch.cat(weights, out=out[:rows])
+        out[rows:].zero_()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None, *grad[:sum(ctx.sizes)].to(ctx.dtype).split(ctx.sizes))
+
+
+def fused_weight(x: torch.Tensor, weights: list[torch.Tensor], pad: int) -> torch.Tensor:
+    """The weights stacked (and `pad` zero rows) in the dtype F.linear(x, w) computes in: autocast's where it is
+    on for x's device and would cast the weights, else theirs."""
+    dtype = weights[0].dtype
+    if torch.is_autocast_enabled(x.device.type) and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return CastConcatFunction.apply(dtype, pad, *weights)
 
 
 class ColumnSlicesFunction(torch.autograd.Function):
@@ -77,9 +107,7 @@ def fused_projections(x: torch.Tensor, *layers: nn.Module) -> tuple[tuple[torch.
     weights = [layer.weight for layer in layers]
     sizes = [w.shape[0] for w in weights]
     pad = -sum(sizes) % ROW_ALIGNMENT
-    if pad:
-        weights.append(weights[0].new_zeros(pad, weights[0].shape[1]))
-    y = F.linear(x, torch.cat(weights))
+    y = F.linear(x, fused_weight(x, weights, pad))
     if not y.requires_grad:
         return y.split(sizes + [pad], -1)[:len(layers)], None
     shared = SharedGradient(y)

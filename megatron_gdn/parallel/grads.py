@@ -5,8 +5,9 @@ After the backward passes of an iteration (all micro batches), `finalize_model_g
      (o_norm always; the residual-stream norms under sequence parallelism), so the copies of a
      replicated weight get the same update on every rank and never drift apart;
   2. averages every gradient across the data-parallel group.
-`clip_grad_norm` then computes the global L2 norm: sharded gradients are summed over the TP group,
-replicated ones (identical on every TP rank after step 1) are counted once.
+`global_grad_norm` then computes the global L2 norm: sharded gradients are summed over the TP group,
+replicated ones (identical on every TP rank after step 1) are counted once. The gradients are clipped either in
+place (`clip_grad_norm`) or by the optimizer as it reads them (`clip_divisor`, the fused AdamW's grad_scale).
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def finalize_model_grads(model: nn.Module, tensor_parallel_group: ProcessGroup |
     _all_reduce_coalesced([p.grad for _, p in named], data_parallel_group, average=True)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: ProcessGroup | None) -> torch.Tensor:
-    """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm before clipping, a
-    0-d fp32 tensor on the gradients' device (computed and applied without waiting for the GPU).
+def global_grad_norm(model: nn.Module, tensor_parallel_group: ProcessGroup | None) -> torch.Tensor:
+    """The global L2 norm of the gradients, a 0-d fp32 tensor on their device (computed without waiting for it).
 
     The norm is that of the full (unsharded) model's gradient: the same number on every rank and the
     same as a single process computes. Non-finite gradients give a non-finite norm on every rank.
@@ -71,9 +71,23 @@ def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: Pro
             dist.all_reduce(squared, group=tensor_parallel_group)
     if replicated:
         squared = squared + torch.nn.utils.get_total_norm(replicated).float().pow(2)
-    total = squared.sqrt()
+    return squared.sqrt()
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide the gradients by so that their norm is at most max_norm: 1 / the factor that
+    torch.nn.utils.clip_grads_with_norm_ multiplies them by (max_norm / (norm + 1e-6), at most 1). The fused AdamW
+    takes it as its grad_scale and divides each gradient as it reads it, which saves the pass over every gradient
+    that clipping in place costs (4.0 ms of a 1.3b step on an H100)."""
+    return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, tensor_parallel_group: ProcessGroup | None) -> torch.Tensor:
+    """Scale the gradients in place so that their global L2 norm (global_grad_norm) is at most max_norm; returns
+    the norm before clipping."""
+    total = global_grad_norm(model, tensor_parallel_group)
     if max_norm < math.inf:
-        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
 
 

@@ -11,7 +11,7 @@ norms (and agrees on overflows) over `get_model_parallel_group()`. For this code
 There is no pipeline parallelism, so the pipeline getters report one stage. DeepSpeed counts a gradient in the
 global norm on every TP rank only when the parameter carries `tensor_model_parallel = True` (its convention,
 from Megatron); `mark_tensor_parallel_parameters` sets it from the sharding table, so replicated weights are
-counted once (TP rank 0) and sharded ones on every rank, the rule of parallel/grads.clip_grad_norm.
+counted once (TP rank 0) and sharded ones on every rank, the rule of parallel/grads.global_grad_norm.
 """
 
 from __future__ import annotations

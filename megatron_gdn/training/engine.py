@@ -9,7 +9,8 @@
 
 BuiltinDataParallel (no --zero-stage, or --zero-stage 0): every rank keeps the whole fp32 model and optimizer;
 after the micro batches the gradients are summed over TP where a weight is replicated and averaged over DP x CP
-(parallel/grads.py), clipped by the TP-aware global norm, and AdamW steps. This is ZeRO stage 0.
+(parallel/grads.py), clipped by the TP-aware global norm (inside the fused AdamW, which divides each gradient as it
+reads it; fp16 clips in place after unscaling), and AdamW steps. This is ZeRO stage 0.
 
 DeepSpeedDataParallel (--zero-stage 1, 2, 3 or --deepspeed-config): DeepSpeed's engine partitions the optimizer
 state (1), also the gradients (2), also the parameters (3) over the DP x CP ranks (parallel/mpu.py), and owns
@@ -47,7 +48,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import TrainingConfig
-from ..parallel.grads import all_reduce_found_inf, clip_grad_norm, finalize_model_grads
+from ..parallel.grads import (all_reduce_found_inf, clip_divisor, clip_grad_norm, finalize_model_grads,
+                              global_grad_norm)
 from ..parallel.mpu import ModelParallelUnit, mark_tensor_parallel_parameters
 from ..parallel.sharding import rule_for
 from ..parallel.state import ParallelGroups, group_size
@@ -123,7 +125,11 @@ class BuiltinDataParallel:
         loss, loss_not_finite = reduce_loss(loss, self.groups)
         self.scaler.unscale_(self.optimizer)
         all_reduce_found_inf(self.scaler, self.optimizer, tp_group)
-        grad_norm = clip_grad_norm(self.model, self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf, tp_group)
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+        if self.scaler.is_enabled():  # fp16: GradScaler.step sets the optimizer's grad_scale itself: clip in place
+            grad_norm = clip_grad_norm(self.model, max_norm, tp_group)
+        else:
+            grad_norm = global_grad_norm(self.model, tp_group)
         grad_norm = grad_norm.to(loss.device)
         # Skip the update rather than poison the weights (fp16: the scaler also lowers the scale).
         skip = torch.maximum(loss_not_finite, (~torch.isfinite(grad_norm)).float())
@@ -132,9 +138,12 @@ class BuiltinDataParallel:
                 torch.maximum(found_inf, skip.to(found_inf.device), out=found_inf)
             self.scaler.step(self.optimizer)
         else:
+            # The fused AdamW skips the update where found_inf is 1, and divides each gradient by grad_scale as it
+            # reads it: the clipping costs no pass of its own over the gradients.
             self.optimizer.found_inf = skip
+            self.optimizer.grad_scale = clip_divisor(grad_norm, max_norm) if max_norm < math.inf else None
             self.optimizer.step()
-            del self.optimizer.found_inf
+            del self.optimizer.found_inf, self.optimizer.grad_scale
         self.scaler.update()
         # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
         self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
