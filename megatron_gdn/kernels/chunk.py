@@ -460,8 +460,16 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms, the latter from dqk, the output
     of chunk_bwd_dqk_intra_kernel), dw = -dvn S^T, and the part of dG that comes from o and the state update
-    (partial over K blocks; summed by the wy kernel)."""
-    i_t, i_k, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    (partial over K blocks; summed by the wy kernel).
+
+    A flat grid with the K blocks, then the value heads, varying fastest: the K / BK programs of a chunk and head
+    read the same dvn, do and vn tiles (V columns each), and side by side they find them in L2. With the chunks
+    varying fastest (before session 10) they ran a whole wave apart, and at K = 256, V = 512 (1.3b) each program's
+    three [64, V] tiles are 192 KB: a wave's no longer fit L2, and every K block read them again from memory.
+    """
+    NK = tl.cdiv(K, BK)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_k, i_hv, i_t = i_p % NK, i_p // NK % HV, i_p // NK // HV
     i_h = i_hv // (HV // H)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
     DT = k.dtype.element_ty
@@ -798,7 +806,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
     chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
         vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
-    chunk_bwd_dqkw_kernel[(num_chunks, NK, HV)](
+    chunk_bwd_dqkw_kernel[(num_chunks * NK * HV,)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK)
     del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
