@@ -464,8 +464,9 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
 
     A flat grid with the K blocks, then the value heads, varying fastest: the K / BK programs of a chunk and head
     read the same dvn, do and vn tiles (V columns each), and side by side they find them in L2. With the chunks
-    varying fastest (before session 10) they ran a whole wave apart, and at K = 256, V = 512 (1.3b) each program's
-    three [64, V] tiles are 192 KB: a wave's no longer fit L2, and every K block read them again from memory.
+    varying fastest (until session 10) they ran a whole wave apart: at K = 256, V = 512 (1.3b) each program's three
+    [64, V] tiles are 192 KB, a wave of programs' about L2's size. On an H100 at the 1.3b shape (B4 T4096 H6) dqkw
+    went from 0.91 to 0.60 ms with this order; at K = 64 (one K block) from 0.30 to 0.29.
     """
     NK = tl.cdiv(K, BK)
     i_p = tl.program_id(0).to(tl.int64)
