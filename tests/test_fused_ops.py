@@ -71,6 +71,10 @@ def _norm(backend, x, weight, residual=None):
     return rms_norm(x, weight, 1e-5, residual, backend=backend)
 
 
+def _prenorm(backend, x, weight):
+    return rms_norm(x, weight, 1e-5, prenorm=True, backend=backend)
+
+
 def _conv(cu_seqlens=None):
     def op(backend, x, weight, bias=None, past=None):
         return short_conv_silu(x, weight, bias, past, cu_seqlens, backend=backend)
@@ -101,6 +105,8 @@ CASES = {
     "norm_residual": lambda: op_errors(_norm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1),
                                        residual=randn(3, 7, 45, seed=2)),
     "norm_plain_wide": lambda: op_errors(_norm, x=randn(21, 130), weight=1 + randn(130, seed=1, scale=0.1)),
+    # (y, x): x's gradient is the norm's plus that of the second output, which the backward kernel adds
+    "norm_prenorm": lambda: op_errors(_prenorm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1)),
     # the model under autocast: a bf16 mixer output added to the fp32 residual stream
     "norm_bf16_into_fp32_residual": lambda: op_errors(_norm, x=randn(5, 64, dtype=torch.bfloat16),
                                                       weight=1 + randn(64, seed=1, scale=0.1),
@@ -377,6 +383,7 @@ GPU_CASES = {
     "norm_residual": lambda: bf16_errors(_norm, x=randn(4, 1000, 2048), weight=1 + randn(2048, seed=1, scale=0.1),
                                          residual=randn(4, 1000, 2048, seed=2)),
     "norm_odd_hidden": lambda: bf16_errors(_norm, x=randn(3000, 1000), weight=1 + randn(1000, seed=1, scale=0.1)),
+    "norm_prenorm": lambda: bf16_errors(_prenorm, x=randn(4, 1000, 2048), weight=1 + randn(2048, seed=1, scale=0.1)),
     "swiglu": lambda: bf16_errors(lambda b, x: swiglu(x, backend=b), x=randn(4096, 2 * 5632, scale=3)),
     "conv_column_slice": lambda: bf16_errors(_conv_slice(1536, 1536), x=randn(4, 4096, 4 * 1536),
                                              weight=randn(1536, 1, 4, seed=1, scale=0.5)),

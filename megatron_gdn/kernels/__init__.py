@@ -221,18 +221,21 @@ def gated_rmsnorm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             prenorm: bool = False, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dimension (fp32 inside), with the residual add fused when residual is given.
 
     Returns y = rmsnorm(x) * weight, or (rmsnorm(h) * weight, h) with h = x + residual (the pre-norm block's
-    `h = x + mixed; y = norm(h)`); y in h's dtype. Triton (fused_norm.py) on CUDA tensors with backend='auto'.
+    `h = x + mixed; y = norm(h)`); y in h's dtype. prenorm (fla's RMSNorm flag) returns (y, h) without a residual
+    too, h being x: where x also goes on as the residual stream, its gradient from there then joins the norm's in
+    the norm's backward kernel instead of in a separate add. Triton (fused_norm.py) on CUDA tensors with
+    backend='auto'.
     """
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     fused_norm = _triton_module("fused_norm", x, backend)
     if fused_norm is None:
-        return fused_reference.rms_norm(x, weight, eps, residual)
-    return fused_norm.rms_norm_triton(x, weight, eps, residual)
+        return fused_reference.rms_norm(x, weight, eps, residual, prenorm)
+    return fused_norm.rms_norm_triton(x, weight, eps, residual, prenorm)
 
 
 def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

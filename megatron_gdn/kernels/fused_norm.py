@@ -65,10 +65,12 @@ def _rows_per_program(D: int) -> tuple[int, int]:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Returns y for residual None, else (y, h)."""
+    """Returns y for residual None (without prenorm), else (y, h). With prenorm and no residual h is x itself (a
+    view of it), so that the gradient of x's use as the residual stream arrives here as dh_out and is added in
+    the backward kernel."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
+    def forward(ctx, x, residual, weight, eps, prenorm):
         shape, D = x.shape, x.shape[-1]
         x = x.reshape(-1, D).contiguous()
         N = x.shape[0]
@@ -84,7 +86,7 @@ class RMSNormFunction(torch.autograd.Function):
                                                     HAS_RESIDUAL=residual is not None)
         ctx.save_for_backward(h, weight, rstd)
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
-        if residual is None:
+        if residual is None and not prenorm:
             return y.view(shape)
         return y.view(shape), h.view(shape)
 
@@ -104,10 +106,11 @@ class RMSNormFunction(torch.autograd.Function):
                                      HAS_DH_OUT=dh_out is not None)
         x_dtype, residual_dtype = ctx.dtypes
         dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
-        return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None
+        return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """rmsnorm(x (+ residual)) * weight; returns y, or (y, x + residual). Differentiable in every tensor."""
-    return RMSNormFunction.apply(x, residual, weight, eps)
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    prenorm: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm(x (+ residual)) * weight; returns y, or (y, x + residual) (with prenorm and no residual: (y, x)).
+    Differentiable in every tensor."""
+    return RMSNormFunction.apply(x, residual, weight, eps, prenorm)

@@ -1,6 +1,6 @@
 """The model's small ops in plain PyTorch: the CPU path and the oracle of the fused Triton kernels.
 
-    rms_norm(x, weight, eps, residual=None)              RMSNorm, optionally of x + residual   (fused_norm.py)
+    rms_norm(x, weight, eps, residual=None, prenorm)     RMSNorm, optionally of x + residual   (fused_norm.py)
     swiglu(x)                                            silu(gate) * up, x = [..., gate | up] (fused_swiglu.py)
     short_conv_silu(x, weight, bias, past, cu_seqlens)   depthwise causal convolution, SiLU    (short_conv.py)
 
@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             prenorm: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """h / rms(h) * weight over the last dimension in fp32, with h = x (+ residual); y in h's dtype.
 
-    Returns y, or (y, h) when a residual is given: the pre-norm block's `h = x + mixed; y = norm(h)`.
+    Returns y, or (y, h) when a residual is given or prenorm is set: the pre-norm block's `h = x + mixed;
+    y = norm(h)`, whose h goes on as the residual stream.
     """
     h = x if residual is None else x + residual
     h32 = h.float()
     y = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(h.dtype)
-    return y if residual is None else (y, h)
+    return (y, h) if residual is not None or prenorm else y
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ RECURRENT_MAX_TOKENS = 64
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dimension, computed in fp32.
 
-    forward(x, residual) fuses the pre-norm residual add: it returns (norm(x + residual), x + residual).
+    forward(x, residual) fuses the pre-norm residual add: it returns (norm(x + residual), x + residual);
+    forward(x, prenorm=True) returns (norm(x), x), as fla's RMSNorm does (see kernels.rms_norm).
     backend ('auto' | 'triton' | 'torch', as in megatron_gdn.kernels) picks the fused Triton kernel or the
     PyTorch reference; 'auto' runs Triton on CUDA tensors.
     """
@@ -41,9 +42,9 @@ class RMSNorm(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                prenorm: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual, prenorm, backend=self.backend)
 
 
 class ShortConvolution(nn.Module):

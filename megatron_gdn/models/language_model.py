@@ -39,7 +39,9 @@ class GatedDeltaNetBlock(nn.Module):
     """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)); the second residual add is fused
     into mlp_norm (one pass computes both the sum and its norm). The block's last add stays a plain add: fusing
     it into the next block's attn_norm would make blocks pass (output, residual) pairs, and full activation
-    recomputation, which keeps only each block's input, would then keep two hidden-sized tensors per block."""
+    recomputation, which keeps only each block's input, would then keep two hidden-sized tensors per block.
+    attn_norm passes x on (prenorm) to be the residual: backward then adds the gradient of that use to its own
+    inside its kernel, where two uses of x would take a separate add of two hidden-sized gradients."""
 
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int) -> None:
         super().__init__()
@@ -55,8 +57,8 @@ class GatedDeltaNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, past_key_values: Cache | None = None, use_cache: bool = False,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        mixed, _, _ = self.attn(self.attn_norm(x), past_key_values=past_key_values, use_cache=use_cache,
-                                cu_seqlens=cu_seqlens)
+        normed, x = self.attn_norm(x, prenorm=True)  # its norm, and x itself as the residual
+        mixed, _, _ = self.attn(normed, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
         normed, x = self.mlp_norm(mixed, residual=x)  # x + mixed, and its norm
         return x + self.mlp(normed)
 
