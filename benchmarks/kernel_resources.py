@@ -42,7 +42,8 @@ F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
-           "NS": "i32", "NB": "i32", "SX": "i32", "SG": "i32", "V": "i32", "vocab_start": "i32"}
+           "NS": "i32", "NB": "i32", "SX": "i32", "SDX": "i32", "SG": "i32", "SDG": "i32", "V": "i32",
+           "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
