@@ -4,8 +4,8 @@ The GDN mixer projects its input six times (q, k, v, the decay and beta inputs a
 twice (gate, up). As separate linears, the forward reads the input once per projection, the two 1-wide-per-head
 projections a and b run as thin, slow products, and backward adds one input gradient per projection to a
 [tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB, cast to the product's dtype on the
-way: CastConcatFunction) and multiplied once: the input is
-read once each way and its gradient is one product, so a mixer runs 3 products where it ran 18 (6 of them thin).
+way: CastConcatFunction) and multiplied once: the input is read once each way and its gradient is one product,
+so a mixer runs 3 products where it ran 18 (6 of them thin).
 On an H100 a `small` step's products went from 41.7 to 36.8 ms (docs/PERFORMANCE.md, session 9). An earlier
 version kept the products apart and summed the input gradients inside them with addmm.
 
