@@ -425,9 +425,11 @@ def test_loop_reads_an_iteration_once_the_next_is_queued(monkeypatch, capsys):
     skipped steps and their messages are those of a loop that reads every iteration at once (--log-interval 1)."""
     events, numbers = [], {}
     queue, read = pretrain_gdn.train_step, QueuedStep.read
+    kept = []  # the iterations stay alive: a freed one's id could be reused by a later one and renumber it
 
     def recorded_train_step(*args, **kwargs):
         queued = queue(*args, **kwargs)
+        kept.append(queued)
         numbers[id(queued)] = len(numbers) + 1
         events.append(f"queue {numbers[id(queued)]}")
         return queued
