@@ -47,7 +47,7 @@ from megatron_gdn.parallel import fused_linear_cross_entropy  # noqa: E402
 from gpu_kernels import kernel_times  # noqa: E402  (this folder, the script's own)
 
 SEQUENCES = {"small": 8, "1.3b": 4}  # bench_train.py's batches at 4096 tokens per sequence
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=8)
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=16)
 
 
 @dataclass
@@ -81,6 +81,8 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
     projection = randn(B, seqlen, 2 * key_dim + 2 * value_dim + 2 * config.num_v_heads)
     conv_x = projection[..., 2 * key_dim:2 * key_dim + value_dim].detach().requires_grad_()  # a strided leaf
     conv_w = randn(value_dim, 1, config.conv_size, act=False, scale=0.5)
+    q_x = projection[..., :key_dim].detach().requires_grad_()  # q's slice, L2-normalised per head by the conv
+    q_w = randn(key_dim, 1, config.conv_size, act=False, scale=0.5)
     o, o_gate = randn(B, seqlen, config.num_v_heads, Dv), randn(B, seqlen, config.num_v_heads, Dv)
     o_w = 1 + randn(Dv, act=False, scale=0.1)
     hidden, head_w = randn(N, h), randn(config.vocab_size, h, scale=0.02)
@@ -93,6 +95,10 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
         Op(f"short conv + SiLU (W={config.conv_size})", f"{B} x {seqlen} x {value_dim}",
            lambda b: (short_conv_silu(conv_x, conv_w, backend=b, output_final_state=False)[0],), [conv_x, conv_w],
            2 * conv_x.numel() * esize, 5 * conv_x.numel() * esize),
+        Op(f"short conv + SiLU + L2 norm (q, K={config.head_dim})", f"{B} x {seqlen} x {key_dim}",
+           lambda b: (short_conv_silu(q_x, q_w, backend=b, output_final_state=False,
+                                      l2norm_head_dim=config.head_dim)[0],), [q_x, q_w],
+           2 * q_x.numel() * esize, 5 * q_x.numel() * esize),
         Op("gated RMSNorm", f"{B} x {seqlen} x {config.num_v_heads} x {Dv}",
            lambda b: (gated_rmsnorm(o, o_gate, o_w, 1e-5, backend=b),), [o, o_gate, o_w],
            3 * o.numel() * esize, 8 * o.numel() * esize),

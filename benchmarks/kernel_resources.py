@@ -141,16 +141,21 @@ def fused_runs(dtype: str) -> list:
     runs += [("swiglu fwd", fused_swiglu.swiglu_fwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3),
              ("swiglu bwd", fused_swiglu.swiglu_bwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3)]
     flags = dict(HAS_PAST=True, HAS_DOCS=True)
-    for W in range(2, 9):  # the channel count D only sets the grid; 1024 is a stand-in
-        sc = dict(D=1024, W=W, WP=triton.next_power_of_2(W), BT=short_conv.tile_rows(W, short_conv.TAP_ROWS),
-                  BD=short_conv.BD)
-        BT = short_conv.tile_rows(W, short_conv.TAP_ROWS_DPRE)
-        dpre = dict(sc, BT=BT, BD=short_conv.BD_DPRE, BLOCKS=short_conv.STRIP_ROWS // BT, HAS_BIAS=True, **flags)
-        runs += [(f"short_conv fwd W={W}", short_conv.short_conv_fwd_kernel, dict(sc, HAS_BIAS=True, **flags), 4, 3),
-                 (f"short_conv bwd dpre W={W}", short_conv.short_conv_bwd_dpre_kernel, dpre, 4, 3),
-                 (f"short_conv bwd dx W={W}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
-                 (f"short_conv step W={W}", short_conv.short_conv_step_kernel,
-                  dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
+    # the channel count D only sets the grid; 1024 is a stand-in. Head dims: q and k L2-normalised inside
+    for W, head_dim in [(W, None) for W in range(2, 9)] + [(4, 64), (4, 128), (4, 256), (8, 256)]:
+        name = f"W={W}" + (f" l2norm K={head_dim}" if head_dim else "")
+        BT, BD = short_conv.tiles(W, short_conv.TAP_ROWS, short_conv.BD, head_dim)
+        sc = dict(D=1024, W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD)
+        BT, BD = short_conv.tiles(W, short_conv.TAP_ROWS_DPRE, short_conv.BD_DPRE, head_dim)
+        dpre = dict(sc, BT=BT, BD=BD, BLOCKS=short_conv.STRIP_ROWS // BT, HAS_BIAS=True, L2NORM=bool(head_dim),
+                    **flags)
+        runs += [(f"short_conv fwd {name}", short_conv.short_conv_fwd_kernel,
+                  dict(sc, HAS_BIAS=True, L2NORM=bool(head_dim), **flags), 4, 3),
+                 (f"short_conv bwd dpre {name}", short_conv.short_conv_bwd_dpre_kernel, dpre, 4, 3)]
+        if head_dim is None:  # dx and the decoding step do not normalise
+            runs += [(f"short_conv bwd dx {name}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
+                     (f"short_conv step {name}", short_conv.short_conv_step_kernel,
+                      dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
         runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),

@@ -36,7 +36,8 @@ def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     rows = [line for line in markdown.read_text().splitlines() if line.startswith("| tiny |")]
-    ops = ["rms_norm + residual", "swiglu", "short conv + SiLU (W=4)", "gated RMSNorm", "lm head + cross entropy"]
+    ops = ["rms_norm + residual", "swiglu", "short conv + SiLU (W=4)", "short conv + SiLU + L2 norm (q, K=16)",
+           "gated RMSNorm", "lm head + cross entropy"]
     assert [(r.split(" | ")[1], r.split(" | ")[3]) for r in rows] == [(op, p) for op in ops for p in ("fwd", "fwd+bwd")]
 
 

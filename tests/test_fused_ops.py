@@ -75,15 +75,16 @@ def _prenorm(backend, x, weight):
     return rms_norm(x, weight, 1e-5, prenorm=True, backend=backend)
 
 
-def _conv(cu_seqlens=None):
+def _conv(cu_seqlens=None, l2norm_head_dim=None):
     def op(backend, x, weight, bias=None, past=None):
-        return short_conv_silu(x, weight, bias, past, cu_seqlens, backend=backend)
+        return short_conv_silu(x, weight, bias, past, cu_seqlens, backend=backend, l2norm_head_dim=l2norm_head_dim)
     return op
 
 
-def _conv_slice(start, width):
+def _conv_slice(start, width, l2norm_head_dim=None):
     def op(backend, x, weight, bias=None, past=None):
-        return short_conv_silu(x[..., start:start + width], weight, bias, past, backend=backend)
+        return short_conv_silu(x[..., start:start + width], weight, bias, past, backend=backend,
+                               l2norm_head_dim=l2norm_head_dim)
     return op
 
 
@@ -138,6 +139,19 @@ CASES = {
                                                 past=randn(2, 3, 150, seed=3)),
     "conv_W1": lambda: op_errors(_conv(), x=randn(2, 9, 20), weight=randn(20, 1, 1, seed=1),
                                  past=randn(2, 0, 20)),
+    # L2-normalised per head inside the kernels (q and k of the GDN layer): three heads of 16, with past
+    "conv_l2norm_heads_past": lambda: op_errors(_conv(l2norm_head_dim=16), x=randn(2, 37, 48),
+                                                weight=randn(48, 1, 4, seed=1), bias=randn(48, seed=2),
+                                                past=randn(2, 3, 48, seed=3)),
+    # documents and a column slice, two heads of 32
+    "conv_l2norm_varlen": lambda: op_errors(_conv(torch.tensor([-2, 5, 6, 20, 40]), l2norm_head_dim=32),
+                                            x=randn(1, 33, 64), weight=randn(64, 1, 4, seed=1),
+                                            past=randn(1, 3, 64, seed=3)),
+    "conv_l2norm_column_slice": lambda: op_errors(_conv_slice(64, 64, l2norm_head_dim=32), x=randn(2, 21, 200),
+                                                  weight=randn(64, 1, 4, seed=1)),
+    # a head of 256 (the 1.3b preset's), its narrower tiles over two strips of the weight gradient
+    "conv_l2norm_K256_strips": lambda: op_errors(_conv(l2norm_head_dim=256), x=randn(1, 600, 256),
+                                                 weight=randn(256, 1, 4, seed=1)),
     "ce_mean_chunked": lambda: op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2),
                                          weight=randn(50, 24, seed=1), target=_targets(37, 50)),
     "ce_sum_one_chunk": lambda: op_errors(_ce("sum"), hidden=randn(2, 19, 24, scale=2),
@@ -145,22 +159,24 @@ CASES = {
 }
 
 
-def conv_decode_errors(device: str = "cpu", dtype: torch.dtype = torch.float32, D: int = 40) -> dict:
+def conv_decode_errors(device: str = "cpu", dtype: torch.dtype = torch.float32, D: int = 40,
+                       head_dim: int | None = None) -> dict:
     """Prefill 10 tokens, then 5 decoding steps (the step kernel) from the returned cache, against the reference
-    convolution of all 15 tokens: every step's output and the final cache."""
+    convolution of all 15 tokens: every step's output and the final cache. head_dim: L2-normalised per head."""
     x = randn(3, 15, D, dtype=dtype).to(device)
     weight, bias = randn(D, 1, 4, seed=1).to(device), randn(D, seed=2).to(device)
+    norm = dict(l2norm_head_dim=head_dim)
     with torch.no_grad():
-        y, cache = short_conv_silu(x[:, :10], weight, bias, backend="triton")
+        y, cache = short_conv_silu(x[:, :10], weight, bias, backend="triton", **norm)
         ys = [y]
         for t in range(10, 15):
-            y_t, cache = short_conv_silu_step(x[:, t], cache, weight, bias, backend="triton")
+            y_t, cache = short_conv_silu_step(x[:, t], cache, weight, bias, backend="triton", **norm)
             ys.append(y_t[:, None])
-        ref, ref_cache = short_conv_silu(x.double(), weight.double(), bias.double(), backend="torch")
+        ref, ref_cache = short_conv_silu(x.double(), weight.double(), bias.double(), backend="torch", **norm)
         # the model's path: a one-token short_conv with a cache runs the step kernel too
-        y_model, _ = short_conv_silu(x[:, 14:15], weight, bias, x[:, 11:14], backend="triton")
+        y_model, _ = short_conv_silu(x[:, 14:15], weight, bias, x[:, 11:14], backend="triton", **norm)
         # training asks for no cache: the same outputs, no cache on either backend
-        y_only = {b: short_conv_silu(x[:, :10], weight, bias, backend=b, output_final_state=False)
+        y_only = {b: short_conv_silu(x[:, :10], weight, bias, backend=b, output_final_state=False, **norm)
                   for b in ("triton", "torch")}
     no_cache = all(tail is None for _, tail in y_only.values())
     return {"y": rel_rms(torch.cat(ys, 1), ref), "cache": rel_rms(cache, ref_cache),
@@ -209,9 +225,10 @@ def set_fused_ops_backend(model: torch.nn.Module, backend: str) -> None:
 
 def model_errors() -> dict:
     """A small model (packed documents) with its fused ops on Triton against the same model on the PyTorch path:
-    logits, the lm-head loss without logits, and every parameter's gradient."""
+    logits, the lm-head loss without logits, and every parameter's gradient. Heads of 16: q and k are
+    L2-normalised inside the convolution (CONV_L2NORM_HEAD_DIMS)."""
     torch.manual_seed(0)
-    config = GatedDeltaNetConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, vocab_size=50,
+    config = GatedDeltaNetConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, vocab_size=50,
                                  intermediate_size=40)
     model = GatedDeltaNetForCausalLM(config)
     ids = torch.randint(0, 50, (1, 24))
@@ -276,13 +293,24 @@ def tensor_parallel_ce_errors() -> dict:
             return json.load(f)
 
 
+def conv_l2norm_refusal() -> dict:
+    """The Triton convolution refuses a head size its blocks cannot take (0 when it says so, else inf)."""
+    try:
+        short_conv_silu(randn(1, 8, 48), randn(48, 1, 4), backend="triton", l2norm_head_dim=24)
+    except ValueError as e:
+        return {"refused": 0.0 if "not 24" in str(e) else math.inf}
+    return {"refused": math.inf}
+
+
 EXTRA_CASES = {"conv_decode": conv_decode_errors, "model": model_errors, "ce_tensor_parallel_2_ranks":
-               tensor_parallel_ce_errors, "shared_gradient": shared_gradient_errors}
+               tensor_parallel_ce_errors, "shared_gradient": shared_gradient_errors,
+               "conv_decode_l2norm": lambda: conv_decode_errors(D=48, head_dim=16),
+               "conv_l2norm_refusal": conv_l2norm_refusal}
 ALL_CASES = {**CASES, **EXTRA_CASES}
 # Two interpreter workers (this CI machine has 2 cores); the gloo case starts two more processes, so it shares
 # a worker with the quick cases.
-SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", *list(CASES)[::2]],
-          ["model", "conv_decode", *list(CASES)[1::2]]]
+SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", "conv_l2norm_refusal", *list(CASES)[::2]],
+          ["model", "conv_decode", "conv_decode_l2norm", *list(CASES)[1::2]]]
 
 
 def _worker(names: list[str]) -> dict:
@@ -387,6 +415,11 @@ GPU_CASES = {
     "swiglu": lambda: bf16_errors(lambda b, x: swiglu(x, backend=b), x=randn(4096, 2 * 5632, scale=3)),
     "conv_column_slice": lambda: bf16_errors(_conv_slice(1536, 1536), x=randn(4, 4096, 4 * 1536),
                                              weight=randn(1536, 1, 4, seed=1, scale=0.5)),
+    # q and k of the two presets: L2-normalised heads of 64 (small) and 256 (1.3b), read as column slices
+    "conv_l2norm_K64": lambda: bf16_errors(_conv_slice(768, 768, l2norm_head_dim=64), x=randn(8, 4096, 4 * 768),
+                                           weight=randn(768, 1, 4, seed=1, scale=0.5)),
+    "conv_l2norm_K256": lambda: bf16_errors(_conv_slice(1536, 1536, l2norm_head_dim=256),
+                                            x=randn(4, 4096, 4 * 1536), weight=randn(1536, 1, 4, seed=1, scale=0.5)),
     "conv_dense": lambda: bf16_errors(_conv(), x=randn(4, 4096, 1536), weight=randn(1536, 1, 4, seed=1, scale=0.5),
                                       bias=randn(1536, seed=2)),
     "conv_varlen_negative_start": lambda: bf16_errors(
@@ -415,8 +448,9 @@ def test_shared_gradient_bf16_gpu():
 
 @pytest.mark.gpu
 @requires_gpu
-def test_conv_decode_bf16_gpu():
-    errors = conv_decode_errors("cuda", torch.bfloat16, D=2048)
+@pytest.mark.parametrize("head_dim", [None, 128])
+def test_conv_decode_bf16_gpu(head_dim):
+    errors = conv_decode_errors("cuda", torch.bfloat16, D=2048, head_dim=head_dim)
     assert all(e <= BF16_BUDGET["out"] for e in errors.values()), errors
 
 

@@ -31,12 +31,15 @@ from . import fused_reference
 from .shared_gradient import SharedGradient
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
-           "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "BACKENDS", "slice_summary", "fold_summaries",
-           "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step", "SharedGradient"]
+           "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "CONV_L2NORM_HEAD_DIMS", "BACKENDS", "slice_summary",
+           "fold_summaries", "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step", "SharedGradient"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
 MAX_TRITON_HEAD_DIM = 256
+# Head dimensions whose L2 norm the short convolution's kernels compute themselves (short_conv_silu's
+# l2norm_head_dim): a block of channels is one head wide, a power of two.
+CONV_L2NORM_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, A_log=None, dt_bias=None,
@@ -252,7 +255,8 @@ def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                backend: str = "auto", output_final_state: bool = True,
-               shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               shared_gradient: SharedGradient | None = None,
+               l2norm_head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal convolution then SiLU: (y [B, T, D], the last W - 1 inputs [B, W - 1, D]), or (y, None)
     with output_final_state=False (training: the cache is not needed, and assembling it costs launches).
 
@@ -261,35 +265,43 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     document then starts inside past). Triton (short_conv.py) on CUDA tensors with backend='auto'; a single
     token with a cache and no gradient to record runs the decoding kernel (short_conv_silu_step). x may be a
     column slice of a wider tensor (read in place); with that tensor's shared_gradient
-    (kernels/shared_gradient.py) the Triton backward writes x's gradient in its place there.
+    (kernels/shared_gradient.py) the Triton backward writes x's gradient in its place there. l2norm_head_dim
+    L2-normalises y per head of that many channels (a power of two from 16 to 256 on the Triton path: inside the
+    kernels, forward and backward), as the GDN layer's q and k before the delta rule.
     """
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[::2] != (x.shape[2], weight.shape[2]):
         raise ValueError(f"short_conv_silu takes x [B, T, D] and weight [D, 1, W]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
     kernel = _triton_module("short_conv", x, backend)
     if kernel is None:
-        y, tail = fused_reference.short_conv_silu(x, weight, bias, past, cu_seqlens)
+        y, tail = fused_reference.short_conv_silu(x, weight, bias, past, cu_seqlens, l2norm_head_dim)
         return y, tail if output_final_state else None
     decoding = x.shape[1] == 1 and past is not None and cu_seqlens is None and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, past)))
     if decoding:
-        y, new_past = kernel.short_conv_step_triton(x[:, 0], past, weight, bias)
+        y, new_past = short_conv_silu_step(x[:, 0], past, weight, bias, backend, l2norm_head_dim)
         return y[:, None], new_past if output_final_state else None
-    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens, output_final_state, shared_gradient)
+    return kernel.short_conv_triton(x, weight, bias, past, cu_seqlens, output_final_state, shared_gradient,
+                                    l2norm_head_dim)
 
 
 def short_conv_silu_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                         bias: torch.Tensor | None = None, backend: str = "auto",
+                         l2norm_head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of short_conv_silu: x [B, D] after the cached inputs conv_state [B, W - 1, D].
 
     Returns (y [B, D], the new cache [B, W - 1, D]: conv_state shifted by one token, x last). Forward only on
-    the Triton path.
+    the Triton path, whose L2 norm (l2norm_head_dim) runs in PyTorch after the kernel (one token).
     """
     kernel = _triton_module("short_conv", x, backend)
     if kernel is None:
-        y, new_state = fused_reference.short_conv_silu(x[:, None], weight, bias, conv_state)
+        y, new_state = fused_reference.short_conv_silu(x[:, None], weight, bias, conv_state,
+                                                        l2norm_head_dim=l2norm_head_dim)
         return y[:, 0], new_state
-    return kernel.short_conv_step_triton(x, conv_state, weight, bias)
+    y, new_state = kernel.short_conv_step_triton(x, conv_state, weight, bias)
+    if l2norm_head_dim is not None:
+        y = fused_reference.l2norm_heads(y, l2norm_head_dim)
+    return y, new_state
 
 # The context-parallel API builds on the public ops above (it needs them defined first).
 from .slice_summary import fold_summaries, slice_summary  # noqa: E402

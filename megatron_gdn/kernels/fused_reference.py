@@ -2,7 +2,8 @@
 
     rms_norm(x, weight, eps, residual=None, prenorm)     RMSNorm, optionally of x + residual   (fused_norm.py)
     swiglu(x)                                            silu(gate) * up, x = [..., gate | up] (fused_swiglu.py)
-    short_conv_silu(x, weight, bias, past, cu_seqlens)   depthwise causal convolution, SiLU    (short_conv.py)
+    short_conv_silu(x, weight, bias, past, cu_seqlens,   depthwise causal convolution, SiLU,   (short_conv.py)
+                    l2norm_head_dim)                     optionally L2-normalised per head
 
 Each is differentiable through autograd in every tensor input. The linear + cross entropy op's reference is
 the logits followed by parallel/cross_entropy.py's vocab-parallel cross entropy.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .reference import l2norm
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -46,13 +49,15 @@ def document_positions(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
 
 
 def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               past: torch.Tensor | None = None,
-               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+               l2norm_head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(depthwise causal conv(x) + bias) and the last W - 1 inputs (the next call's `past`).
 
     x: [B, T, D]; weight: [D, 1, W] as in nn.Conv1d; past: the W - 1 inputs before x ([B, W - 1, D], zeros
     when None). With cu_seqlens (packed documents, B == 1) no tap reaches across a document start; a negative
-    cu_seqlens[0] starts the first document that many tokens before x, inside `past`.
+    cu_seqlens[0] starts the first document that many tokens before x, inside `past`. With l2norm_head_dim the
+    output is L2-normalised per head of that many channels (reference.l2norm, in fp32), as the GDN layer's q and k
+    are before the delta rule.
     """
     B, T, D = x.shape
     W = weight.shape[-1]
@@ -70,4 +75,12 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         y = y + tap
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return F.silu(y), x_ext[:, T:]
+    y = F.silu(y)
+    if l2norm_head_dim is not None:
+        y = l2norm_heads(y, l2norm_head_dim)
+    return y, x_ext[:, T:]
+
+
+def l2norm_heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """y [..., D] L2-normalised per head of head_dim channels, in fp32, returned in y's dtype."""
+    return l2norm(y.float().unflatten(-1, (-1, head_dim))).flatten(-2).to(y.dtype)

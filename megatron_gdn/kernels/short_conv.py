@@ -23,6 +23,11 @@ the 36 backward calls of a `small` training step take 5.9 ms. History: three ker
 (14 bytes), 8.0 ms; one kernel that recomputed dpre at the W shifted row blocks (6 bytes, W x W loads), slower
 still; an earlier version reduced across rows W times per block: 7 times the forward's time. Decoding one token
 has its own kernel (short_conv_silu_step), which also shifts the cached inputs.
+
+The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The forward and dpre
+kernels do it themselves with blocks one head wide (fewer rows, the same tile size): the forward normalises the
+fp32 silu output before its one rounding, and dpre recomputes it to take dy back through the norm. That saves the
+delta rule's separate L2 norm, a pass over q and k each way (2.1 ms of a `small` step on an H100, session 10).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import CONV_L2NORM_HEAD_DIMS
 from .fused_reference import document_positions
+from .reference import L2NORM_EPS
 from .shared_gradient import SharedGradient, gradient_like
 
 # Rows x channels per program. Each program holds [rows, WP, channels] tiles, WP being W rounded up to a power of
@@ -90,27 +97,39 @@ def conv_preact(b_x, b_w, bias, o_d, D: tl.constexpr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                          BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_DOCS: tl.constexpr):
+def head_rstd(b_y, eps):
+    """[BT] 1 / sqrt(sum(y^2) + eps) over each row of a [BT, head dim] tile: kernels/l2norm.py's rule."""
+    return 1. / tl.sqrt(tl.sum(b_y * b_y, axis=1) + eps)
+
+
+@triton.jit
+def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, eps, D: tl.constexpr, W: tl.constexpr,
+                          WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr):
+    """L2NORM: BD is the head dimension, and each row of the tile (one token's head) is L2-normalised."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
     b_a = conv_preact(b_x, tap_weights(weight, o_d, D, W, WP), bias, o_d, D, HAS_BIAS)
-    tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], (b_a * tl.sigmoid(b_a)).to(y.dtype.element_ty),
+    b_y = b_a * tl.sigmoid(b_a)
+    if L2NORM:
+        b_y = b_y * head_rstd(b_y, eps)[:, None]
+    tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
              mask=(o_t < T)[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
-def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, SX, NS, D: tl.constexpr,
-                               W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                               BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               HAS_DOCS: tl.constexpr):
+def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, SX, NS, eps,
+                               D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+                               BD: tl.constexpr, BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr):
     """Per strip of BLOCKS blocks of output rows: dpre = dy * silu'(a) (a recomputed), stored in dpre's dtype, and
     this strip's partial sums of the weight and bias gradients: row t adds dpre[t] x[t - s] to weight[:, W-1-s]
     (nothing where tap s is cut) and dpre[t] to the bias. The products are summed elementwise over the strip in
-    the [BT, WP, BD] tile that the taps were loaded in, and across rows once at the end."""
+    the [BT, WP, BD] tile that the taps were loaded in, and across rows once at the end. L2NORM (BD the head
+    dimension): dy is the gradient of the normalised output n = silu(a) rstd, and goes back through the norm
+    first: d silu(a) = (dy - n (dy . n)) rstd, with silu(a) and rstd recomputed as the forward computed them."""
     i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -124,6 +143,11 @@ def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, db
         m = (o_t < T)[:, None] & m_d[None, :]
         b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
         b_s = tl.sigmoid(b_a)
+        if L2NORM:
+            b_y = b_a * b_s
+            b_rstd = head_rstd(b_y, eps)
+            b_n = b_y * b_rstd[:, None]
+            b_dy = (b_dy - b_n * tl.sum(b_dy * b_n, axis=1)[:, None]) * b_rstd[:, None]
         b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero beyond T
         tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre.to(dpre.dtype.element_ty), mask=m)
         b_dw += b_dpre[:, None, :] * b_x
@@ -181,9 +205,17 @@ def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr
     tl.store(y + i_b * D + o_d, (b_acc * tl.sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
 
 
+def tiles(W: int, tap_rows: int, channels: int, head_dim: int | None) -> tuple[int, int]:
+    """(rows, channels) of a block: `channels` wide, or one head wide when the output is L2-normalised per head,
+    with the rows scaled so that the [rows, WP, channels] tile keeps its number of elements."""
+    if head_dim is None:
+        return tile_rows(W, tap_rows), channels
+    return tile_rows(W, tap_rows * channels // head_dim), head_dim
+
+
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, past, pos, shared_gradient):
+    def forward(ctx, x, weight, bias, past, pos, shared_gradient, head_dim):
         B, T, D = x.shape
         W = weight.shape[-1]
         if x.stride(-1) != 1 or (B > 1 and x.stride(0) != T * x.stride(1)):
@@ -191,12 +223,13 @@ class ShortConvFunction(torch.autograd.Function):
         weight = weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
         y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
-        BT = tile_rows(W, TAP_ROWS)
-        short_conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
-            x, past, weight, bias, pos, y, T, x.stride(1), D=D, W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD,
-            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None)
+        rows, channels = tiles(W, TAP_ROWS, BD, head_dim)
+        short_conv_fwd_kernel[(triton.cdiv(T, rows), triton.cdiv(D, channels), B)](
+            x, past, weight, bias, pos, y, T, x.stride(1), L2NORM_EPS, D=D, W=W, WP=triton.next_power_of_2(W),
+            BT=rows, BD=channels, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None,
+            L2NORM=head_dim is not None)
         ctx.save_for_backward(x, weight, bias, past, pos)
-        ctx.shared_gradient = shared_gradient
+        ctx.shared_gradient, ctx.head_dim = shared_gradient, head_dim
         return y
 
     @staticmethod
@@ -210,34 +243,40 @@ class ShortConvFunction(torch.autograd.Function):
         dx = gradient_like(x, ctx.shared_gradient)
         dpast = None if past is None else torch.empty_like(past)
         flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
-        BT, BT_DPRE = tile_rows(W, TAP_ROWS), tile_rows(W, TAP_ROWS_DPRE)
-        BLOCKS = max(1, STRIP_ROWS // BT_DPRE)
-        NS = triton.cdiv(T, BLOCKS * BT_DPRE)
+        BT = tile_rows(W, TAP_ROWS)
+        rows, channels = tiles(W, TAP_ROWS_DPRE, BD_DPRE, ctx.head_dim)
+        BLOCKS = max(1, STRIP_ROWS // rows)
+        NS = triton.cdiv(T, BLOCKS * rows)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_dpre_kernel[(NS, triton.cdiv(D, BD_DPRE), B)](
-            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, x.stride(1), NS, D=D, W=W, WP=WP, BT=BT_DPRE,
-            BD=BD_DPRE, BLOCKS=BLOCKS, HAS_BIAS=bias is not None, **flags)
+        short_conv_bwd_dpre_kernel[(NS, triton.cdiv(D, channels), B)](
+            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, x.stride(1), NS, L2NORM_EPS, D=D, W=W, WP=WP,
+            BT=rows, BD=channels, BLOCKS=BLOCKS, HAS_BIAS=bias is not None, L2NORM=ctx.head_dim is not None,
+            **flags)
         short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
             weight, pos, dpre, dx, dpast, T, dx.stride(1), D=D, W=W, WP=WP, BT=BT, BD=BD, **flags)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
-        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None
+        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None, None
 
 
 def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       past: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                      output_final_state: bool = True,
-                      shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      output_final_state: bool = True, shared_gradient: SharedGradient | None = None,
+                      l2norm_head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(silu(causal depthwise conv(x)), the last W - 1 inputs): fused_reference.short_conv_silu's contract;
     (y, None) with output_final_state=False. With shared_gradient (x a column slice of its tensor), x's gradient
-    is written in x's place in its buffer.
+    is written in x's place in its buffer. With l2norm_head_dim (one of CONV_L2NORM_HEAD_DIMS) y is L2-normalised
+    per head.
 
     Differentiable in x, weight, bias and past. The returned tail is a small torch slice (autograd follows it).
     """
     B, T, D = x.shape
     W = weight.shape[-1]
     pos = None if cu_seqlens is None else document_positions(cu_seqlens, T).to(torch.int32)
-    y = ShortConvFunction.apply(x, weight, bias, past, pos, shared_gradient)
+    if l2norm_head_dim is not None and l2norm_head_dim not in CONV_L2NORM_HEAD_DIMS:
+        raise ValueError(f"the short convolution L2-normalises heads of 16-256 channels (a power of two), not "
+                         f"{l2norm_head_dim}: normalise after it")
+    y = ShortConvFunction.apply(x, weight, bias, past, pos, shared_gradient, l2norm_head_dim)
     if not output_final_state:
         return y, None
     past_or_zeros = x.new_zeros(B, W - 1, D) if past is None else past.to(x.dtype)

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import (SharedGradient, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gated_rmsnorm,
-                       rms_norm, short_conv_silu)
+from ..kernels import (CONV_L2NORM_HEAD_DIMS, SharedGradient, chunk_gated_delta_rule,
+                       fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm, short_conv_silu)
 from .fused_projection import fused_projections
 from .utils import Cache, LayerState
 
@@ -57,13 +57,16 @@ class ShortConvolution(nn.Module):
     Returns (y, the last W - 1 inputs), or (y, None) with output_final_state=False. x may be a column slice of a
     fused projection, whose shared_gradient then receives x's gradient in place. backend as RMSNorm's: the
     Triton kernels of kernels/short_conv.py (training and one-token decoding) or the PyTorch reference
-    (kernels/fused_reference.py).
+    (kernels/fused_reference.py). l2norm_head_dim: y is L2-normalised per head of that many channels (the GDN
+    layer's q and k; one of kernels.CONV_L2NORM_HEAD_DIMS on the Triton path).
     """
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool = False, backend: str = "auto") -> None:
+    def __init__(self, dim: int, kernel_size: int, bias: bool = False, backend: str = "auto",
+                 l2norm_head_dim: int | None = None) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.backend = backend
+        self.l2norm_head_dim = l2norm_head_dim
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
@@ -71,7 +74,8 @@ class ShortConvolution(nn.Module):
                 output_final_state: bool = True,
                 shared_gradient: SharedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return short_conv_silu(x, self.weight, self.bias, past, cu_seqlens, backend=self.backend,
-                               output_final_state=output_final_state, shared_gradient=shared_gradient)
+                               output_final_state=output_final_state, shared_gradient=shared_gradient,
+                               l2norm_head_dim=self.l2norm_head_dim)
 
 
 class GatedDeltaNet(nn.Module):
@@ -121,9 +125,13 @@ class GatedDeltaNet(nn.Module):
         # Decay parameters stay fp32 and get no weight decay (training/optimizer.py).
         self.A_log = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
+        # q and k are L2-normalised before the delta rule: by the convolution's kernels where they can (one pass
+        # less over q and k each way), else by the delta rule's (use_qk_l2norm_in_kernel).
+        self.qk_l2norm_in_conv = use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
+        qk_norm = head_dim if self.qk_l2norm_in_conv else None
         if use_short_conv:
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias)
-            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias)
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, l2norm_head_dim=qk_norm)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, l2norm_head_dim=qk_norm)
             self.v_conv1d = ShortConvolution(self.value_dim, conv_size, conv_bias)
         if use_gate:
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
@@ -200,7 +208,7 @@ class GatedDeltaNet(nn.Module):
         o, recurrent_state = delta_rule(
             q, k, v, g=a, beta=b,
             initial_state=last.recurrent_state if last is not None else None,
-            output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=not self.qk_l2norm_in_conv,
             use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
             use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
         if use_cache:

@@ -371,7 +371,8 @@ class ContextParallelShortConvolution(ShortConvolution):
 
     @classmethod
     def replacing(cls, conv: ShortConvolution, group: ProcessGroup | None) -> "ContextParallelShortConvolution":
-        new = cls(conv.weight.shape[0], conv.kernel_size, bias=False, backend=conv.backend)
+        new = cls(conv.weight.shape[0], conv.kernel_size, bias=False, backend=conv.backend,
+                  l2norm_head_dim=conv.l2norm_head_dim)
         new.weight, new.bias, new.group = conv.weight, conv.bias, group
         return new
 
