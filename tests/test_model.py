@@ -12,7 +12,7 @@ from megatron_gdn.kernels.reference import l2norm, recurrent_gated_delta_rule
 from megatron_gdn.models import (MODEL_PRESETS, Cache, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                  ShortConvolution)
 from megatron_gdn.models.language_model import sample_next_token
-from megatron_gdn.models.fused_projection import fused_projection, fused_projections
+from megatron_gdn.models.fused_projection import fp32_products_of_bf16, fused_projection, fused_projections
 
 
 def small_config(**overrides) -> GatedDeltaNetConfig:
@@ -226,17 +226,30 @@ def test_fused_projections_equal_separate_linears():
     """The mixer's and MLP's projections of one input as one product: values and every gradient as separate
     nn.Linear calls give (fp64: the same up to summation order), the packed form is their concatenation, and under
     autocast the outputs are in its dtype with gradients within bf16 rounding; a layer with a bias is called as it
-    is (and the packed form concatenates the calls)."""
+    is (and the packed form concatenates the calls); one layer is the plain linear."""
+    check_fused_projections("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_projections_equal_separate_linears_gpu():
+    """The same on the GPU, where the weights' fp32 gradients come straight out of the bf16 product."""
+    assert fp32_products_of_bf16(torch.device("cuda")), "torch.mm(out_dtype=float32) of bf16 is unavailable here"
+    check_fused_projections("cuda")
+
+
+def check_fused_projections(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
-    layers = [torch.nn.Linear(24, n, bias=False).double() for n in (16, 16, 40, 3)]
+    layers = [torch.nn.Linear(24, n, bias=False).double().to(device) for n in (16, 16, 40, 3)]
     layers[2].weight.requires_grad_(False)
-    cotangents = [torch.randn(2, 7, layer.out_features, dtype=torch.float64, generator=gen) for layer in layers]
+    cotangents = [torch.randn(2, 7, layer.out_features, dtype=torch.float64, generator=gen).to(device)
+                  for layer in layers]
 
     def grads(x, outputs):
         loss = sum((o.double() * c).sum() for o, c in zip(outputs, cotangents))
         return torch.autograd.grad(loss, [x] + [layer.weight for layer in layers if layer.weight.requires_grad])
 
-    x = torch.randn(2, 7, 24, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 7, 24, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     (ours, shared), separate = fused_projections(x, *layers), [layer(x) for layer in layers]
     assert shared is not None
     for o, r in zip(ours, separate):
@@ -248,11 +261,16 @@ def test_fused_projections_equal_separate_linears():
     torch.testing.assert_close(fused_projection(x, *layers), torch.cat(separate, -1), rtol=1e-12, atol=1e-12)
     for g, r in zip(grads(x, ours), grads(x, separate)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    one = fused_projection(x, layers[0])  # the plain linear
+    torch.testing.assert_close(one, layers[0](x), rtol=1e-12, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(one.sum(), [x, layers[0].weight]),
+                    torch.autograd.grad(layers[0](x).sum(), [x, layers[0].weight])):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
     x32 = x.detach().float().requires_grad_()
     for layer in layers:
         layer.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         (ours, _), separate = fused_projections(x32, *layers), [layer(x32) for layer in layers]
     assert all(o.dtype == torch.bfloat16 for o in ours)
     for o, r in zip(ours, separate):
@@ -261,8 +279,9 @@ def test_fused_projections_equal_separate_linears():
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)  # bf16 sums in another order
 
-    biased = torch.nn.Linear(24, 5)
+    biased = torch.nn.Linear(24, 5).to(device)
     outputs, shared = fused_projections(x32, biased)
     torch.testing.assert_close(outputs[0], biased(x32))
     assert shared is None
     torch.testing.assert_close(fused_projection(x32, biased, layers[0]), torch.cat([biased(x32), layers[0](x32)], -1))
+    torch.testing.assert_close(fused_projection(x32, biased), biased(x32))  # one layer that cannot fuse: its call

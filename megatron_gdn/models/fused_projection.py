@@ -4,7 +4,7 @@ The GDN mixer projects its input six times (q, k, v, the decay and beta inputs a
 twice (gate, up). As separate linears, the forward reads the input once per projection, the two 1-wide-per-head
 projections a and b run as thin, slow products, and backward adds one input gradient per projection to a
 [tokens, hidden] buffer. Here the weights are concatenated (a copy of a few MB, cast to the product's dtype on the
-way: CastConcatFunction) and multiplied once: the input is read once each way and its gradient is one product,
+way: FusedLinearFunction) and multiplied once: the input is read once each way and its gradient is one product,
 so a mixer runs 3 products where it ran 18 (6 of them thin).
 On an H100 a `small` step's products went from 41.7 to 36.8 ms (docs/PERFORMANCE.md, session 9). An earlier
 version kept the products apart and summed the input gradients inside them with addmm.
@@ -15,6 +15,8 @@ any hook on it) does not run.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -43,41 +45,68 @@ def _fusable(layers: tuple[nn.Module, ...]) -> bool:
 
 def fused_projection(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
     """torch.cat([layer(x) for layer in layers], -1), computed as one matrix product where the layers allow it
-    (bias-free, not ZeRO-3 partitioned; otherwise it is exactly that cat). Under autocast the product runs in its
-    dtype, as each F.linear would."""
+    (bias-free, not ZeRO-3 partitioned; otherwise it is exactly that cat, or layer(x) for one layer). Under
+    autocast the product runs in its dtype, as each F.linear would. One layer is the model's plain linear (an
+    MLP's down projection, a mixer's output projection): its weight gradient then comes out of the product in the
+    weight's dtype too (FusedLinearFunction)."""
     if not _fusable(layers):
-        return torch.cat([layer(x) for layer in layers], -1)
-    return F.linear(x, fused_weight(x, [layer.weight for layer in layers], pad=0))
+        return layers[0](x) if len(layers) == 1 else torch.cat([layer(x) for layer in layers], -1)
+    return fused_linear(x, [layer.weight for layer in layers], pad=0)
 
 
-class CastConcatFunction(torch.autograd.Function):
-    """torch.cat(weights) cast to dtype, with `pad` zero rows after them, written in one pass: under autocast the
-    fp32 weights are read once and the bf16 product weight written once (a cat in fp32 and then autocast's cast
-    wrote and read the fp32 copy besides: 8 more bytes per weight; a profiled 1.3b step's copies went from 7.7 to
-    5.9 ms on an H100). The values are those of autocast's cast (both round to nearest); backward casts the gradient
-    back and splits it."""
+@functools.cache
+def fp32_products_of_bf16(device: torch.device) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for bf16 operands on this device (CUDA, torch >= 2.8)."""
+    try:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """x @ W^T with W = torch.cat(weights) cast to dtype and `pad` zero rows after it.
+
+    Forward writes W in one pass: under autocast the fp32 weights are read once and the bf16 W written once (a cat
+    in fp32 and then autocast's cast wrote and read an fp32 copy besides: 8 more bytes per weight; a profiled 1.3b
+    step's copies went from 7.7 to 5.9 ms on an H100). The values are those of autocast's cast (both round to
+    nearest) and of F.linear in that dtype. Backward computes the weights' gradient in their own dtype where the
+    product can write it (fp32 from bf16 operands: cuBLAS accumulates in fp32 either way, and F.linear's path
+    wrote it in bf16 and cast it, a 4.3 ms pass over every weight gradient of a 1.3b step), and splits it.
+    """
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, pad: int, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype, pad: int, *weights: torch.Tensor) -> torch.Tensor:
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], weights[0].dtype  # one model, one dtype
         rows = sum(ctx.sizes)
-        out = weights[0].new_empty((rows + pad, weights[0].shape[1]), dtype=dtype)
-        torch.cat(weights, out=out[:rows])
-        out[rows:].zero_()
-        return out
+        w = weights[0].new_empty((rows + pad, weights[0].shape[1]), dtype=dtype)
+        torch.cat(weights, out=w[:rows])
+        w[rows:].zero_()
+        x_in = x.to(dtype)  # as autocast casts F.linear's input
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x_in, w)
+        return F.linear(x_in, w)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return (None, None, *grad[:sum(ctx.sizes)].to(ctx.dtype).split(ctx.sizes))
+    def backward(ctx, dy: torch.Tensor):
+        x_in, w = ctx.saved_tensors
+        rows = sum(ctx.sizes)
+        dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dy2, x2 = dy.reshape(-1, dy.shape[-1])[:, :rows], x_in.reshape(-1, x_in.shape[-1])
+        if ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device):
+            dw = torch.mm(dy2.t(), x2, out_dtype=torch.float32)
+        else:
+            dw = (dy2.t() @ x2).to(ctx.dtype)
+        return (dx, None, None, *dw.split(ctx.sizes))
 
 
-def fused_weight(x: torch.Tensor, weights: list[torch.Tensor], pad: int) -> torch.Tensor:
-    """The weights stacked (and `pad` zero rows) in the dtype F.linear(x, w) computes in: autocast's where it is
-    on for x's device and would cast the weights, else theirs."""
+def fused_linear(x: torch.Tensor, weights: list[torch.Tensor], pad: int) -> torch.Tensor:
+    """x @ torch.cat(weights)^T (and `pad` zero columns), in the dtype F.linear(x, w) computes in: autocast's
+    where it is on for x's device and would cast the weights, else theirs."""
     dtype = weights[0].dtype
     if torch.is_autocast_enabled(x.device.type) and dtype == torch.float32:
         dtype = torch.get_autocast_dtype(x.device.type)
-    return CastConcatFunction.apply(dtype, pad, *weights)
+    return FusedLinearFunction.apply(x, dtype, pad, *weights)
 
 
 class ColumnSlicesFunction(torch.autograd.Function):
@@ -108,7 +137,7 @@ def fused_projections(x: torch.Tensor, *layers: nn.Module) -> tuple[tuple[torch.
     weights = [layer.weight for layer in layers]
     sizes = [w.shape[0] for w in weights]
     pad = -sum(sizes) % ROW_ALIGNMENT
-    y = F.linear(x, fused_weight(x, weights, pad))
+    y = fused_linear(x, weights, pad)
     if not y.requires_grad:
         return y.split(sizes + [pad], -1)[:len(layers)], None
     shared = SharedGradient(y)

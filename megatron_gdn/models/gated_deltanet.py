@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels import (CONV_L2NORM_HEAD_DIMS, SharedGradient, chunk_gated_delta_rule,
                        fused_recurrent_gated_delta_rule, gated_rmsnorm, rms_norm, short_conv_silu)
-from .fused_projection import fused_projections
+from .fused_projection import fused_projection, fused_projections
 from .utils import Cache, LayerState
 
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
@@ -221,4 +221,4 @@ class GatedDeltaNet(nn.Module):
                               shared_gradient=shared)
         else:
             o = self.o_norm(o)
-        return self.o_proj(o.reshape(B, T, -1)), None, past_key_values
+        return fused_projection(o.reshape(B, T, -1), self.o_proj), None, past_key_values

@@ -32,7 +32,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [..., gate | up]: the activation reads both halves of one product and writes its gradient as one tensor
-        return self.down_proj(swiglu(fused_projection(x, self.gate_proj, self.up_proj), backend=self.backend))
+        return fused_projection(swiglu(fused_projection(x, self.gate_proj, self.up_proj), backend=self.backend),
+                                self.down_proj)
 
 
 class GatedDeltaNetBlock(nn.Module):
