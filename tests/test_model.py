@@ -266,6 +266,13 @@ def check_fused_projections(device: str) -> None:
     for g, r in zip(torch.autograd.grad(one.sum(), [x, layers[0].weight]),
                     torch.autograd.grad(layers[0](x).sum(), [x, layers[0].weight])):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    residual = torch.randn(2, 7, 16, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    c = cotangents[0]
+    plus = fused_projection(x, layers[0], residual=residual)  # the product adds the residual
+    torch.testing.assert_close(plus, residual + layers[0](x), rtol=1e-12, atol=1e-12)
+    for g, r in zip(torch.autograd.grad((plus * c).sum(), [x, layers[0].weight, residual]),
+                    torch.autograd.grad(((residual + layers[0](x)) * c).sum(), [x, layers[0].weight, residual])):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
     x32 = x.detach().float().requires_grad_()
     for layer in layers:
@@ -278,6 +285,11 @@ def check_fused_projections(device: str) -> None:
     for g, r in zip(grads(x32, ours), grads(x32, separate)):
         assert g.dtype == r.dtype
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)  # bf16 sums in another order
+    for res in (residual.detach().bfloat16(), residual.detach().float()):  # the product's dtype, or promoted
+        with torch.autocast(device, dtype=torch.bfloat16):
+            plus, ref = fused_projection(x32, layers[0], residual=res), res + layers[0](x32)
+        assert plus.dtype == ref.dtype
+        torch.testing.assert_close(plus, ref, rtol=1e-2, atol=1e-2)  # one rounding where the add made two
 
     biased = torch.nn.Linear(24, 5).to(device)
     outputs, shared = fused_projections(x32, biased)

@@ -43,15 +43,18 @@ def _fusable(layers: tuple[nn.Module, ...]) -> bool:
     return all(_plain_projection(layer) and not hasattr(layer.weight, "ds_id") for layer in layers)
 
 
-def fused_projection(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
-    """torch.cat([layer(x) for layer in layers], -1), computed as one matrix product where the layers allow it
-    (bias-free, not ZeRO-3 partitioned; otherwise it is exactly that cat, or layer(x) for one layer). Under
-    autocast the product runs in its dtype, as each F.linear would. One layer is the model's plain linear (an
-    MLP's down projection, a mixer's output projection): its weight gradient then comes out of the product in the
-    weight's dtype too (FusedLinearFunction)."""
+def fused_projection(x: torch.Tensor, *layers: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.cat([layer(x) for layer in layers], -1) (plus residual), computed as one matrix product where the
+    layers allow it (bias-free, not ZeRO-3 partitioned; otherwise it is exactly that cat, or layer(x) for one
+    layer, and the residual added to it). Under autocast the product runs in its dtype, as each F.linear would.
+    One layer is the model's plain linear (an MLP's down projection, a mixer's output projection): its weight
+    gradient then comes out of the product in the weight's dtype too (FusedLinearFunction). A residual of the
+    product's dtype is added by the product itself (the block's last residual add: cuBLAS adds it in fp32 before
+    the one rounding, where a separate add read and wrote the hidden-sized stream once more)."""
     if not _fusable(layers):
-        return layers[0](x) if len(layers) == 1 else torch.cat([layer(x) for layer in layers], -1)
-    return fused_linear(x, [layer.weight for layer in layers], pad=0)
+        out = layers[0](x) if len(layers) == 1 else torch.cat([layer(x) for layer in layers], -1)
+        return out if residual is None else residual + out
+    return fused_linear(x, [layer.weight for layer in layers], pad=0, residual=residual)
 
 
 @functools.cache
@@ -76,7 +79,8 @@ class FusedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype, pad: int, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype, pad: int,
+                *weights: torch.Tensor) -> torch.Tensor:
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], weights[0].dtype  # one model, one dtype
         rows = sum(ctx.sizes)
         w = weights[0].new_empty((rows + pad, weights[0].shape[1]), dtype=dtype)
@@ -85,28 +89,37 @@ class FusedLinearFunction(torch.autograd.Function):
         x_in = x.to(dtype)  # as autocast casts F.linear's input
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(x_in, w)
-        return F.linear(x_in, w)
+        if residual is None:
+            return F.linear(x_in, w)
+        out = torch.addmm(residual.reshape(-1, rows + pad), x_in.reshape(-1, x_in.shape[-1]), w.t())
+        return out.view(residual.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_in, w = ctx.saved_tensors
         rows = sum(ctx.sizes)
         dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dy2, x2 = dy.reshape(-1, dy.shape[-1])[:, :rows], x_in.reshape(-1, x_in.shape[-1])
-        if ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device):
-            dw = torch.mm(dy2.t(), x2, out_dtype=torch.float32)
-        else:
-            dw = (dy2.t() @ x2).to(ctx.dtype)
-        return (dx, None, None, *dw.split(ctx.sizes))
+        dw = [None] * len(ctx.sizes)
+        if any(ctx.needs_input_grad[4:]):
+            dy2, x2 = dy.reshape(-1, dy.shape[-1])[:, :rows], x_in.reshape(-1, x_in.shape[-1])
+            if ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device):
+                dw = torch.mm(dy2.t(), x2, out_dtype=torch.float32).split(ctx.sizes)
+            else:
+                dw = (dy2.t() @ x2).to(ctx.dtype).split(ctx.sizes)
+        return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
 
 
-def fused_linear(x: torch.Tensor, weights: list[torch.Tensor], pad: int) -> torch.Tensor:
-    """x @ torch.cat(weights)^T (and `pad` zero columns), in the dtype F.linear(x, w) computes in: autocast's
-    where it is on for x's device and would cast the weights, else theirs."""
+def fused_linear(x: torch.Tensor, weights: list[torch.Tensor], pad: int,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ torch.cat(weights)^T (and `pad` zero columns), plus residual, in the dtype F.linear(x, w) computes
+    in: autocast's where it is on for x's device and would cast the weights, else theirs. A residual of another
+    dtype (an fp32 residual stream, --fp32-residual-connection) is added apart, as `residual + y` promotes."""
     dtype = weights[0].dtype
     if torch.is_autocast_enabled(x.device.type) and dtype == torch.float32:
         dtype = torch.get_autocast_dtype(x.device.type)
-    return FusedLinearFunction.apply(x, dtype, pad, *weights)
+    if residual is not None and residual.dtype != dtype:
+        return residual + FusedLinearFunction.apply(x, None, dtype, pad, *weights)
+    return FusedLinearFunction.apply(x, residual, dtype, pad, *weights)
 
 
 class ColumnSlicesFunction(torch.autograd.Function):

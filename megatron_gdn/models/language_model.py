@@ -30,17 +30,19 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)), plus residual when given (added by the down projection's product)."""
         # [..., gate | up]: the activation reads both halves of one product and writes its gradient as one tensor
         return fused_projection(swiglu(fused_projection(x, self.gate_proj, self.up_proj), backend=self.backend),
-                                self.down_proj)
+                                self.down_proj, residual=residual)
 
 
 class GatedDeltaNetBlock(nn.Module):
     """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)); the second residual add is fused
-    into mlp_norm (one pass computes both the sum and its norm). The block's last add stays a plain add: fusing
-    it into the next block's attn_norm would make blocks pass (output, residual) pairs, and full activation
-    recomputation, which keeps only each block's input, would then keep two hidden-sized tensors per block.
+    into mlp_norm (one pass computes both the sum and its norm). The block's last add is the MLP's down
+    projection's (a product that adds its residual): fusing it into the next block's attn_norm would make blocks
+    pass (output, residual) pairs, and full activation recomputation, which keeps only each block's input, would
+    then keep two hidden-sized tensors per block.
     attn_norm passes x on (prenorm) to be the residual: backward then adds the gradient of that use to its own
     inside its kernel, where two uses of x would take a separate add of two hidden-sized gradients."""
 
@@ -61,7 +63,7 @@ class GatedDeltaNetBlock(nn.Module):
         normed, x = self.attn_norm(x, prenorm=True)  # its norm, and x itself as the residual
         mixed, _, _ = self.attn(normed, past_key_values=past_key_values, use_cache=use_cache, cu_seqlens=cu_seqlens)
         normed, x = self.mlp_norm(mixed, residual=x)  # x + mixed, and its norm
-        return x + self.mlp(normed)
+        return self.mlp(normed, residual=x)
 
 
 class GatedDeltaNetModel(nn.Module):
