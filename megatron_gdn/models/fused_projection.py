@@ -101,11 +101,15 @@ class FusedLinearFunction(torch.autograd.Function):
         dx = (dy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dw = [None] * len(ctx.sizes)
         if any(ctx.needs_input_grad[4:]):
-            dy2, x2 = dy.reshape(-1, dy.shape[-1])[:, :rows], x_in.reshape(-1, x_in.shape[-1])
+            # Over the padded width (aligned rows), the pad's rows dropped after: for the fp32 product of a 1.3b
+            # mixer's 9228 unpadded rows cuBLAS picks an sm80 kernel, 1.25 ms against 0.81 over the 9280 padded
+            # rows (H100, session 11; 12 ms of a step).
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x_in.reshape(-1, x_in.shape[-1])
             if ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device):
-                dw = torch.mm(dy2.t(), x2, out_dtype=torch.float32).split(ctx.sizes)
+                dw_all = torch.mm(dy2.t(), x2, out_dtype=torch.float32)
             else:
-                dw = (dy2.t() @ x2).to(ctx.dtype).split(ctx.sizes)
+                dw_all = (dy2.t() @ x2).to(ctx.dtype)
+            dw = dw_all[:rows].split(ctx.sizes)
         return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
 
 

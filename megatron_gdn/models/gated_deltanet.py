@@ -23,6 +23,12 @@ from ..kernels import (CONV_L2NORM_HEAD_DIMS, SharedGradient, chunk_gated_delta_
 from .fused_projection import fused_projection, fused_projections
 from .utils import Cache, LayerState
 
+# The short convolution normalises q and k itself only for heads up to this size. Its backward's dpre kernel works
+# on blocks of 64 channels, and a norm inside needs blocks one head wide: wider heads cut the block's rows (heads
+# of 256: 4). Profiled steps on an H100 (session 11): at `small` (heads of 64) dpre went from 4.2 to 4.6 ms and
+# the delta rule's norm (2.1 ms) went away; at `1.3b` (heads of 256) dpre went from 7.7 to 11.4 ms, more than the
+# norm it saved.
+QK_NORM_IN_CONV_MAX_HEAD_DIM = 64
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
 RECURRENT_MAX_TOKENS = 64
 
@@ -125,9 +131,10 @@ class GatedDeltaNet(nn.Module):
         # Decay parameters stay fp32 and get no weight decay (training/optimizer.py).
         self.A_log = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
-        # q and k are L2-normalised before the delta rule: by the convolution's kernels where they can (one pass
+        # q and k are L2-normalised before the delta rule: by the convolution's kernels where that pays (one pass
         # less over q and k each way), else by the delta rule's (use_qk_l2norm_in_kernel).
-        self.qk_l2norm_in_conv = use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
+        self.qk_l2norm_in_conv = (use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
+                                  and head_dim <= QK_NORM_IN_CONV_MAX_HEAD_DIM)
         qk_norm = head_dim if self.qk_l2norm_in_conv else None
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, l2norm_head_dim=qk_norm)
