@@ -546,6 +546,7 @@ def lost_another_rank(error: RuntimeError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    together = False  # whether every rank ends here at once (shutdown_distributed's wait_for_peers)
     try:
         # Ranks from the launcher (srun and mpirun included) before any flag is checked against the world size.
         argv = consume_launcher_arguments(sys.argv[1:] if argv is None else argv)
@@ -553,10 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         model_config, cfg = parse_args(argv)
         with ExitRequest() as exit_request:
             train(model_config, cfg, exit_request)
+        together = True
     except ValueError as e:  # bad flags, data or checkpoints (CheckpointError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # every rank stops at the same iteration (its results are all-reduced)
+        together = True
         print(f"error: rank {get_rank()}: {e}", file=sys.stderr)
         return 3
     except RuntimeError as e:
@@ -568,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         os._exit(4)  # no orderly shutdown: tearing down a process group whose peer is gone can block
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=together)
     return 0
 
 

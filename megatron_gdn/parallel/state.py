@@ -95,8 +95,18 @@ def initialize_distributed(device_type: str, timeout_minutes: float = 10.0, sing
     return local_rank
 
 
-def shutdown_distributed() -> None:
-    """Forget the model-parallel groups and leave torch.distributed (the end of a launched run)."""
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """Forget the model-parallel groups and leave torch.distributed (the end of a launched run).
+
+    wait_for_peers: every rank got here together (the run's end, or a stop they all agreed on). A barrier on each
+    group then lets the collectives still in flight finish (gloo's barrier waits for all earlier work of its group)
+    before any group is torn down: without it, now and then one rank of a ZeRO-1 run on gloo that stopped on NaNs
+    aborted in the teardown ("terminate called without an active exception"; tests/test_faults.py). A rank that
+    stops alone (bad input on that rank) passes False: its peers would never join the barrier.
+    """
+    if wait_for_peers and dist.is_available() and dist.is_initialized():
+        for group in [None, *_model_parallel_groups()]:  # None: the world
+            dist.barrier(group=group)
     destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -200,11 +210,19 @@ def model_parallel_is_initialized() -> bool:
 def destroy_model_parallel() -> None:
     """Forget the groups (tests, or a second run in one process). torch.distributed itself stays up."""
     global _GROUPS
-    if _GROUPS is not None and dist.is_initialized():
-        for group in {_GROUPS.tensor_model_parallel_group, _GROUPS.context_parallel_group,
-                      _GROUPS.data_parallel_group, _GROUPS.data_context_parallel_group, _GROUPS.host_group} - {None}:
+    if dist.is_initialized():
+        for group in _model_parallel_groups():
             dist.destroy_process_group(group)
     _GROUPS = None
+
+
+def _model_parallel_groups() -> list:
+    """This process's distinct model-parallel groups (none before initialize_model_parallel)."""
+    if _GROUPS is None:
+        return []
+    groups = (_GROUPS.tensor_model_parallel_group, _GROUPS.context_parallel_group, _GROUPS.data_parallel_group,
+              _GROUPS.data_context_parallel_group, _GROUPS.host_group)
+    return [g for i, g in enumerate(groups) if g is not None and g not in groups[:i]]
 
 
 def get_parallel_groups() -> ParallelGroups:
