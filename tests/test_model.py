@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_gdn.kernels import fp32_products_of_bf16
 from megatron_gdn.kernels.reference import l2norm, recurrent_gated_delta_rule
 from megatron_gdn.models import (MODEL_PRESETS, Cache, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                  ShortConvolution)
 from megatron_gdn.models.language_model import sample_next_token
-from megatron_gdn.models.fused_projection import fp32_products_of_bf16, fused_projection, fused_projections
+from megatron_gdn.models.fused_projection import fused_projection, fused_projections
 
 
 def small_config(**overrides) -> GatedDeltaNetConfig:

@@ -21,6 +21,7 @@ use, so importing this package never initialises Triton. See docs/KERNELS.md.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -32,7 +33,8 @@ from .shared_gradient import SharedGradient
 
 __all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "check_inputs", "gated_rmsnorm",
            "gdn_gate", "l2norm", "MAX_TRITON_HEAD_DIM", "CONV_L2NORM_HEAD_DIMS", "BACKENDS", "slice_summary",
-           "fold_summaries", "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step", "SharedGradient"]
+           "fold_summaries", "rms_norm", "swiglu", "short_conv_silu", "short_conv_silu_step", "SharedGradient",
+           "fp32_products_of_bf16"]
 
 BACKENDS = ("auto", "triton", "torch")
 # The Triton kernels keep a [K, BV] state tile in registers: K (the q/k head dim) is capped.
@@ -40,6 +42,17 @@ MAX_TRITON_HEAD_DIM = 256
 # Head dimensions whose L2 norm the short convolution's kernels compute themselves (short_conv_silu's
 # l2norm_head_dim): a block of channels is one head wide, a power of two.
 CONV_L2NORM_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@functools.cache
+def fp32_products_of_bf16(device: torch.device) -> bool:
+    """Whether torch.mm and torch.addmm take out_dtype=float32 for bf16 operands on this device (CUDA, torch >= 2.8):
+    a weight gradient then comes out of its product in fp32, with no bf16 copy and cast."""
+    try:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        return torch.addmm(torch.zeros(1, 1, device=device), one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=None, A_log=None, dt_bias=None,

@@ -9,7 +9,11 @@ processed in chunks; per chunk:
     as parallel/cross_entropy.py, with the three all-reduces made two)
     loss_row = log sum exp - target logit
     ce_grad_kernel: logits <- (softmax - onehot(target)) * row_scale, in place
-    d hidden[chunk] = dlogits @ W,   d W += dlogits^T @ hidden[chunk]
+    d hidden[chunk] = dlogits @ W,   d W += dlogits^T @ hidden[chunk]   (fp32 out of the product, on CUDA)
+
+With the whole vocabulary on this rank (no all-reduce between the two passes) one kernel, ce_loss_grad_kernel,
+makes both passes over each row: the second reads the row its program has just read, mostly from L2, where the
+two kernels read every chunk's logits from memory twice.
 
 So the gradients are computed in the forward and backward only multiplies them by the (scalar) grad_output:
 this is why the op returns the reduced loss ('sum' or 'mean' over the non-ignored tokens) and not per-token
@@ -27,17 +31,17 @@ import triton
 import triton.language as tl
 from torch.distributed import ProcessGroup
 
+from . import fp32_products_of_bf16
+
 # Logit elements per chunk (2^27: 256 MB in bf16; 4194 tokens of a 32000-word vocabulary).
 CHUNK_ELEMENTS = 2 ** 27
 MAX_BV = 4096
 
 
 @triton.jit
-def ce_stats_kernel(logits, target, row_max, sums, V, vocab_start, BV: tl.constexpr):
-    """Per row: the max of the logits, sum exp(l - max) (one online pass) and the target's logit (0 if the
-    target is outside this rank's vocabulary slice or ignored). sums is [rows, 2]: (sum exp, target logit)."""
-    i_r = tl.program_id(0).to(tl.int64)
-    p_row = logits + i_r * V
+def row_stats(p_row, i_v, V, BV: tl.constexpr):
+    """(max, sum exp(l - max), the logit at i_v or 0 where i_v is outside [0, V)) of the row of V logits at p_row,
+    in one online pass."""
     b_m = tl.full([], float("-inf"), tl.float32)
     b_s = tl.zeros([], dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -46,9 +50,26 @@ def ce_stats_kernel(logits, target, row_max, sums, V, vocab_start, BV: tl.conste
         b_m_new = tl.maximum(b_m, tl.max(b_l, axis=0))
         b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_l - b_m_new), axis=0)
         b_m = b_m_new
-    i_v = tl.load(target + i_r) - vocab_start
-    owned = (i_v >= 0) & (i_v < V)
-    b_z = tl.load(p_row + i_v, mask=owned, other=0.).to(tl.float32)
+    b_z = tl.load(p_row + i_v, mask=(i_v >= 0) & (i_v < V), other=0.).to(tl.float32)
+    return b_m, b_s, b_z
+
+
+@triton.jit
+def store_row_gradient(p_row, i_v, b_lse, b_c, V, BV: tl.constexpr):
+    """Overwrite the row of logits at p_row by (softmax - onehot(i_v)) * b_c."""
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        b_l = tl.load(p_row + o_v, mask=o_v < V, other=0.).to(tl.float32)  # [BV]
+        b_g = tl.exp(b_l - b_lse) - (o_v == i_v).to(tl.float32)
+        tl.store(p_row + o_v, (b_g * b_c).to(p_row.dtype.element_ty), mask=o_v < V)
+
+
+@triton.jit
+def ce_stats_kernel(logits, target, row_max, sums, V, vocab_start, BV: tl.constexpr):
+    """Per row: the max of the logits, sum exp(l - max) and the target's logit (0 if the target is outside this
+    rank's vocabulary slice or ignored). sums is [rows, 2]: (sum exp, target logit)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    b_m, b_s, b_z = row_stats(logits + i_r * V, tl.load(target + i_r) - vocab_start, V, BV)
     tl.store(row_max + i_r, b_m)
     tl.store(sums + i_r * 2, b_s)
     tl.store(sums + i_r * 2 + 1, b_z)
@@ -58,15 +79,22 @@ def ce_stats_kernel(logits, target, row_max, sums, V, vocab_start, BV: tl.conste
 def ce_grad_kernel(logits, target, lse, row_scale, V, vocab_start, BV: tl.constexpr):
     """Overwrite each row of logits by (softmax - onehot(target)) * row_scale, the loss's gradient."""
     i_r = tl.program_id(0).to(tl.int64)
+    store_row_gradient(logits + i_r * V, tl.load(target + i_r) - vocab_start, tl.load(lse + i_r),
+                       tl.load(row_scale + i_r), V, BV)
+
+
+@triton.jit
+def ce_loss_grad_kernel(logits, target, loss, row_scale, V, BV: tl.constexpr, GRAD: tl.constexpr):
+    """The whole vocabulary on this rank: per row, the loss log sum exp - target logit and (GRAD) the row
+    overwritten by its gradient, as ce_stats_kernel and ce_grad_kernel compute them."""
+    i_r = tl.program_id(0).to(tl.int64)
     p_row = logits + i_r * V
-    b_lse = tl.load(lse + i_r)
-    b_c = tl.load(row_scale + i_r)
-    i_v = tl.load(target + i_r) - vocab_start
-    for v0 in range(0, V, BV):
-        o_v = v0 + tl.arange(0, BV)
-        b_l = tl.load(p_row + o_v, mask=o_v < V, other=0.).to(tl.float32)  # [BV]
-        b_g = tl.exp(b_l - b_lse) - (o_v == i_v).to(tl.float32)
-        tl.store(p_row + o_v, (b_g * b_c).to(logits.dtype.element_ty), mask=o_v < V)
+    i_v = tl.load(target + i_r)
+    b_m, b_s, b_z = row_stats(p_row, i_v, V, BV)
+    b_lse = b_m + tl.log(b_s)
+    tl.store(loss + i_r, b_lse - b_z)
+    if GRAD:
+        store_row_gradient(p_row, i_v, b_lse, tl.load(row_scale + i_r), V, BV)
 
 
 def _log_sum_exp_and_target(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
@@ -98,21 +126,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+        BV = min(MAX_BV, triton.next_power_of_2(V))
+        # d W accumulates in fp32 inside the product where cuBLAS can (bf16 operands, CUDA): a bf16 product and an
+        # add wrote, read and added a [V, h] copy per chunk.
+        fp32_product = dtype == torch.bfloat16 and fp32_products_of_bf16(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):  # the dtype is chosen explicitly
             w = weight.to(dtype)
             for c0 in range(0, N, chunk_size):
                 c1 = min(N, c0 + chunk_size)
                 h = hidden[c0:c1].to(dtype)
                 logits = h @ w.t()  # [n, V]
-                lse, target_logit = _log_sum_exp_and_target(logits, target[c0:c1], vocab_start, group)
-                losses[c0:c1] = lse - target_logit
-                if grad_hidden or grad_weight:
-                    ce_grad_kernel[(c1 - c0,)](logits, target[c0:c1], lse, row_scale[c0:c1], V, vocab_start,
-                                               BV=min(MAX_BV, triton.next_power_of_2(V)))
-                    if grad_hidden:
-                        d_hidden[c0:c1] = logits @ w
-                    if grad_weight:
-                        d_weight += logits.t() @ h
+                if group is None:
+                    ce_loss_grad_kernel[(c1 - c0,)](logits, target[c0:c1], losses[c0:c1], row_scale[c0:c1], V,
+                                                    BV=BV, GRAD=grad_hidden or grad_weight)
+                else:
+                    lse, target_logit = _log_sum_exp_and_target(logits, target[c0:c1], vocab_start, group)
+                    losses[c0:c1] = lse - target_logit
+                    if grad_hidden or grad_weight:
+                        ce_grad_kernel[(c1 - c0,)](logits, target[c0:c1], lse, row_scale[c0:c1], V, vocab_start,
+                                                   BV=BV)
+                if grad_hidden:
+                    d_hidden[c0:c1] = logits @ w
+                if grad_weight and fp32_product:
+                    torch.addmm(d_weight, logits.t(), h, out_dtype=torch.float32, out=d_weight)
+                elif grad_weight:
+                    d_weight += logits.t() @ h
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return (losses * row_scale).sum()

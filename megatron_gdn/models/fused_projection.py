@@ -16,13 +16,11 @@ any hook on it) does not run.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import SharedGradient
+from ..kernels import SharedGradient, fp32_products_of_bf16
 
 # Elements: 64 bf16 are 128 bytes. A GDN mixer's a and b are one column per head, which leaves the sum of its
 # widths (q, k, v, g, a, b) odd in general: unpadded, the Triton kernels' loads of strided rows ran 1.8x slower.
@@ -55,16 +53,6 @@ def fused_projection(x: torch.Tensor, *layers: nn.Module, residual: torch.Tensor
         out = layers[0](x) if len(layers) == 1 else torch.cat([layer(x) for layer in layers], -1)
         return out if residual is None else residual + out
     return fused_linear(x, [layer.weight for layer in layers], pad=0, residual=residual)
-
-
-@functools.cache
-def fp32_products_of_bf16(device: torch.device) -> bool:
-    """Whether torch.mm takes out_dtype=float32 for bf16 operands on this device (CUDA, torch >= 2.8)."""
-    try:
-        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
-        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
 
 
 class FusedLinearFunction(torch.autograd.Function):
