@@ -13,8 +13,8 @@ processed in chunks; per chunk:
 
 With the whole vocabulary on this rank (no all-reduce between the two passes) one kernel, ce_loss_grad_kernel,
 makes both passes over each row: the second reads the row its program has just read (likely still in L2), where
-two kernels read every chunk's logits from memory twice. With the fp32-accumulating product below, a `small` step's
-loss went from 10.15 to 9.5-9.6 ms on an H100 (docs/PERFORMANCE.md, session 11).
+two kernels read every chunk's logits from memory twice. With the fp32-accumulating product below, a `small` batch's
+lm head and loss (fwd+bwd) went from 10.15 to 9.5-9.6 ms on an H100 (docs/PERFORMANCE.md, session 11).
 
 So the gradients are computed in the forward and backward only multiplies them by the (scalar) grad_output:
 this is why the op returns the reduced loss ('sum' or 'mean' over the non-ignored tokens) and not per-token
