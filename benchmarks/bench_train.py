@@ -140,13 +140,14 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
-    """pretrain_gdn.py's flags for this case: mock data, one micro batch per GPU per step (and one for --profile),
-    constant lr."""
+    """pretrain_gdn.py's flags for this case: mock data, --micro-batches micro batches per GPU per step (gradient
+    accumulation; one step more for --profile), constant lr."""
     shape = (["--num-layers", str(case.shape["num_hidden_layers"]), "--hidden-size", str(case.shape["hidden_size"]),
               "--num-attention-heads", str(case.shape["num_heads"]), "--head-dim", str(case.shape["head_dim"])]
              if case.shape else ["--model-size", case.preset])
     flags = [*shape, "--mock-data", "--vocab-size", str(case.vocab_size), "--seq-length", str(case.seq_length),
-             "--micro-batch-size", str(case.batch), "--global-batch-size", str(case.batch * data_parallel_size),
+             "--micro-batch-size", str(case.batch),
+             "--global-batch-size", str(case.batch * data_parallel_size * args.micro_batches),
              "--train-iters", str(args.warmup + args.steps + 1), "--lr", "1e-4", "--lr-decay-style", "constant"]
     if args.device == "cuda":
         flags.append("--bf16")
@@ -258,13 +259,14 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     # The samples of ours' --mock-data (pretrain_gdn's default --seed 1234): a pure function of seed and index.
-    data = pretrain_gdn.batches(MockGPTDataset(case.batch * (args.warmup + args.steps), case.seq_length,
-                                               case.vocab_size, seed=1234), 0, case.batch)
+    data = pretrain_gdn.batches(MockGPTDataset(case.batch * (args.warmup + args.steps) * args.micro_batches,
+                                               case.seq_length, case.vocab_size, seed=1234), 0, case.batch)
 
     def step() -> torch.Tensor:  # nothing in it waits for the GPU
-        inputs = next(data)["tokens"][:, :-1].pin_memory().to(device, non_blocking=True)
-        loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss  # labels shift inside
-        loss.backward()
+        for _ in range(args.micro_batches):  # gradient accumulation, as ours: each micro batch's mean loss / N
+            inputs = next(data)["tokens"][:, :-1].pin_memory().to(device, non_blocking=True)
+            loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss  # labels shift inside
+            (loss / args.micro_batches).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -335,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {DEFAULT_CONFIGS}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (their mean is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton compilation, autotuning)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro batches per step and GPU (gradient accumulation, as the example recipes run): "
+                             "a step is this many forward and backward passes of the configuration's batch, then "
+                             "one optimizer step")
     parser.add_argument("--no-fla", action="store_true", help="time ours only")
     parser.add_argument("--no-ours", action="store_true", help="time fla's model only (a run of its own: at the "
                         "1.3b shapes it did not finish in the minutes left after ours)")
@@ -352,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")
     args = parser.parse_args(argv)
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.micro_batches < 1:
+        parser.error("--micro-batches must be at least 1")
     if args.no_ours and args.no_fla:
         parser.error("--no-ours and --no-fla leave nothing to time")
     if args.device == "cpu" and not args.tiny:
@@ -379,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         fla, fla_note = load_fla_model()
     results = []
     for name, case in cases.items():
-        tokens = case.seq_length * case.batch
+        tokens = case.seq_length * case.batch * args.micro_batches
         if not args.no_ours:
             results.append(measured(run_ours, case, args, Result(name, "ours", case.recompute or "none", tokens)))
             if get_rank() == 0:
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         header = versions(device, fla_note) + f"; ours on {world_size} rank(s), ZeRO stage {args.zero_stage or 0}"
         if args.cuda_graph:
             header += "; ours with --cuda-graph"
+        if args.micro_batches > 1:
+            header += f"; {args.micro_batches} micro batches per step (gradient accumulation)"
         if args.max_memory_gib and device.type == "cuda":
             header += f"; GPU memory capped at {args.max_memory_gib:g} GiB"
         text = table(results, cases, header, peak)

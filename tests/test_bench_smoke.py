@@ -27,6 +27,26 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step
 
 
+def test_bench_train_accumulates_micro_batches(tmp_path):
+    """--micro-batches N: a step is N micro batches of the configuration's batch (its tokens count N times)."""
+    markdown = tmp_path / "bench.md"
+    run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1",
+                          "--micro-batches", "3", "--markdown", str(markdown)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    table = markdown.read_text()
+    assert "3 micro batches per step" in table and "| tiny | 384 | ours | full |" in table  # 3 x 2 x 64 tokens
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import argparse
+
+    from bench_train import TINY, training_flags
+
+    from megatron_gdn.config import parse_args
+    args = argparse.Namespace(micro_batches=3, warmup=1, steps=2, device="cpu", cuda_graph=False, zero_stage=None)
+    _, cfg = parse_args(training_flags(TINY, args, data_parallel_size=2))
+    assert cfg.global_batch_size == 3 * 2 * cfg.micro_batch_size  # ours' step: 3 micro batches on each of 2 ranks
+
+
 def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
     """benchmarks/bench_fused_ops.py's CPU smoke mode times every fused op and its PyTorch reference, forward and
     forward+backward, through Triton's interpreter, and writes the table."""
