@@ -38,7 +38,7 @@ from megatron_gdn.kernels import (cross_entropy, fused_norm, fused_swiglu, l2nor
 # Tensors that are fp32 whatever the inputs' dtype; the rest take --dtype.
 F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0", "dG", "dg",
        "dqk", "dbeta", "ddt_bias", "dA_log", "dA_scratch", "rstd", "dweight", "dbias", "row_max", "sums",
-       "lse", "row_scale"}
+       "lse", "row_scale", "loss"}
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos"}
 INT64 = {"target"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
@@ -159,7 +159,8 @@ def fused_runs(dtype: str) -> list:
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
         runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),
-                 (f"ce grad BV={BV}", cross_entropy.ce_grad_kernel, dict(BV=BV), 4, 3)]
+                 (f"ce grad BV={BV}", cross_entropy.ce_grad_kernel, dict(BV=BV), 4, 3),
+                 (f"ce loss+grad BV={BV}", cross_entropy.ce_loss_grad_kernel, dict(BV=BV, GRAD=True), 4, 3)]
     fr = dict(H=4, HV=8, USE_H0=True, STORE_HT=True, L2NORM=True, GATE_IN_KERNEL=True, BETA_SIGMOID=True,
               BETA_SCALE=1.0)
     for K, V in ((128, 128), (256, 512)):  # head dims (256, 512: the 1.3b preset)

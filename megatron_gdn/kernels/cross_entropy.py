@@ -98,18 +98,18 @@ def ce_loss_grad_kernel(logits, target, loss, row_scale, V, BV: tl.constexpr, GR
         store_row_gradient(p_row, i_v, b_lse, tl.load(row_scale + i_r), V, BV)
 
 
-def _log_sum_exp_and_target(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                            group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log sum exp over the whole vocabulary, the target's logit), fp32 [n], for a chunk of logits [n, V]."""
+def _log_sum_exp_and_target(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group: ProcessGroup,
+                            BV: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log sum exp over the whole vocabulary, the target's logit), fp32 [n], for a chunk of logits [n, V], this
+    rank's slice of the vocabulary: the other slices' statistics come from the group's ranks."""
     n, V = logits.shape
     row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
     sums = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
-    ce_stats_kernel[(n,)](logits, target, row_max, sums, V, vocab_start, BV=min(MAX_BV, triton.next_power_of_2(V)))
-    if group is not None:
-        local_max = row_max.clone()
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        sums[:, 0] *= torch.exp(local_max - row_max)  # each rank's sum, relative to the global max
-        dist.all_reduce(sums, group=group)
+    ce_stats_kernel[(n,)](logits, target, row_max, sums, V, vocab_start, BV=BV)
+    local_max = row_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sums[:, 0] *= torch.exp(local_max - row_max)  # each rank's sum, relative to the global max
+    dist.all_reduce(sums, group=group)
     return row_max + sums[:, 0].log(), sums[:, 1]
 
 
@@ -141,7 +141,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     ce_loss_grad_kernel[(c1 - c0,)](logits, target[c0:c1], losses[c0:c1], row_scale[c0:c1], V,
                                                     BV=BV, GRAD=grad_hidden or grad_weight)
                 else:
-                    lse, target_logit = _log_sum_exp_and_target(logits, target[c0:c1], vocab_start, group)
+                    lse, target_logit = _log_sum_exp_and_target(logits, target[c0:c1], vocab_start, group, BV)
                     losses[c0:c1] = lse - target_logit
                     if grad_hidden or grad_weight:
                         ce_grad_kernel[(c1 - c0,)](logits, target[c0:c1], lse, row_scale[c0:c1], V, vocab_start,
