@@ -99,8 +99,10 @@ def chunk_runs(dtype: str) -> list:
               3)]
     runs += [(f"wy BK=BV={cfg.kwargs['BK']}", C.chunk_bwd_wy_kernel, dict(base, NK=2, **gate, **cfg.kwargs),
               cfg.num_warps, cfg.num_stages) for cfg in C.WY_CONFIGS]
-    runs += [(f"dqkw BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel, dict(base, BK=64, **cfg.kwargs), cfg.num_warps,
-              cfg.num_stages) for cfg in C.DQKW_CONFIGS]
+    # dqkw with its K blocks reading d(q k^T) from dqk_intra (K = 128), and with one K block computing it (K = 64)
+    runs += [(f"dqkw K={K} BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel,
+              dict(base, K=K, BK=64, INTRA=K == 64, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+             for K in (128, 64) for cfg in C.DQKW_CONFIGS]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
     # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):

@@ -109,14 +109,15 @@ O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "split"), "chunk_o_kernel": ("spli
 
 @pytest.mark.parametrize("kernel", AUTOTUNED)
 def test_every_autotuned_configuration_within_budget(kernel, monkeypatch):
-    """Each configuration of each autotuned kernel, forced alone (the others keep autotuning), at K = 128 and at
-    K = 256 / V = 512, on a grid of hundreds of programs; one that needs more shared memory than the GPU has is
-    skipped, as the autotuner skips it."""
+    """Each configuration of each autotuned kernel, forced alone (the others keep autotuning), at K = 64 (where
+    dqkw computes d(q k^T) itself), K = 128 and K = 256 / V = 512, on a grid of hundreds of programs; one that needs
+    more shared memory than the GPU has is skipped, as the autotuner skips it."""
     from triton.runtime.errors import OutOfResources
 
     from megatron_gdn.kernels import chunk
     tuner = getattr(chunk, kernel)
-    cases = {"K128": dict(B=8, T=300, H=4, HV=8, K=128, V=128, gate=True, beta_logits=True),
+    cases = {"K64": dict(B=8, T=300, H=4, HV=8, K=64, V=128, gate=True, beta_logits=True),
+             "K128": dict(B=8, T=300, H=4, HV=8, K=128, V=128, gate=True, beta_logits=True),
              "K256_V512": dict(B=8, T=200, H=2, HV=4, K=256, V=512)}
     ran = 0
     for config in list(tuner.configs):
@@ -167,10 +168,11 @@ def test_fused_recurrent_prefill_varlen_bf16():
     assert not over_budget(errors, bf16=True), errors
 
 
-def test_same_inputs_same_outputs():
+@pytest.mark.parametrize("K", [64, 128])  # dqkw computes d(q k^T) itself at K = 64, reads dqk_intra's at 128
+def test_same_inputs_same_outputs(K):
     """Run to run determinism: no atomics, so outputs and every gradient are bitwise equal."""
     from megatron_gdn.kernels import chunk_gated_delta_rule
-    x = make_inputs(B=2, T=700, H=2, HV=4, K=128, V=128, gate=True, beta_logits=True, **BF16)
+    x = make_inputs(B=2, T=700, H=2, HV=4, K=K, V=128, gate=True, beta_logits=True, **BF16)
     leaves = [t for t in x.values() if t is not None]
     runs = []
     for _ in range(2):

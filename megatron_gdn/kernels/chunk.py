@@ -457,10 +457,14 @@ DQKW_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
 @triton.jit
 def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms, the latter from dqk, the output
-    of chunk_bwd_dqk_intra_kernel), dw = -dvn S^T, and the part of dG that comes from o and the state update
-    (partial over K blocks; summed by the wy kernel).
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INTRA: tl.constexpr):
+    """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the part of
+    dG that comes from o and the state update (partial over K blocks; summed by the wy kernel).
+
+    The intra-chunk terms need d(q k^T) in both orientations. With INTRA (one K block: K <= BK) the program computes
+    it from the do and vn tiles it loads anyway, as two products, dO vn^T and vn dO^T (no tile of a product is
+    transposed: the Hopper miscompile, docs/KERNELS.md); with several K blocks each would compute it again, so it
+    comes from dqk, the output of chunk_bwd_dqk_intra_kernel, read in both orientations.
 
     A flat grid with the K blocks, then the value heads, varying fastest: the K / BK programs of a chunk and head
     read the same dvn, do and vn tiles (V columns each), and side by side they find them in L2. With the chunks
@@ -484,6 +488,9 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # vn dS^T
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dvn S^T
     b_dgl = tl.zeros([BK], dtype=tl.float32)  # <S, dS> partial
+    if INTRA:
+        b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
+        b_dst = tl.zeros([BT, BT], dtype=tl.float32)  # its transpose, vn dO^T
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_hv = (o_v < V)[:, None] & m_k[None, :]
@@ -495,9 +502,14 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
         # (docs/KERNELS.md, "Miscompiles seen on the card"). test_same_inputs_same_outputs and the bf16 budgets
         # guard it.
         b_dw += tl.dot(load_rows(dvn, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
-        b_dq += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), b_ht)
-        b_dk += tl.dot(load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT), b_dht)
+        b_do = load_rows(do, t0, eos, i_hv, HV, V, o_v, BT)
+        b_dq += tl.dot(b_do, b_ht)
+        b_vn = load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT)
+        b_dk += tl.dot(b_vn, b_dht)
         b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), axis=0)
+        if INTRA:
+            b_ds += tl.dot(b_do, load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
+            b_dst += tl.dot(b_vn, load_rows_t(do, t0, eos, i_hv, HV, V, o_v, BT))
 
     # The epilogue in an order that ends each [BT, BT] / [BT, BK] tile's life early (register pressure): dw,
     # then dq with d(q k^T), then dk with its transpose.
@@ -511,13 +523,20 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - b_sk
     b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
-    # d(q k^T) of the intra-chunk attention, and its transpose read back from memory
-    b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
+    # d(q k^T) of the intra-chunk attention (chunk_bwd_dqk_intra_kernel's decay, mask and scale), and its transpose
+    r, c = o_t[:, None], o_t[None, :]
+    if INTRA:
+        b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+    else:
+        b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
     b_dG += tl.sum(b_P, axis=1) - tl.sum(b_P, axis=0)
     tl.store(dG + (i_k * ROWS + t0 + o_t) * HV + i_hv, b_dG, mask=m_t)
     store_rows(dq, b_dq + tl.dot(b_dsg.to(DT), b_k), t0, eos, i_hv, HV, K, o_k, BT)
-    b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
+    if INTRA:
+        b_dstg = tl.where(c >= r, b_dst * tl.exp(tl.where(c >= r, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+    else:
+        b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
 
 
@@ -804,12 +823,17 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dk = torch.empty_like(dq)
     dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
-    dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
-    chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
-        vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
+    # One K block computes d(q k^T) inside dqkw (INTRA); several read it from dqk_intra, once per chunk and head.
+    # At K = 64 (B8 T4096 H12 V128, the small preset) dqk_intra took 0.11 of the 0.49 ms the two took (H100).
+    intra = NK == 1
+    dqk = G
+    if not intra:
+        dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
+        chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
+            vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
     chunk_bwd_dqkw_kernel[(num_chunks * NK * HV,)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK)
+        H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, INTRA=intra)
     del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
