@@ -89,6 +89,10 @@ class TrainingConfig:
     cuda_graph: bool = arg(False, "replay each micro batch's forward and backward as one CUDA graph, captured after "
                            "2 eager warm-up iterations (GPU; the built-in engine, --bf16, dense batches; not with "
                            "TP/CP > 1, ZeRO, --fp16, fp32, --reset-state-at-eod or recomputation)")
+    no_gradient_accumulation_fusion: bool = arg(False, "let autograd add each micro batch's weight gradients into "
+                                                "their .grad, instead of the weight-gradient product adding them "
+                                                "itself (as Megatron-LM's flag; the built-in engine fuses by "
+                                                "default, DeepSpeed never)")
     # Evaluation and logging
     eval_interval: int = arg(1000, "evaluate on the validation data every N iterations")
     eval_iters: int = arg(10, "validation batches per evaluation")

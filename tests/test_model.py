@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from megatron_gdn.kernels.reference import l2norm, recurrent_gated_delta_rule
 from megatron_gdn.models import (MODEL_PRESETS, Cache, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                  ShortConvolution)
 from megatron_gdn.models.language_model import sample_next_token
-from megatron_gdn.models.fused_projection import fused_projection, fused_projections
+from megatron_gdn.models.fused_projection import ACCUMULATE_IN_PRODUCT, fused_projection, fused_projections
 
 
 def small_config(**overrides) -> GatedDeltaNetConfig:
@@ -237,6 +238,47 @@ def test_fused_projections_equal_separate_linears_gpu():
     """The same on the GPU, where the weights' fp32 gradients come straight out of the bf16 product."""
     assert fp32_products_of_bf16(torch.device("cuda")), "torch.mm(out_dtype=float32) of bf16 is unavailable here"
     check_fused_projections("cuda")
+
+
+def test_gradient_accumulation_fusion_adds_into_one_buffer():
+    """Parameters marked for gradient accumulation fusion (as the built-in engine marks them): the plain
+    projections' weight gradients are written, then added, by their products into views of one buffer per product,
+    which stay the .grad tensors from micro batch to micro batch; the gradients equal autograd's accumulation of
+    the same micro batches in an unmarked copy of the model (fp64: up to summation order), also after an in-place
+    zero_grad (--cuda-graph) and after set_to_none (the next micro batch starts a new buffer)."""
+    torch.manual_seed(0)
+    fused = GatedDeltaNetForCausalLM(small_config()).double()
+    plain = copy.deepcopy(fused)
+    for param in fused.parameters():
+        setattr(param, ACCUMULATE_IN_PRODUCT, True)
+    batches = [torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def micro_batch(model, i):
+        logits = model(batches[i]).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batches[i].roll(-1, 1).flatten()).backward()
+
+    def same_gradients():
+        for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+    mixer = fused.model.layers[0].attn
+    projections = [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj]
+    for model in (fused, plain):
+        micro_batch(model, 0)
+    buffer = projections[0].weight.grad._base
+    assert buffer is not None and all(p.weight.grad._base is buffer for p in projections)
+    assert plain.model.layers[0].attn.q_proj.weight.grad._base is None  # autograd's own tensor
+    grads = [p.grad for p in fused.parameters()]
+    for model in (fused, plain):
+        micro_batch(model, 1)  # accumulated: the product adds into the buffer
+    assert all(p.grad is g for p, g in zip(fused.parameters(), grads))
+    same_gradients()
+    for set_to_none in (False, True):
+        for model in (fused, plain):
+            model.zero_grad(set_to_none=set_to_none)
+            micro_batch(model, 2)
+        same_gradients()
+    assert projections[0].weight.grad._base is not buffer  # set_to_none: a new buffer
 
 
 def check_fused_projections(device: str) -> None:

@@ -63,13 +63,16 @@ class FusedLinearFunction(torch.autograd.Function):
     step's copies went from 7.7 to 5.9 ms on an H100). The values are those of autocast's cast (both round to
     nearest) and of F.linear in that dtype. Backward computes the weights' gradient in their own dtype where the
     product can write it (fp32 from bf16 operands: cuBLAS accumulates in fp32 either way, and F.linear's path
-    wrote it in bf16 and cast it, a 4.3 ms pass over every weight gradient of a 1.3b step), and splits it.
+    wrote it in bf16 and cast it, a 4.3 ms pass over every weight gradient of a 1.3b step), and splits it. Weights
+    marked for gradient accumulation fusion (accumulation_buffer) get it in their .grad from the product itself,
+    and autograd gets None for them: torch.autograd.grad cannot ask for those weights' gradients.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype, pad: int,
                 *weights: torch.Tensor) -> torch.Tensor:
         ctx.sizes, ctx.dtype = [w.shape[0] for w in weights], weights[0].dtype  # one model, one dtype
+        ctx.weights = weights  # the parameters themselves, for gradient accumulation fusion
         rows = sum(ctx.sizes)
         w = weights[0].new_empty((rows + pad, weights[0].shape[1]), dtype=dtype)
         torch.cat(weights, out=w[:rows])
@@ -93,12 +96,53 @@ class FusedLinearFunction(torch.autograd.Function):
             # mixer's 9228 unpadded rows cuBLAS picks an sm80 kernel, 1.25 ms against 0.81 over the 9280 padded
             # rows (H100, session 11; 12 ms of a step).
             dy2, x2 = dy.reshape(-1, dy.shape[-1]), x_in.reshape(-1, x_in.shape[-1])
-            if ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device):
-                dw_all = torch.mm(dy2.t(), x2, out_dtype=torch.float32)
-            else:
-                dw_all = (dy2.t() @ x2).to(ctx.dtype)
+            in_weight_dtype = x2.dtype == ctx.dtype or (
+                ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device))
+            out_dtype = {"out_dtype": ctx.dtype} if x2.dtype != ctx.dtype else {}
+            found = accumulation_buffer(ctx.weights, dy2.shape[1]) if in_weight_dtype else None
+            if found is not None:  # into the weights' .grad, inside the product; nothing for AccumulateGrad
+                buffer, fresh = found
+                torch.addmm(buffer, dy2.t(), x2, beta=0 if fresh else 1, out=buffer, **out_dtype)
+                return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
+            dw_all = torch.mm(dy2.t(), x2, **out_dtype) if in_weight_dtype else (dy2.t() @ x2).to(ctx.dtype)
             dw = dw_all[:rows].split(ctx.sizes)
         return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
+
+
+# Set by the training engine on the parameters whose gradient it only reads from .grad (the built-in engine, not
+# DeepSpeed, whose hooks on the parameters' gradient accumulation must see every micro batch's gradient).
+ACCUMULATE_IN_PRODUCT = "accumulate_grad_in_product"
+
+
+def accumulation_buffer(weights: tuple[torch.Tensor, ...], rows: int) -> tuple[torch.Tensor, bool] | None:
+    """Gradient accumulation fusion (Megatron-LM's): the [rows, in] buffer whose leading row blocks are the
+    weights' .grad, in order, and whether it is new (its values are to be overwritten, not added to), or None where
+    the product must hand its gradient to autograd instead.
+
+    Every weight must be marked with ACCUMULATE_IN_PRODUCT and need a gradient. Where none has a .grad, a new
+    buffer becomes their .grad (views of it); where each .grad is such a view, in place, of one buffer, that buffer
+    is found again. Anything else (a .grad from autograd, or replaced) is left to autograd, which adds the new
+    gradient into .grad: one more read and write of every gradient per micro batch, which the product's epilogue
+    does instead here (C = A B + C)."""
+    if not all(getattr(w, ACCUMULATE_IN_PRODUCT, False) and w.requires_grad for w in weights):
+        return None
+    grads = [w.grad for w in weights]
+    if all(g is None for g in grads):
+        buffer = torch.empty(rows, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+        start = 0
+        for w in weights:
+            w.grad = buffer[start:start + w.shape[0]]
+            start += w.shape[0]
+        return buffer, True
+    buffer = getattr(grads[0], "_base", None)
+    if buffer is None or buffer.shape != (rows, weights[0].shape[1]) or not buffer.is_contiguous():
+        return None
+    start = 0
+    for w, g in zip(weights, grads):
+        if g is None or g._base is not buffer or g.data_ptr() != buffer[start].data_ptr() or not g.is_contiguous():
+            return None
+        start += w.shape[0]
+    return buffer, False
 
 
 def fused_linear(x: torch.Tensor, weights: list[torch.Tensor], pad: int,

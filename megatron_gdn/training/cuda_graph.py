@@ -13,15 +13,19 @@ reduction, clipping and optimizer step stay outside the graph, eager, as without
 What a graph needs, and how it gets it:
 - Fixed addresses. A replay reads and writes the memory it was captured with. The tokens are copied into a static
   device buffer before each replay; the weights are updated in place by the optimizer (and a checkpoint is loaded
-  into them in place); the gradients are allocated once (zeros) before the first warm-up and never freed:
-  BuiltinDataParallel zeroes them in place (zero_grad(set_to_none=False)) under --cuda-graph, and every call checks
-  that each parameter still holds the same .grad tensor (one that was replaced or freed would be written by the
-  replay after its memory went elsewhere). The loss is a tensor of the graph's memory, overwritten by each replay:
+  into them in place); the gradients are allocated by the first warm-up's backward (zeros at the capture for a
+  parameter still without one) and never freed: BuiltinDataParallel zeroes them in place
+  (zero_grad(set_to_none=False)) under --cuda-graph, and every call after the capture checks that each parameter
+  still holds the same .grad tensor (one that was replaced or freed would be written by the replay after its
+  memory went elsewhere). The backward allocates them so that the plain projections' gradients are the views of
+  one buffer per product that gradient accumulation fusion adds into (models/fused_projection.py); zeros allocated
+  per parameter beforehand would leave the adding to autograd. The loss is a tensor of the graph's memory, overwritten by each replay:
   read it (train_step adds it to the step's total on the GPU) before the next replay.
 - Accumulation. With .grad allocated, autograd's AccumulateGrad adds the new gradient into it in place (a backward
-  without create_graph; it takes the new tensor as .grad only when .grad is None); the capture records that add,
-  so each replay accumulates into .grad and gradient accumulation replays the same graph once per micro batch.
-  0 + g == g, so the gradients equal those of the eager path, which takes the first micro batch's gradient as it is.
+  without create_graph; it takes the new tensor as .grad only when .grad is None), and the fused weight-gradient
+  products add into theirs (C = A B + C); the capture records those adds, so each replay accumulates into .grad
+  and gradient accumulation replays the same graph once per micro batch. 0 + g == g, so the gradients equal those
+  of the eager path, which takes (or writes) the first micro batch's gradient as it is.
 - No host work in the captured region: nothing may wait for the GPU (.item(), .tolist(), a copy to or from pageable
   host memory) or depend on values only the GPU knows. Dense batches qualify (the chunk kernels' tables come from
   the host-known shape, kernels/triton_utils.chunk_tables(dense=...); the tables and the dense offsets are cached by
@@ -111,16 +115,12 @@ class CudaGraphStep:
         self.kernel_tables: tuple | None = None  # cached tensors the graph reads (see _capture)
         self.loss: torch.Tensor | None = None    # the static output
         self.params = list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
-        with torch.no_grad():
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in self.params]  # also keeps their memory alive
+        self.grads: list[torch.Tensor] | None = None  # the .grad tensors the graph writes (set at the capture)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "cu_seqlens" in batch:
             raise ValueError("--cuda-graph cannot replay packed documents (cu_seqlens): drop --reset-state-at-eod")
-        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+        if self.grads is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("--cuda-graph: a parameter's .grad was replaced or set to None (zero_grad must use "
                                "set_to_none=False): the graph accumulates into the tensors it was captured with")
         if self.graph is None and self.eager_calls < self.warmup_calls:
@@ -150,6 +150,11 @@ class CudaGraphStep:
         copies batch's tokens in and replays."""
         from ..kernels.triton_utils import chunk_tables, dense_cu_seqlens
 
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]  # also keeps their memory alive
         self.tokens = torch.empty_like(batch["tokens"], device=self.device)
         # The chunk kernels' offsets and chunk tables of this shape are tensors that only the kernels' lru caches
         # keep; the graph reads them at every replay, so they are held here too (an evicted entry's memory would
