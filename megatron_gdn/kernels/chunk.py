@@ -16,10 +16,11 @@ reach memory (the fused path); when it has few, or K is large (``split_o``), it 
 and ``o`` computes the output with one program per chunk, head and block of V (the split path). A forward that
 needs gradients takes the split path and keeps the states for the backward, up to KEEP_STATES_MAX_BYTES. Backward
 reuses the forward's G, beta, Ai, w, Aqk and the states (past that budget it recomputes them with the forward
-scan, from u), runs the reverse scan (dS per chunk, dvn, dh0), then ``dqk_intra`` (per chunk: the gradient of the
-intra-chunk q k^T), ``dqkw`` (per chunk and 64 columns of K: dq, dk and dw from the states, the intra-chunk terms,
-and part of dG) and ``wy`` (per chunk: back through Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse
-cumsum that turns dG into dg, and the gradients of the fused gate and beta sigmoid).
+scan, from u), runs the reverse scan (dS per chunk, dvn, dh0), then, for K > 64, ``dqk_intra`` (per chunk: the
+gradient of the intra-chunk q k^T, which dqkw computes itself where K is one 64-column block), ``dqkw`` (per chunk and
+64 columns of K: dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back
+through Ai to dk, dv, dbeta, the rest of dG, the within-chunk reverse cumsum that turns dG into dg, and the gradients
+of the fused gate and beta sigmoid).
 
 Conventions: every exp() takes a difference of cumulative log decays that is <= 0 (a masked entry gets
 exponent 0 through tl.where, then is zeroed with tl.where, never multiplied by a mask); states, G, beta and
