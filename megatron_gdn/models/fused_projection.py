@@ -135,13 +135,15 @@ def accumulation_buffer(weights: tuple[torch.Tensor, ...], rows: int) -> tuple[t
             start += w.shape[0]
         return buffer, True
     buffer = getattr(grads[0], "_base", None)
-    if buffer is None or buffer.shape != (rows, weights[0].shape[1]) or not buffer.is_contiguous():
+    cols = weights[0].shape[1]
+    if buffer is None or buffer.shape != (rows, cols) or not buffer.is_contiguous():
         return None
-    start = 0
+    # Checked on every backward: storage offsets, not views of the buffer (an eager small step is bound by the host)
+    start = buffer.storage_offset()
     for w, g in zip(weights, grads):
-        if g is None or g._base is not buffer or g.data_ptr() != buffer[start].data_ptr() or not g.is_contiguous():
+        if g is None or g._base is not buffer or g.storage_offset() != start or not g.is_contiguous():
             return None
-        start += w.shape[0]
+        start += w.shape[0] * cols
     return buffer, False
 
 
