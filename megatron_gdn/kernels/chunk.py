@@ -825,9 +825,10 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
     # One K block computes d(q k^T) inside dqkw (INTRA); several read it from dqk_intra, once per chunk and head.
-    # At K = 64 (B8 T4096 H12 V128, the small preset) dqk_intra took 0.11 of the 0.49 ms the two took (H100).
+    # At K = 64 (B8 T4096 H12 V128, the small preset) dqk_intra took 0.11 of the 0.49 ms the two took, and the
+    # small --cuda-graph step lost 2.5 ms with INTRA (H100, session 12).
     intra = NK == 1
-    dqk = G
+    dqk = G  # unread with INTRA
     if not intra:
         dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
         chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
