@@ -51,7 +51,7 @@ def fp32_products_of_bf16(device: torch.device) -> bool:
     try:
         one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
         return torch.addmm(torch.zeros(1, 1, device=device), one, one, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, NotImplementedError, TypeError):
+    except (RuntimeError, NotImplementedError, TypeError):  # no such kernel on this device; TypeError: no out_dtype
         return False
 
 

@@ -100,12 +100,12 @@ class FusedLinearFunction(torch.autograd.Function):
                 ctx.dtype == torch.float32 and x2.dtype == torch.bfloat16 and fp32_products_of_bf16(x2.device))
             out_dtype = {"out_dtype": ctx.dtype} if x2.dtype != ctx.dtype else {}
             found = accumulation_buffer(ctx.weights, dy2.shape[1]) if in_weight_dtype else None
-            if found is not None:  # into the weights' .grad, inside the product; nothing for AccumulateGrad
+            if found is not None:  # into the weights' .grad, inside the product; None for AccumulateGrad
                 buffer, fresh = found
                 torch.addmm(buffer, dy2.t(), x2, beta=0 if fresh else 1, out=buffer, **out_dtype)
-                return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
-            dw_all = torch.mm(dy2.t(), x2, **out_dtype) if in_weight_dtype else (dy2.t() @ x2).to(ctx.dtype)
-            dw = dw_all[:rows].split(ctx.sizes)
+            else:
+                dw_all = torch.mm(dy2.t(), x2, **out_dtype) if in_weight_dtype else (dy2.t() @ x2).to(ctx.dtype)
+                dw = dw_all[:rows].split(ctx.sizes)
         return (dx, dy if ctx.needs_input_grad[1] else None, None, None, *dw)
 
 
