@@ -84,16 +84,14 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
 
 def chunk_runs(dtype: str) -> list:
     """The chunk kernels at K = V = 128 (the scans and o also at K = 256), with the configurations chunk.py launches.
-    The autotuned ones (wu, dqkw, wy, scans, o) skip a config that raises OutOfResources, so an OVER row there only
+    The autotuned ones (intra, dqkw, wy, scans, o) skip a config that raises OutOfResources, so an OVER row there only
     fails when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
     precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
-    runs = [("intra", C.chunk_intra_kernel, dict(H=4, HV=8, K=128, BT=64, BC=C.SUB_CHUNK, BK=64,
-                                                 PRECISION=precision, **gate), cfg.num_warps, 3)
-             for cfg in C.INTRA_CONFIGS]
-    runs += [(f"wu BK=BV={cfg.kwargs['BK']}", C.chunk_wu_kernel, dict(base, **cfg.kwargs), cfg.num_warps,
-              cfg.num_stages) for cfg in C.WU_CONFIGS]
+    runs = [(f"intra BW={cfg.kwargs['BW']}", C.chunk_intra_kernel, dict(base, BC=C.SUB_CHUNK, BK=64,
+                                                                       PRECISION=precision, **gate, **cfg.kwargs),
+             cfg.num_warps, 3) for cfg in C.INTRA_CONFIGS]
     wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
     runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
               3)]

@@ -9,8 +9,8 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
     o     = scale gamma q S + Aqk vn
     S'    = exp(G_last) S + (k exp(G_last - G))^T vn
 
-Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored), ``wu`` (per
-chunk and head, from Ai: w, u, Aqk), then ``scan`` (one program per sequence, head and block of V columns: the
+Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored, then from
+them w, u and Aqk), then ``scan`` (one program per sequence, head and block of V columns: the
 sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk states never
 reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states and vn instead
 and ``o`` computes the output with one program per chunk, head and block of V (the split path). A forward that
@@ -127,27 +127,35 @@ def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: t
     store_rows(Ai, b_X, t0 + i * BB, eos, i_hv, HV, BT, j * BB + tl.arange(0, BB), BB)
 
 
-# The per-program work differs a lot with the head dim; the warps are tuned per shape. The [16, 16] tiles are
-# replicated across warps, so more warps barely lower the registers per thread (bf16, K = 128: 247 at 2 warps,
-# 248 at 4, 192 at 8, no spills; kernel_resources.py), while 2 warps let several programs share an SM.
-INTRA_CONFIGS = [triton.Config({}, num_warps=nw) for nw in (4, 8, 2)]
+# The per-program work differs a lot with the head dim; the warps are tuned per shape, with the width BW of the
+# column blocks of w, u and Aqk's products. The inverse's [16, 16] tiles are replicated across warps, so more warps
+# barely lower the registers per thread (bf16, K = 128: 247 at 2 warps, 248 at 4, 192 at 8, no spills, before w, u
+# and Aqk moved into this kernel; kernel_resources.py), while 2 warps let several programs share an SM. The
+# separate w / u kernel took 64-wide blocks at 8 warps on an H200, 32-wide at 8 or 4 elsewhere.
+INTRA_CONFIGS = [triton.Config({"BW": bw}, num_warps=nw) for bw, nw in ((32, 4), (64, 8), (32, 8), (32, 2))]
 
 
-@triton.autotune(configs=configs(INTRA_CONFIGS), key=["H", "HV", "K", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
+@triton.autotune(configs=configs(INTRA_CONFIGS),
+                 key=["H", "HV", "K", "V", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
 @triton.jit
-def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, chunk_indices,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                       BK: tl.constexpr, GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                       BETA_SCALE: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, and Ai = (I + A)^-1.
+def chunk_intra_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w, u, cu_seqlens, chunk_indices,
+                       scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
+                       GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, Ai = (I + A)^-1, then from them
+    w, u and Aqk (wu_tiles).
 
     The chunk is cut into 4 blocks of BB = BT / 4 rows, and everything is computed on [BB, BB] tiles: the 10
     blocks of k k^T on or below the diagonal, the inverses of the 4 diagonal blocks of I + A (unit_lower_inverse),
     then the blocks below the diagonal by block forward substitution,
         Ai_ij = -Ai_ii sum_{j <= m < i} A_im Ai_mj,
     16 small products where whole-tile merges took 8 products of [BT, BT] tiles and masked most of their
-    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for chunk_wu_kernel and
-    for the backward, which then never inverts again.
+    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for the backward, which
+    then never inverts again, and read back here by wu_tiles after a barrier of the whole program (as
+    triton_utils.transpose_via_scratch reads its tile), with G and beta: the [16, 16] blocks of the inverse are
+    not one tile, and the rows each thread stored are not the rows it reads. One kernel instead of two saves
+    reading k, G, beta and Ai once more from memory, and a launch.
     """
     tl.static_assert(BT == 64, "the block solve is written for 4 blocks of 16 rows")
     BB: tl.constexpr = BT // 4
@@ -228,22 +236,14 @@ def chunk_intra_kernel(k, g, beta, A_log, dt_bias, G, beta_out, Ai, cu_seqlens, 
     store_block(Ai, a31, t0, eos, i_hv, HV, BT, 3, 1, BB)
     store_block(Ai, a32, t0, eos, i_hv, HV, BT, 3, 2, BB)
     store_block(Ai, i3, t0, eos, i_hv, HV, BT, 3, 3, BB)
+    tl.debug_barrier()  # every thread's Ai, G and beta stored (bar.sync: also visible to the program's threads)
+    wu_tiles(q, k, v, G, beta_out, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H, HV, K, V, BT, BW, BW)
 
 
-# None spills at K = V = 128 (benchmarks/kernel_resources.py); on the H200 the tuner took 64-wide blocks, 8 warps.
-WU_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=nw) for bk, bv, nw in ((32, 32, 8), (64, 64, 8),
-                                                                                  (32, 32, 4))]
-
-
-@triton.autotune(configs=configs(WU_CONFIGS), key=["H", "HV", "K", "V"])
 @triton.jit
-def chunk_wu_kernel(q, k, v, G, beta, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def wu_tiles(q, k, v, G, beta, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H: tl.constexpr, HV: tl.constexpr,
+             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """One chunk of one value head, from the stored inverse: w, u and Aqk (see the module docstring)."""
-    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
     DT = k.dtype.element_ty
     o_t = tl.arange(0, BT)
     r, c = o_t[:, None], o_t[None, :]
@@ -640,32 +640,23 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(triton.next_power_of_2(n), least)
 
 
-def _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale):
-    """Launch chunk_intra_kernel on packed [rows, heads, dim] inputs: (G, beta, Ai)."""
-    rows, H, K = k.shape
-    HV = g.shape[1]
-    G = torch.empty(rows, HV, dtype=torch.float32, device=k.device)
-    beta_f = torch.empty_like(G)
-    Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device)
-    chunk_intra_kernel[(len(chunk_indices), HV)](
-        k, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G, G, beta_f, Ai,
-        cu_seqlens, chunk_indices, H=H, HV=HV, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=min(_pow2(K), 64),
-        GATE_IN_KERNEL=gate_in_kernel, BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0,
-        PRECISION=merge_precision(k.dtype))
-    return G, beta_f, Ai
-
-
-def _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices):
-    """Launch chunk_wu_kernel: (Aqk, w, u)."""
+def _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale):
+    """Launch chunk_intra_kernel on packed [rows, heads, dim] inputs: (G, beta, Ai, Aqk, w, u)."""
     rows, H, K = k.shape
     HV, V = v.shape[1:]
-    Aqk = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=k.device)
-    w = torch.empty(rows, HV, K, dtype=k.dtype, device=k.device)
-    u = torch.empty(rows, HV, V, dtype=k.dtype, device=k.device)
-    chunk_wu_kernel[(len(chunk_indices), HV)](
-        q, k, v, G, beta_f, Ai, Aqk, w, u, cu_seqlens, chunk_indices, scale,
-        H=H, HV=HV, K=K, V=V, BT=CHUNK)
-    return Aqk, w, u
+    dev = k.device
+    G = torch.empty(rows, HV, dtype=torch.float32, device=dev)
+    beta_f = torch.empty_like(G)
+    Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=dev)
+    Aqk = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=dev)
+    w = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)
+    u = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
+    chunk_intra_kernel[(len(chunk_indices), HV)](
+        q, k, v, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G, G, beta_f, Ai, Aqk, w, u,
+        cu_seqlens, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=min(_pow2(K), 64),
+        GATE_IN_KERNEL=gate_in_kernel, BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0,
+        PRECISION=merge_precision(k.dtype))
+    return G, beta_f, Ai, Aqk, w, u
 
 
 def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
@@ -770,8 +761,8 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     """
     chunk_indices, chunk_offsets = tables
     num_chunks = len(chunk_indices)
-    G, beta_f, Ai = _intra(k, g, beta, A_log, dt_bias, cu_seqlens, chunk_indices, A_log is not None, beta_scale)
-    Aqk, w, u = _wu(q, k, v, G, beta_f, Ai, scale, cu_seqlens, chunk_indices)
+    G, beta_f, Ai, Aqk, w, u = _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices,
+                                      A_log is not None, beta_scale)
     HV, V = v.shape[1:]
     K = k.shape[2]
     keep = need_grad and keep_states(num_chunks, HV, K, V, k.element_size())
@@ -860,8 +851,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     Saves the (normalised) inputs and, from the forward, G, beta, the inverse Ai and Aqk (BT values per token and
     value head each), w (K per token and value head), and either the per-chunk states with vn (chunk_fwd: within
     KEEP_STATES_MAX_BYTES) or u (V per token and value head), from which the backward recomputes them. Keeping w
-    and Aqk saves the backward a launch of the wu kernel, which had to read q, k, v and Ai again (H100, B16 T2048
-    H32 K128 V128: 0.69 ms of a 10.0 ms forward+backward); keeping the states saves it the forward scan.
+    and Aqk saves the backward computing them again, which read q, k, v and Ai again (H100, B16 T2048 H32 K128
+    V128: 0.69 ms of a 10.0 ms forward+backward, as a kernel of its own); keeping the states saves it the forward
+    scan.
     """
 
     @staticmethod
