@@ -136,7 +136,9 @@ def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, db
     b_w = tap_weights(weight, o_d, D, W, WP)
     b_dw = tl.zeros([BT, WP, BD], dtype=tl.float32)
     b_db = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(BLOCKS):
+    # Software-pipelined, 3 stages: the next blocks' loads are in flight while this one computes. The plain loop
+    # waited on each block's loads (session 13, H200: 104 -> 76 us for `small`'s q, 146 -> 126 for its v)
+    for j in tl.range(BLOCKS, num_stages=3):
         o_t = (i_s * BLOCKS + j) * BT + tl.arange(0, BT)
         b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
         b_a = conv_preact(b_x, b_w, bias, o_d, D, HAS_BIAS)
