@@ -19,7 +19,8 @@ Forward: one program per (block of tokens, block of channels, sequence). Backwar
 - short_conv_bwd_dx_kernel, per block of *input* rows, which start W - 1 rows before x so that the first program
   also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps not cut at t + s.
 Per token and channel that reads x, dy and dpre once and writes dpre and dx once (10 bytes in bf16). On an H100
-the 36 backward calls of a `small` training step take 5.9 ms. History: three kernels, the weight gradient apart
+the 36 backward calls of a `small` training step took 5.9 ms; on an H200 5.7, and 4.7 since dpre's loop over its
+strip is software-pipelined (session 13). History: three kernels, the weight gradient apart
 (14 bytes), 8.0 ms; one kernel that recomputed dpre at the W shifted row blocks (6 bytes, W x W loads), slower
 still; an earlier version reduced across rows W times per block: 7 times the forward's time. Decoding one token
 has its own kernel (short_conv_silu_step), which also shifts the cached inputs.
