@@ -74,23 +74,26 @@ def _worker(names: list[str]) -> dict:
 
 def rmsnorm_errors() -> dict:
     """Triton against torch, with a contiguous gate and with the gate a column slice of a wider tensor (the fused
-    projection's layout: tokens 107 elements apart, heads 48)."""
+    projection's layout: tokens 107 elements apart, heads 48). Heads of 300 take the backward's other tiles
+    (rmsnorm.bwd_tiles: 8 rows of 512 columns), 9 rows of them a partial last block."""
     from megatron_gdn.kernels import gated_rmsnorm
     from kernel_cases import rel_rms
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 2, 48, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(48)).requires_grad_()
-    dy = torch.randn(3, 5, 2, 48)
     errors = {}
-    for layout, z in (("", torch.randn(3, 5, 2, 48, requires_grad=True)),
-                      ("_sliced", torch.randn(3, 5, 107, requires_grad=True))):
-        out = {}
-        for backend in ("triton", "torch"):
-            gate = z if not layout else z[..., 5:101].view(3, 5, 2, 48)
-            y = gated_rmsnorm(x, gate, w, 1e-5, backend=backend)
-            out[backend] = [y, *torch.autograd.grad((y * dy).sum(), (x, z, w))]
-        errors |= {n + layout: rel_rms(a, b)
-                   for n, a, b in zip(("o", "dx", "dgate", "dweight"), out["triton"], out["torch"])}
+    for shape, width, cut in (((3, 5, 2, 48), 107, 5), ((1, 3, 3, 300), 950, 25)):
+        *lead, H, D = shape
+        x = torch.randn(shape, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(D)).requires_grad_()
+        dy = torch.randn(shape)
+        for layout, z in (("", torch.randn(shape, requires_grad=True)),
+                          ("_sliced", torch.randn(*lead, width, requires_grad=True))):
+            out = {}
+            for backend in ("triton", "torch"):
+                gate = z if not layout else z[..., cut:cut + H * D].view(shape)
+                y = gated_rmsnorm(x, gate, w, 1e-5, backend=backend)
+                out[backend] = [y, *torch.autograd.grad((y * dy).sum(), (x, z, w))]
+            errors |= {f"{n}{layout}_D{D}": rel_rms(a, b)
+                       for n, a, b in zip(("o", "dx", "dgate", "dweight"), out["triton"], out["torch"])}
     return errors
 
 
