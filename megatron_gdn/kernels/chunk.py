@@ -241,12 +241,25 @@ def chunk_intra_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w
 
 
 @triton.jit
+def decayed_causal(b_x, b_G, scale, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """scale * X_ij exp(G_i - G_j) where i >= j, else 0: the intra-chunk attention's decay and mask, on a [BT, BT]
+    tile X of query rows i and key columns j. TRANSPOSED: the tile holds X^T (entry [j, i] is pair (i, j))."""
+    o_t = tl.arange(0, BT)
+    if TRANSPOSED:
+        m = o_t[None, :] >= o_t[:, None]
+        b_d = b_G[None, :] - b_G[:, None]
+    else:
+        m = o_t[:, None] >= o_t[None, :]
+        b_d = b_G[:, None] - b_G[None, :]
+    return tl.where(m, b_x * tl.exp(tl.where(m, b_d, 0.)), 0.) * scale
+
+
+@triton.jit
 def wu_tiles(q, k, v, G, beta, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H: tl.constexpr, HV: tl.constexpr,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """One chunk of one value head, from the stored inverse: w, u and Aqk (see the module docstring)."""
     DT = k.dtype.element_ty
     o_t = tl.arange(0, BT)
-    r, c = o_t[:, None], o_t[None, :]
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=t0 + o_t < eos, other=0.)
     b_bg = b_beta * tl.exp(b_G)  # [BT]
@@ -261,8 +274,7 @@ def wu_tiles(q, k, v, G, beta, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H: tl.c
         o_v = i_v * BV + tl.arange(0, BV)
         b_v = load_rows(v, t0, eos, i_hv, HV, V, o_v, BT)  # [BT, BV]
         store_rows(u, tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT)), t0, eos, i_hv, HV, V, o_v, BT)
-    b_qk = tl.where(r >= c, b_qk * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)) * scale, 0.)
-    store_rows(Aqk, b_qk, t0, eos, i_hv, HV, BT, o_t, BT)
+    store_rows(Aqk, decayed_causal(b_qk, b_G, scale, BT, False), t0, eos, i_hv, HV, BT, o_t, BT)
 
 
 # Few programs (long sequences, few heads) want narrow V blocks; many programs want wide ones. Every config is
@@ -435,14 +447,12 @@ def chunk_bwd_dqk_intra_kernel(vn, do, G, dqk, cu_seqlens, chunk_indices, scale,
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     _, t0, eos = chunk_coords(cu_seqlens, chunk_indices, i_t, BT)
     o_t = tl.arange(0, BT)
-    r, c = o_t[:, None], o_t[None, :]
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO vn^T (the gradient of Aqk)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         b_ds += tl.dot(load_rows(do, t0, eos, i_hv, HV, V, o_v, BT), load_rows_t(vn, t0, eos, i_hv, HV, V, o_v, BT))
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
-    b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
-    store_rows(dqk, b_dsg, t0, eos, i_hv, HV, BT, o_t, BT)
+    store_rows(dqk, decayed_causal(b_ds, b_G, scale, BT, False), t0, eos, i_hv, HV, BT, o_t, BT)
 
 
 # dqkw was half of the backward's time (B4 T4096 H16 on an H100: 1.03 of 1.92 ms, at BV 64, 8 warps, 3 stages and
@@ -524,10 +534,9 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - b_sk
     b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
-    # d(q k^T) of the intra-chunk attention (chunk_bwd_dqk_intra_kernel's decay, mask and scale), and its transpose
-    r, c = o_t[:, None], o_t[None, :]
+    # d(q k^T) of the intra-chunk attention (decayed_causal, as chunk_bwd_dqk_intra_kernel stores it), and its transpose
     if INTRA:
-        b_dsg = tl.where(r >= c, b_ds * tl.exp(tl.where(r >= c, b_G[:, None] - b_G[None, :], 0.)), 0.) * scale
+        b_dsg = decayed_causal(b_ds, b_G, scale, BT, False)
     else:
         b_dsg = load_rows(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     b_P = b_dsg * tl.dot(b_q, load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))  # dAqk * Aqk (this K block)
@@ -535,7 +544,7 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     tl.store(dG + (i_k * ROWS + t0 + o_t) * HV + i_hv, b_dG, mask=m_t)
     store_rows(dq, b_dq + tl.dot(b_dsg.to(DT), b_k), t0, eos, i_hv, HV, K, o_k, BT)
     if INTRA:
-        b_dstg = tl.where(c >= r, b_dst * tl.exp(tl.where(c >= r, b_G[None, :] - b_G[:, None], 0.)), 0.) * scale
+        b_dstg = decayed_causal(b_dst, b_G, scale, BT, True)
     else:
         b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
