@@ -157,15 +157,15 @@ def breakdown(xs):
     ci, co = C.chunk_tables(cu)
     scale = K ** -0.5
     intra = lambda: C._intra(q, k, v, g, beta, None, None, scale, cu, ci, False, None)  # noqa: E731
-    G, beta_f, Ai, Aqk, w, u = intra()
+    G, beta_f, Ai, Aqk, u = intra()
     # both forward paths, whichever chunk.split_o picks: the fused scan (o inside), or the scan storing the
     # states and vn followed by the o kernel (the split path)
-    scan = lambda split: C._scan_fwd(q, k, w, u, G, Aqk, None, cu, co, len(ci), scale, False,  # noqa: E731
+    scan = lambda split: C._scan_fwd(q, k, Ai, beta_f, u, G, Aqk, None, cu, co, len(ci), scale, False,  # noqa: E731
                                      store_states=split)
     _, h, vn, _ = scan(True)
     o = lambda: C._o(q, h, vn, G, Aqk, scale, cu, ci)  # noqa: E731
     ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
-    times = {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra (with w, u, Aqk)": ms(intra),
+    times = {"l2norm(q)": ms(lambda: l2norm_fwd(q)), "intra (with u, Aqk)": ms(intra),
              "intra config": str(C.chunk_intra_kernel.best_config),
              "path taken": "split" if C.split_o(B, v.shape[1], K, v.shape[2], C.sm_count(q.device)) else "fused",
              "scan (fused o)": ms(lambda: scan(False))}

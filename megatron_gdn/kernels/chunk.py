@@ -9,13 +9,17 @@ BT = 64 tokens of one value head, with G the chunk-local cumulative log decay, g
     o     = scale gamma q S + Aqk vn
     S'    = exp(G_last) S + (k exp(G_last - G))^T vn
 
+w is never stored: the scans compute w S as Ai (beta gamma (k S)) and, backward, w^T dvn as k^T (beta gamma (Ai^T
+dvn)), reading the chunk's [64, 64] Ai where w is a [64, K] tile, and k, which they read anyway, in both orientations
+from one tile (see SCAN_BWD_CONFIGS for what that saved).
+
 Forward: ``intra`` (one program per chunk and head: gate, cumsum, beta, A and its inverse Ai, stored, then from
-them w, u and Aqk), then ``scan`` (one program per sequence, head and block of V columns: the
+them u and Aqk), then ``scan`` (one program per sequence, head and block of V columns: the
 sequential pass over chunks). When the scan has many programs, it also writes o, so the per-chunk states never
 reach memory (the fused path); when it has few, or K is large (``split_o``), it stores the states and vn instead
 and ``o`` computes the output with one program per chunk, head and block of V (the split path). A forward that
 needs gradients takes the split path and keeps the states for the backward, up to KEEP_STATES_MAX_BYTES. Backward
-reuses the forward's G, beta, Ai, w, Aqk and the states (past that budget it recomputes them with the forward
+reuses the forward's G, beta, Ai, Aqk and the states (past that budget it recomputes them with the forward
 scan, from u), runs the reverse scan (dS per chunk, dvn, dh0), then, for K > 64, ``dqk_intra`` (per chunk: the
 gradient of the intra-chunk q k^T, which dqkw computes itself where K is one 64-column block), ``dqkw`` (per chunk and
 64 columns of K: dq, dk and dw from the states, the intra-chunk terms, and part of dG) and ``wy`` (per chunk: back
@@ -128,7 +132,7 @@ def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: t
 
 
 # The per-program work differs a lot with the head dim; the warps are tuned per shape, with the width BW of the
-# column blocks of w, u and Aqk's products. The inverse's [16, 16] tiles are replicated across warps, so more warps
+# column blocks of u and Aqk's products. The inverse's [16, 16] tiles are replicated across warps, so more warps
 # barely lower the registers per thread (bf16, K = 128: 247 at 2 warps, 248 at 4, 192 at 8, no spills, before w, u
 # and Aqk moved into this kernel; kernel_resources.py), while 2 warps let several programs share an SM. The
 # separate w / u kernel took 64-wide blocks at 8 warps on an H200, 32-wide at 8 or 4 elsewhere.
@@ -138,21 +142,21 @@ INTRA_CONFIGS = [triton.Config({"BW": bw}, num_warps=nw) for bw, nw in ((32, 4),
 @triton.autotune(configs=configs(INTRA_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "GATE_IN_KERNEL", "BETA_SIGMOID"])
 @triton.jit
-def chunk_intra_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w, u, cu_seqlens, chunk_indices,
+def chunk_intra_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, u, cu_seqlens, chunk_indices,
                        scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
                        GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr,
                        PRECISION: tl.constexpr):
     """One chunk of one value head: G (the chunk-local cumsum of the gate), beta, Ai = (I + A)^-1, then from them
-    w, u and Aqk (wu_tiles).
+    u and Aqk (u_aqk_tiles).
 
     The chunk is cut into 4 blocks of BB = BT / 4 rows, and everything is computed on [BB, BB] tiles: the 10
     blocks of k k^T on or below the diagonal, the inverses of the 4 diagonal blocks of I + A (unit_lower_inverse),
     then the blocks below the diagonal by block forward substitution,
         Ai_ij = -Ai_ii sum_{j <= m < i} A_im Ai_mj,
     16 small products where whole-tile merges took 8 products of [BT, BT] tiles and masked most of their
-    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for the backward, which
-    then never inverts again, and read back here by wu_tiles after a barrier of the whole program (as
+    entries away. Ai is stored (input dtype, [rows, HV, BT], zeros above the diagonal) for the scans and the
+    backward, which then never inverts again, and read back here by u_aqk_tiles after a barrier of the whole program (as
     triton_utils.transpose_via_scratch reads its tile), with G and beta: the [16, 16] blocks of the inverse are
     not one tile, and the rows each thread stored are not the rows it reads. One kernel instead of two saves
     reading k, G, beta and Ai once more from memory, and a launch.
@@ -237,7 +241,7 @@ def chunk_intra_kernel(q, k, v, g, beta, A_log, dt_bias, G, beta_out, Ai, Aqk, w
     store_block(Ai, a32, t0, eos, i_hv, HV, BT, 3, 2, BB)
     store_block(Ai, i3, t0, eos, i_hv, HV, BT, 3, 3, BB)
     tl.debug_barrier()  # every thread's Ai, G and beta stored (bar.sync: also visible to the program's threads)
-    wu_tiles(q, k, v, G, beta_out, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H, HV, K, V, BT, BW, BW)
+    u_aqk_tiles(q, k, v, beta_out, G, Ai, Aqk, u, t0, eos, i_h, i_hv, scale, H, HV, K, V, BT, BW, BW)
 
 
 @triton.jit
@@ -255,20 +259,17 @@ def decayed_causal(b_x, b_G, scale, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def wu_tiles(q, k, v, G, beta, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H: tl.constexpr, HV: tl.constexpr,
-             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """One chunk of one value head, from the stored inverse: w, u and Aqk (see the module docstring)."""
+def u_aqk_tiles(q, k, v, beta, G, Ai, Aqk, u, t0, eos, i_h, i_hv, scale, H: tl.constexpr, HV: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One chunk of one value head, from the stored inverse: u and Aqk (see the module docstring)."""
     DT = k.dtype.element_ty
     o_t = tl.arange(0, BT)
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=t0 + o_t < eos, other=0.)
-    b_bg = b_beta * tl.exp(b_G)  # [BT]
     b_Ai = load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
-        store_rows(w, tl.dot(b_Ai, (b_k * b_bg[:, None]).to(DT)), t0, eos, i_hv, HV, K, o_k, BT)
         b_qk += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), load_rows_t(k, t0, eos, i_h, H, K, o_k, BT))
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -285,8 +286,14 @@ def wu_tiles(q, k, v, G, beta, Ai, Aqk, w, u, t0, eos, i_h, i_hv, scale, H: tl.c
 # so the Triton path takes fp32 inputs up to FP32_MAX_HEAD_DIM only (kernels/__init__.py falls back or says so).
 # The forward also tries 4 warps at BV 32 / 64 and 3 stages: at B1 T32768 H16 (32 programs at BV 64) the autotuner
 # took (16, 4, 3), and the states scan went from about 1.0 to 0.49 ms (H100, session 7): one warp group per program
-# has no cross-group barrier in the chain of dependent products, and the third stage loads w, u and k two chunks
+# has no cross-group barrier in the chain of dependent products, and the third stage loads Ai, u and k two chunks
 # ahead. The backward scan tries the same 4-warp ones at BV 16 / 32 (BV 64 at 4 warps needs 255 registers there).
+# Each scan program reads the chunk's [64, K] tiles for its BV columns only, so at K = 256 the scans are bound by
+# those reads (from L2): they read k once for both of its orientations, and Ai ([64, 64]) where they read w
+# ([64, K]) until session 14, at the price of one more small product in the chain of each step. With that change
+# (one H200, do_bench, bf16, the kernels alone): the reverse scan B4 T4096 H6 K256 V512 (the 1.3b preset) 811 ->
+# 702 us, B8 T4096 H12 K64 V128 (small) 312 -> 214, B4 T4096 H16 K128 V128 250 -> 242; the states scan 426 -> 403,
+# 138 -> 141 and 151 -> 138 us.
 SCAN_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                     for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 4, 2), (32, 4, 3),
                                        (16, 4, 3))]
@@ -328,7 +335,7 @@ def load_state(ptr, i_n, i_hv, p_s, m_s, HV: tl.constexpr, K: tl.constexpr, V: t
                  key=["H", "HV", "K", "V", "BK", "NSEQ", "STORE_O", "STORE_STATES"],
                  restore_value=[])
 @triton.jit
-def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chunk_offsets, scale, NSEQ,
+def chunk_scan_fwd_kernel(q, k, Ai, beta, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chunk_offsets, scale, NSEQ,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_O: tl.constexpr,
@@ -348,18 +355,21 @@ def chunk_scan_fwd_kernel(q, k, w, u, G, Aqk, h0, o, ht, h, vn, cu_seqlens, chun
         m_t = t0 + o_t < eos
         if STORE_STATES:
             tl.store(h + ((c0 + i_c) * HV + i_hv) * K * V + p_s, b_S.to(h.dtype.element_ty), mask=m_s)
-        b_w = load_rows(w, t0, eos, i_hv, HV, K, o_k, BT)  # [BT, BK]
-        b_vn = load_rows(u, t0, eos, i_hv, HV, V, o_v, BT).to(tl.float32) - tl.dot(b_w, b_S.to(DT))  # [BT, BV]
+        b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
+        b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
+        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * tl.exp(b_G)
+        # vn = u - w S, with w S = Ai (beta gamma (k S))
+        b_wS = tl.dot(load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT), (tl.dot(b_k, b_S.to(DT)) * b_bg[:, None]).to(DT))
+        b_vn = load_rows(u, t0, eos, i_hv, HV, V, o_v, BT).to(tl.float32) - b_wS  # [BT, BV]
         if STORE_STATES:
             store_rows(vn, b_vn, t0, eos, i_hv, HV, V, o_v, BT)
-        b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
         if STORE_O:
             b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)
             b_Aqk = load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT)
             b_o = tl.dot(b_q, b_S.to(DT)) * (scale * tl.exp(b_G))[:, None] + tl.dot(b_Aqk, b_vn.to(DT))
             store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
         b_vn = b_vn * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
-        b_S = b_S * tl.exp(b_Glast) + tl.dot(load_rows_t(k, t0, eos, i_h, H, K, o_k, BT), b_vn.to(DT))
+        b_S = b_S * tl.exp(b_Glast) + tl.dot(tl.trans(b_k), b_vn.to(DT))  # a loaded tile's transpose
     if STORE_HT:
         tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
 
@@ -404,7 +414,7 @@ def chunk_o_kernel(q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale,
 @triton.autotune(configs=configs(SCAN_BWD_CONFIGS),
                  key=["H", "HV", "K", "V", "BK", "NSEQ"], restore_value=[])
 @triton.jit
-def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, chunk_offsets, scale, NSEQ,
+def chunk_scan_bwd_kernel(q, k, Ai, beta, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, chunk_offsets, scale, NSEQ,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
@@ -427,9 +437,11 @@ def chunk_scan_bwd_kernel(q, k, w, G, Aqk, do, dht, dh0, dh, dvn, cu_seqlens, ch
         b_dvn = tl.dot(b_AqkT, b_do) \
             + tl.dot(b_k, b_dS.to(DT)) * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
         store_rows(dvn, b_dvn, t0, eos, i_hv, HV, V, o_v, BT)
+        # w^T dvn = k^T (beta gamma (Ai^T dvn))
+        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * tl.exp(b_G)
+        b_x = tl.dot(load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT), b_dvn.to(DT)) * b_bg[:, None]  # [BT, BV]
         b_qt = load_rows_t(q, t0, eos, i_h, H, K, o_k, BT) * (scale * tl.exp(b_G))[None, :]  # [BK, BT]
-        b_wt = load_rows_t(w, t0, eos, i_hv, HV, K, o_k, BT)
-        b_dS = b_dS * tl.exp(b_Glast) + tl.dot(b_qt.to(DT), b_do.to(DT)) - tl.dot(b_wt, b_dvn.to(DT))
+        b_dS = b_dS * tl.exp(b_Glast) + tl.dot(b_qt.to(DT), b_do.to(DT)) - tl.dot(tl.trans(b_k), b_x.to(DT))
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + p_s, b_dS, mask=m_s)
 
@@ -650,7 +662,7 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 def _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, gate_in_kernel, beta_scale):
-    """Launch chunk_intra_kernel on packed [rows, heads, dim] inputs: (G, beta, Ai, Aqk, w, u)."""
+    """Launch chunk_intra_kernel on packed [rows, heads, dim] inputs: (G, beta, Ai, Aqk, u)."""
     rows, H, K = k.shape
     HV, V = v.shape[1:]
     dev = k.device
@@ -658,17 +670,16 @@ def _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, g
     beta_f = torch.empty_like(G)
     Ai = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=dev)
     Aqk = torch.empty(rows, HV, CHUNK, dtype=k.dtype, device=dev)
-    w = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)
     u = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
     chunk_intra_kernel[(len(chunk_indices), HV)](
-        q, k, v, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G, G, beta_f, Ai, Aqk, w, u,
+        q, k, v, g, beta, A_log if gate_in_kernel else G, dt_bias if gate_in_kernel else G, G, beta_f, Ai, Aqk, u,
         cu_seqlens, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=min(_pow2(K), 64),
         GATE_IN_KERNEL=gate_in_kernel, BETA_SIGMOID=beta_scale is not None, BETA_SCALE=beta_scale or 1.0,
         PRECISION=merge_precision(k.dtype))
-    return G, beta_f, Ai, Aqk, w, u
+    return G, beta_f, Ai, Aqk, u
 
 
-def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
+def _scan_fwd(q, k, Ai, beta, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
               store_states):
     """The forward scan: (o, final state) or, with store_states, (per-chunk states h, vn, final state)."""
     rows, H, K = k.shape
@@ -684,7 +695,7 @@ def _scan_fwd(q, k, w, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, sca
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]) * N * HV,)  # noqa: E731
     chunk_scan_fwd_kernel[grid](
-        q, k, w, u, G, Aqk, h0 if h0 is not None else G, o if o is not None else G, ht if ht is not None else G,
+        q, k, Ai, beta, u, G, Aqk, h0 if h0 is not None else G, o if o is not None else G, ht if ht is not None else G,
         h if h is not None else G, vn if vn is not None else G, cu_seqlens, chunk_offsets, scale,
         triton.next_power_of_2(N * HV), H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=_pow2(K),
         USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_O=not store_states, STORE_STATES=store_states)
@@ -725,13 +736,13 @@ def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
 
     K > 128 splits whatever the count: the fused scan holds q's [64, K] tile too, so at K = 256 only its 16-wide
     V blocks fit shared memory (bf16: 223 KB, one program per SM; 32-wide: 234 KB, over Hopper's 227), and every
-    16 columns reload q, w and k; B8 T2048 H6 K256 V512 (384 programs by the count above): fused 1.00 ms, split
+    16 columns reload q and k; B8 T2048 H6 K256 V512 (384 programs by the count above): fused 1.00 ms, split
     0.36 + 0.23 (H100). The states-only scan fits 64-wide blocks at K = 256 (189 KB; kernel_resources.py).
     """
     return num_seqs * HV * triton.cdiv(V, 64) <= sms // 2 or K > 128
 
 
-def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale, need_dh0):
+def _scan_bwd(q, k, Ai, beta, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale, need_dh0):
     rows, H, K = k.shape
     HV, V = do.shape[1:]
     N = len(cu_seqlens) - 1
@@ -741,7 +752,7 @@ def _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, s
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]) * N * HV,)  # noqa: E731
     chunk_scan_bwd_kernel[grid](
-        q, k, w, G, Aqk, do, dht if dht is not None else G, dh0 if dh0 is not None else G, dh, dvn,
+        q, k, Ai, beta, G, Aqk, do, dht if dht is not None else G, dh0 if dh0 is not None else G, dh, dvn,
         cu_seqlens, chunk_offsets, scale, triton.next_power_of_2(N * HV), H=H, HV=HV, K=K, V=V, BT=CHUNK,
         BK=_pow2(K), USE_DHT=dht is not None, STORE_DH0=need_dh0)
     return dh, dvn, dh0
@@ -763,14 +774,14 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     """Forward on packed inputs (q, k: [rows, H, K]; v: [rows, HV, V]; g, beta: [rows, HV]), with
     tables = triton_utils.chunk_tables(cu_seqlens).
 
-    Returns (o, ht, saved): saved = (G, beta, Ai, Aqk, w, u, h, vn) is what the backward reuses instead of
+    Returns (o, ht, saved): saved = (G, beta, Ai, Aqk, u, h, vn) is what the backward reuses instead of
     recomputing. With need_grad and states within KEEP_STATES_MAX_BYTES, the forward takes the split path and keeps
     its per-chunk states h and vn (u, which only served to compute vn, is dropped: None); otherwise h and vn are None
     and the backward recomputes them from u.
     """
     chunk_indices, chunk_offsets = tables
     num_chunks = len(chunk_indices)
-    G, beta_f, Ai, Aqk, w, u = _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices,
+    G, beta_f, Ai, Aqk, u = _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices,
                                       A_log is not None, beta_scale)
     HV, V = v.shape[1:]
     K = k.shape[2]
@@ -780,20 +791,20 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     # forward scan they replace costs more than that difference (0.74 ms at B16 T2048 H32, session 5).
     split = keep or split_o(len(cu_seqlens) - 1, HV, K, V, sm_count(k.device))
     # The scan stores vn, which it computes anyway, rather than the o kernel recomputing it as u - w S: that would
-    # read w (as large as q) in every V block and add a product as large as q S, where storing vn costs one write
+    # read k (as large as q) in every V block and add a product as large as q S, where storing vn costs one write
     # and one read of a tensor the size of u.
-    o, h, vn, ht = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
+    o, h, vn, ht = _scan_fwd(q, k, Ai, beta_f, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
                              scale, output_final_state, store_states=split)
     if split:
         o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
     if keep:
-        return o, ht, (G, beta_f, Ai, Aqk, w, None, h, vn)
-    return o, ht, (G, beta_f, Ai, Aqk, w, u, None, None)
+        return o, ht, (G, beta_f, Ai, Aqk, None, h, vn)
+    return o, ht, (G, beta_f, Ai, Aqk, u, None, None)
 
 
 def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dht, saved, A_log=None, dt_bias=None,
               beta_scale=None):
-    """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, w, u, h, vn) (chunk_fwd): the states
+    """Backward on packed inputs, from the forward's saved (G, beta, Ai, Aqk, u, h, vn) (chunk_fwd): the states
     h and vn (recomputed from u when the forward did not keep them), then the reverse scan, dqkw and wy.
 
     Returns dq, dk ([rows, HV, K] per value head; bf16 for bf16 inputs, else fp32), dv, dg, dbeta, dh0, dA_log,
@@ -804,11 +815,11 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     rows, H, K = k.shape
     HV, V = v.shape[1:]
     gate = A_log is not None
-    G, beta_f, Ai, Aqk, w, u, h, vn = saved
+    G, beta_f, Ai, Aqk, u, h, vn = saved
     if h is None:
-        _, h, vn, _ = _scan_fwd(q, k, w, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks, scale,
-                                False, store_states=True)
-    dh, dvn, dh0 = _scan_bwd(q, k, w, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
+        _, h, vn, _ = _scan_fwd(q, k, Ai, beta_f, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
+                                scale, False, store_states=True)
+    dh, dvn, dh0 = _scan_bwd(q, k, Ai, beta_f, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
                              initial_state is not None)
     # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
     wide = 64 if k.element_size() == 2 else 32
@@ -858,11 +869,11 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over chunk_fwd / chunk_bwd, with the optional in-kernel q/k L2 norm, gate and beta sigmoid.
 
     Saves the (normalised) inputs and, from the forward, G, beta, the inverse Ai and Aqk (BT values per token and
-    value head each), w (K per token and value head), and either the per-chunk states with vn (chunk_fwd: within
-    KEEP_STATES_MAX_BYTES) or u (V per token and value head), from which the backward recomputes them. Keeping w
-    and Aqk saves the backward computing them again, which read q, k, v and Ai again (H100, B16 T2048 H32 K128
-    V128: 0.69 ms of a 10.0 ms forward+backward, as a kernel of its own); keeping the states saves it the forward
-    scan.
+    value head each), and either the per-chunk states with vn (chunk_fwd: within KEEP_STATES_MAX_BYTES) or u
+    (V per token and value head), from which the backward recomputes them. Keeping Aqk (and, until session 14,
+    w, which the scans no longer read) saves the backward computing them again, which read q, k, v and Ai again
+    (H100, B16 T2048 H32 K128 V128: 0.69 ms of a 10.0 ms forward+backward, as a kernel of its own); keeping the
+    states saves it the forward scan.
     """
 
     @staticmethod
