@@ -293,7 +293,9 @@ def u_aqk_tiles(q, k, v, beta, G, Ai, Aqk, u, t0, eos, i_h, i_hv, scale, H: tl.c
 # ([64, K]) until session 14, at the price of one more small product in the chain of each step. With that change
 # (one H200, do_bench, bf16, the kernels alone): the reverse scan B4 T4096 H6 K256 V512 (the 1.3b preset) 811 ->
 # 702 us, B8 T4096 H12 K64 V128 (small) 312 -> 214, B4 T4096 H16 K128 V128 250 -> 242; the states scan 426 -> 403,
-# 138 -> 141 and 151 -> 138 us.
+# 138 -> 141 and 151 -> 138 us. At K = 256 the reverse scan's 64-wide blocks now fit shared memory (197 KB at 8
+# warps and 2 stages; every 64-wide config was over the limit with w) and the autotuner takes them there: half
+# the programs, so half the reads.
 SCAN_BWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                     for bv, nw, ns in ((32, 8, 2), (16, 8, 2), (16, 4, 2), (64, 8, 2), (32, 4, 2), (32, 4, 3),
                                        (16, 4, 3))]
@@ -737,7 +739,9 @@ def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
     K > 128 splits whatever the count: the fused scan holds q's [64, K] tile too, so at K = 256 only its 16-wide
     V blocks fit shared memory (bf16: 223 KB, one program per SM; 32-wide: 234 KB, over Hopper's 227), and every
     16 columns reload q and k; B8 T2048 H6 K256 V512 (384 programs by the count above): fused 1.00 ms, split
-    0.36 + 0.23 (H100). The states-only scan fits 64-wide blocks at K = 256 (189 KB; kernel_resources.py).
+    0.36 + 0.23 (H100). The states-only scan fits 64-wide blocks at K = 256 (189 KB; kernel_resources.py). These
+    are the scans that read w; without it (session 14) the fused scan fits 32-wide blocks at K = 256 (189 KB),
+    and this rule has not been measured again.
     """
     return num_seqs * HV * triton.cdiv(V, 64) <= sms // 2 or K > 128
 
