@@ -7,6 +7,7 @@ import gzip
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,12 @@ def train_tiny_tokenizer(directory: Path, vocab_size: int = 600, model_type: str
                                      vocab_size=vocab_size, model_type=model_type, num_threads=1)
     with open(os.devnull, "w") as quiet:
         return train_sentencepiece(config, log_stream=quiet)
+
+
+def tool(name: str) -> str | None:
+    """A console script of this environment (the venv's bin first: the mpich wheel puts mpiexec there, and a venv's
+    python run without activating it does not put its bin on PATH)."""
+    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def run_tool(name: str, *args: str, launcher: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ import pytest
 import pretrain_gdn
 from megatron_gdn.config import parse_args
 from megatron_gdn.parallel import launch
+from test_data_corpus import tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -34,11 +35,6 @@ def flags(*extra: str) -> list[str]:
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-
-
-def tool(name: str) -> str | None:
-    """A console script of this environment (the venv's bin first: the mpich wheel puts mpiexec there)."""
-    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def free_port() -> int:

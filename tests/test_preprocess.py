@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -16,7 +15,7 @@ from megatron_gdn.data.errors import DataError
 from megatron_gdn.data.indexed_dataset import IndexedDataset
 from megatron_gdn.data.preprocess import PreprocessConfig, preprocess
 from megatron_gdn.data.tokenizer import SentencePieceTokenizer
-from test_data_corpus import corpus_texts, run_tool, train_tiny_tokenizer, write_jsonl  # noqa: E402
+from test_data_corpus import corpus_texts, run_tool, tool, train_tiny_tokenizer, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +185,16 @@ def _mpi_available() -> bool:
         import mpi4py  # noqa: F401
     except ImportError:
         return False
-    return shutil.which("mpiexec") is not None
+    return tool("mpiexec") is not None
 
 
-@pytest.mark.skipif(not _mpi_available(), reason="needs mpi4py and mpiexec")
+@pytest.mark.skipif(not _mpi_available(), reason="needs mpi4py and mpiexec (the test extras install the mpich wheel)")
 def test_mpi_ranks_give_the_same_bytes(model, corpus, tmp_path):
     files, _ = corpus
     run(model, files, str(tmp_path / "single"))
     result = run_tool("preprocess_data.py", "--input", *files, "--tokenizer-model", model, "--append-eod",
                       "--output-prefix", str(tmp_path / "mpi"), "--workers", "1", "--task-mb", "0.002", "--mpi",
-                      launcher=["mpiexec", "-n", "2"])
+                      launcher=[tool("mpiexec"), "-n", "2"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("wrote") == 1  # rank 0 reports
     assert read(str(tmp_path / "mpi_text_document")) == read(str(tmp_path / "single_text_document"))
@@ -205,7 +204,7 @@ def test_mpi_ranks_give_the_same_bytes(model, corpus, tmp_path):
     bad.write_bytes(open(files[0], "rb").read() + b"{oops\n")
     result = run_tool("preprocess_data.py", "--input", str(bad), "--tokenizer-model", model,
                       "--output-prefix", str(tmp_path / "mpibad"), "--task-mb", "0.002", "--mpi",
-                      launcher=["mpiexec", "-n", "2"])
+                      launcher=[tool("mpiexec"), "-n", "2"])
     assert result.returncode != 0
     assert f"{bad}:61: malformed JSON" in result.stderr
     assert not any(n.startswith("mpibad") for n in os.listdir(tmp_path))
