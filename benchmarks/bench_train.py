@@ -4,7 +4,8 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py                                   # every configuration, ours and fla's
     python benchmarks/bench_train.py --configs small,1.3b --steps 20 --markdown bench.md
     python benchmarks/bench_train.py --configs 1.3b --no-ours          # fla's model alone
-    python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel
+    python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel,
+                                                                      # and each matrix product's shape and TFLOP/s
     python benchmarks/bench_train.py --configs small --no-fla --cuda-graph      # ours with --cuda-graph
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
         python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
@@ -44,6 +45,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -194,11 +196,12 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
 
 def write_profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
     """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes;
-    on a GPU preceded by the timeline's summary (gpu_timeline): how much of the step the GPU sat idle, and where."""
+    on a GPU preceded by the timeline's summary (gpu_timeline): how much of the step the GPU sat idle, and where;
+    then the matrix products by shape (matmul_table)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
         synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -206,7 +209,40 @@ def write_profile(step: Callable[[], object], device: torch.device, path: Path) 
                if e.device_type == torch.autograd.DeviceType.CUDA]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((gpu_timeline(kernels) if kernels else "") +
-                    prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
+                    prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n\n" +
+                    matmul_table(prof.key_averages(group_by_input_shape=True), device))
+
+
+# The ops whose calls are the matrix products (F.linear, torch.matmul and the fused projections end in them);
+# their operands, by position in the op's inputs: (first, second).
+MATMUL_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
+
+
+def matmul_flops(op: str, shapes: list[list[int]]) -> int:
+    """2 x M x N x K (x batch) of one call of a matrix-product op, from its inputs' shapes."""
+    i, j = MATMUL_OPERANDS[op]
+    a, b = shapes[i], shapes[j]
+    return 2 * math.prod(a) * b[-1]  # a: [(batch,) M, K], b: [(batch,) K, N]
+
+
+def matmul_table(averages, device: torch.device) -> str:
+    """The step's matrix products grouped by op and operand shapes, slowest in total first: calls, time (the GPU's
+    for the op's kernels; the CPU's on a CPU) and the rate it reached. A product well below the others' rate is a
+    shape cuBLAS runs badly (eager steps only: a CUDA graph's replay launches kernels without ops)."""
+    rows = []
+    for avg in averages:
+        if avg.key in MATMUL_OPERANDS:
+            ms = (avg.device_time_total if device.type == "cuda" else avg.cpu_time_total) / 1e3
+            rows.append((ms, avg.key, avg.input_shapes, avg.count, matmul_flops(avg.key, avg.input_shapes) * avg.count))
+    if not rows:
+        return "no matrix products (a CUDA graph's replay records none)\n"
+    total_ms, total_flops = sum(r[0] for r in rows), sum(r[4] for r in rows)
+    lines = [f"matrix products: {sum(r[3] for r in rows)} calls, {total_ms:.2f} ms, "
+             f"{total_flops / max(total_ms, 1e-9) / 1e9:.1f} TFLOP/s; by op and operand shapes (ms, calls, TFLOP/s):"]
+    for ms, op, shapes, count, flops in sorted(rows, key=lambda r: -r[0]):
+        operands = " x ".join(str(shapes[i]) for i in MATMUL_OPERANDS[op])
+        lines.append(f"  {ms:9.3f}  {count:4d}  {flops / max(ms, 1e-9) / 1e9:7.1f}  {op} {operands}")
+    return "\n".join(lines) + "\n"
 
 
 def gpu_timeline(kernels: list[tuple[float, float, str]], largest: int = 15) -> str:

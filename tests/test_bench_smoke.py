@@ -25,6 +25,7 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     assert row["status"] == "ok" and row["step_ms"] > 0 and row["parameters"] > 0
     profile = (tmp_path / "prof" / "tiny.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step
+    assert "aten::mm [128, 64] x [64, 512]" in profile  # the products by shape: the lm head's, 2 x 64 tokens
 
 
 def test_bench_train_accumulates_micro_batches(tmp_path):
@@ -70,3 +71,26 @@ def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
     assert "4 kernels over 0.11 ms, busy 0.04 ms, idle 0.07 ms in 2 gaps (1 under 10 us: 0.00 ms)" in summary
     gaps = summary.splitlines()[2:4]
     assert gaps[0].split() == ["70.0", "c", "->", "last"] and gaps[1].split() == ["2.0", "a", "->", "b"]
+
+
+def test_matmul_table_counts_flops_by_operand_shapes():
+    """bench_train --profile's matrix products: 2 M N K per call from the operands' shapes (addmm's are its second
+    and third inputs, bmm's carry a batch), the rate over the op's GPU time, other ops left out."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from types import SimpleNamespace
+
+    import torch
+    from bench_train import matmul_flops, matmul_table
+    assert matmul_flops("aten::mm", [[64, 32], [32, 48]]) == 2 * 64 * 32 * 48
+    assert matmul_flops("aten::addmm", [[3, 5], [3, 4], [4, 5], [], []]) == 2 * 3 * 4 * 5
+    assert matmul_flops("aten::bmm", [[2, 3, 4], [2, 4, 5]]) == 2 * 2 * 3 * 4 * 5
+    ops = [SimpleNamespace(key="aten::mm", input_shapes=[[1000, 2000], [2000, 3000]], count=2,
+                           device_time_total=1000.0, cpu_time_total=5.0),  # us: 24 GFLOP in 1 ms
+           SimpleNamespace(key="aten::addmm", input_shapes=[[10, 30], [10, 20], [20, 30], [], []], count=1,
+                           device_time_total=3000.0, cpu_time_total=5.0),
+           SimpleNamespace(key="aten::add", input_shapes=[[10], [10]], count=9, device_time_total=9e6, cpu_time_total=1)]
+    lines = matmul_table(ops, torch.device("cuda")).splitlines()
+    assert lines[0].startswith("matrix products: 3 calls, 4.00 ms, 6.0 TFLOP/s")  # (24e9 + 12e3) FLOP in 4 ms
+    assert lines[1].split() == ["3.000", "1", "0.0", "aten::addmm", "[10,", "20]", "x", "[20,", "30]"]
+    assert lines[2].split() == ["1.000", "2", "24.0", "aten::mm", "[1000,", "2000]", "x", "[2000,", "3000]"]
+    assert len(lines) == 3
