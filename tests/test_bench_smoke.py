@@ -88,7 +88,8 @@ def test_matmul_table_counts_flops_by_operand_shapes():
                            device_time_total=1000.0, cpu_time_total=5.0),  # us: 24 GFLOP in 1 ms
            SimpleNamespace(key="aten::addmm", input_shapes=[[10, 30], [10, 20], [20, 30], [], []], count=1,
                            device_time_total=3000.0, cpu_time_total=5.0),
-           SimpleNamespace(key="aten::add", input_shapes=[[10], [10]], count=9, device_time_total=9e6, cpu_time_total=1)]
+           SimpleNamespace(key="aten::add", input_shapes=[[10], [10]], count=9, device_time_total=9e6,
+                           cpu_time_total=1)]
     lines = matmul_table(ops, torch.device("cuda")).splitlines()
     assert lines[0].startswith("matrix products: 3 calls, 4.00 ms, 6.0 TFLOP/s")  # (24e9 + 12e3) FLOP in 4 ms
     assert lines[1].split() == ["3.000", "1", "0.0", "aten::addmm", "[10,", "20]", "x", "[20,", "30]"]
