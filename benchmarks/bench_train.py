@@ -29,7 +29,9 @@ the GPU and copies its batches from pinned memory. Memory is torch.cuda.max_memo
 whole run (weights, optimizer state and the step), reset between runs. MFU is given twice: by our FLOPs model
 (megatron_gdn/training/flops.py, docs/PERFORMANCE.md "FLOPs model and MFU") and by 6 x parameters per token (the
 convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
-of GPU memory is reported as OOM and the next one starts after its memory is freed.
+of GPU memory is reported as OOM and the next one starts after its memory is freed. The last column is the GPU's
+mean SM clock and power draw over the timed steps (nvidia-smi; the header gives its maximum clock and power limit):
+a GPU at its power limit lowers its clocks, so step times from two machines compare only at like clocks.
 
 Under torchrun every rank runs ours with its own micro batch (global batch = batch x ranks, no accumulation) and rank
 0 prints tokens/s per GPU; fla's loop is single-GPU, so it runs only without torchrun.
@@ -46,6 +48,8 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -101,6 +105,8 @@ class Result:
     step_ms: float | None = None  # mean over the timed steps
     peak_gib: float | None = None
     status: str = "ok"            # or "OOM", or why the run was skipped
+    sm_clock_mhz: float | None = None  # the GPU's mean SM clock and power draw over the timed steps (GpuSampler)
+    power_w: float | None = None
 
     def tokens_per_sec(self) -> float | None:
         return self.tokens_per_step / (self.step_ms / 1e3) if self.step_ms else None
@@ -117,14 +123,81 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class GpuSampler:
+    """The GPU's SM clock and power draw, sampled by `nvidia-smi -lms` in a process of its own while a block runs;
+    mean_clock_power() gives their means over the samples (None without nvidia-smi, or on a CPU).
+
+    Why: an H200 at its 700 W limit lowers its SM clocks. Through the timed steps of `1.3b` they averaged 1597 MHz of
+    1980 at 692 W, of `small` 1740 MHz at 690 W (session 15): both steps are bound by power, and a machine whose chip
+    draws less at a clock runs them faster. Two runs' step times compare only at like clocks."""
+
+    def __init__(self, command: list[str] | None):
+        self.command, self.process, self.samples = command, None, []
+
+    @staticmethod
+    def query(device: torch.device, fields: str) -> list[str] | None:
+        """nvidia-smi's query of these fields of this CUDA device (by UUID: CUDA_VISIBLE_DEVICES renumbers devices,
+        nvidia-smi does not), or None where there is none."""
+        if device.type != "cuda" or shutil.which("nvidia-smi") is None:
+            return None
+        uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
+        if not uuid:
+            return None
+        uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        return ["nvidia-smi", f"--id={uuid}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
+
+    @staticmethod
+    def command_for(device: torch.device, interval_ms: int = 100) -> list[str] | None:
+        query = GpuSampler.query(device, "clocks.sm,power.draw")
+        return query + [f"-lms={interval_ms}"] if query else None
+
+    @staticmethod
+    def limits(device: torch.device) -> str | None:
+        """'max SM clock 1980 MHz, power limit 700 W', or None where nvidia-smi cannot say."""
+        query = GpuSampler.query(device, "clocks.max.sm,power.limit")
+        try:
+            clock, power = (float(x) for x in subprocess.run(query, capture_output=True, text=True, timeout=30,
+                                                             check=True).stdout.split(","))
+        except (TypeError, OSError, ValueError, subprocess.SubprocessError):
+            return None
+        return f"max SM clock {clock:.0f} MHz, power limit {power:.0f} W"
+
+    def __enter__(self) -> GpuSampler:
+        if self.command:
+            try:
+                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                text=True)
+            except OSError:
+                self.process = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        out, _ = self.process.communicate()
+        for line in out.splitlines():  # "1605, 690.12"; a sample it could not read says "[N/A]": skipped
+            try:
+                clock, power = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((clock, power))
+
+    def mean_clock_power(self) -> tuple[float | None, float | None]:
+        if not self.samples:
+            return None, None
+        return (sum(c for c, _ in self.samples) / len(self.samples), sum(p for _, p in self.samples) / len(self.samples))
+
+
 def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
-                 label: str = "") -> float:
+                 label: str = "", result: Result | None = None) -> float:
     """Run warm-up steps, each timed between synchronisations, then `steps` steps back to back with a
     synchronisation only before and after them, as a training loop runs them (neither side reads a result before the
     next step is queued); the mean step in ms. Each warm-up step's time goes to stderr: the first ones compile and
     autotune Triton kernels, which at new shapes can take minutes (fla's model at the 1.3b shapes gave no result
     within 270 s on an H100), and a log cut short by a time limit then still says where the time went. Without a
-    label nothing is printed (the other ranks)."""
+    label nothing is printed (the other ranks). The GPU's mean SM clock and power over the timed steps go to
+    result (GpuSampler)."""
     for i in range(warmup):
         synchronize(device)
         start = time.perf_counter()
@@ -134,11 +207,15 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
             print(f"{label}: warm-up step {i + 1}/{warmup} took {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return 1e3 * (time.perf_counter() - start) / steps
+    with GpuSampler(GpuSampler.command_for(device)) as sampler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    if result is not None:
+        result.sm_clock_mhz, result.power_w = sampler.mean_clock_power()
+    return 1e3 * elapsed / steps
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
@@ -188,7 +265,7 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
             unread.pop(0).read()
 
     label = f"{result.config} ours" if get_rank() == 0 else ""
-    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, label)
+    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, label, result)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -197,7 +274,8 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
 def write_profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
     """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes;
     on a GPU preceded by the timeline's summary (gpu_timeline): how much of the step the GPU sat idle, and where;
-    then the matrix products by shape (matmul_table)."""
+    then the matrix products by shape (matmul_table) and the configuration the autotuner chose for each of our Triton
+    kernels (autotuned_configs)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -210,7 +288,22 @@ def write_profile(step: Callable[[], object], device: torch.device, path: Path) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((gpu_timeline(kernels) if kernels else "") +
                     prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n\n" +
-                    matmul_table(prof.key_averages(group_by_input_shape=True), device))
+                    matmul_table(prof.key_averages(group_by_input_shape=True), device) + "\n" + autotuned_configs())
+
+
+def autotuned_configs() -> str:
+    """Each of our autotuned Triton kernels and the configuration Triton's autotuner chose for each key (shapes and
+    dtypes) it met in this process: a kernel that is slower inside the step than alone may have been given another
+    configuration there (autotuning times the candidates inside the step, beside whatever else the GPU does)."""
+    from triton.runtime.autotuner import Autotuner
+
+    lines = []
+    for name, module in sorted(sys.modules.items()):
+        if name.startswith("megatron_gdn.kernels.") and module is not None:
+            for attr, obj in sorted(vars(module).items()):
+                if isinstance(obj, Autotuner):
+                    lines += [f"  {attr} {key}: {config}" for key, config in obj.cache.items()]
+    return "autotuned kernels (kernel, key: configuration chosen):\n" + "\n".join(lines or ["  none tuned"]) + "\n"
 
 
 # The ops whose calls are the matrix products (F.linear, torch.matmul and the fused projections end in them);
@@ -307,7 +400,7 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla")
+    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla", result)
     return result
 
 
@@ -338,6 +431,9 @@ def versions(device: torch.device, fla_note: str | None) -> str:
 
     parts = [f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "device: CPU",
              f"torch {torch.__version__}"]
+    limits = GpuSampler.limits(device)
+    if limits:
+        parts.insert(1, limits)
     for package in ("triton", "flash-linear-attention", "deepspeed"):
         try:
             parts.append(f"{package} {version(package)}")
@@ -352,8 +448,8 @@ def table(results: list[Result], cases: dict[str, Case], header: str, peak: floa
     """The markdown table: one row per run, MFU by both counts, ours' speed-up over fla's model."""
     lines = [header, "",
              "| config | tokens/step/GPU | model | recompute | parameters | step (ms) | tokens/s/GPU | "
-             "MFU (FLOPs model) | MFU (6N) | peak memory (GiB) | speed-up vs fla |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MFU (FLOPs model) | MFU (6N) | peak memory (GiB) | speed-up vs fla | SM clock, power |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         tps = r.tokens_per_sec()
         flops = training_flops_per_token(model_config(cases[r.config]))
@@ -363,8 +459,9 @@ def table(results: list[Result], cases: dict[str, Case], header: str, peak: floa
                if tps and peak else " | ")
         memory = f"{r.peak_gib:.1f}" if r.peak_gib is not None else ""
         measured_cells = (f"{r.step_ms:.1f} | {tps:,.0f} | {mfu}" if tps else f"{r.status} | | | ")
+        clock = f"{r.sm_clock_mhz:.0f} MHz, {r.power_w:.0f} W" if r.sm_clock_mhz is not None else ""
         lines.append(f"| {r.config} | {r.tokens_per_step:,} | {r.implementation} | {r.recompute} | "
-                     f"{r.parameters / 1e6:,.1f}M | {measured_cells} | {memory} | {speedup} |")
+                     f"{r.parameters / 1e6:,.1f}M | {measured_cells} | {memory} | {speedup} | {clock} |")
     return "\n".join(lines)
 
 

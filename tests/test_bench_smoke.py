@@ -26,6 +26,7 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     profile = (tmp_path / "prof" / "tiny.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step
     assert "aten::mm [128, 64] x [64, 512]" in profile  # the products by shape: the lm head's, 2 x 64 tokens
+    assert "autotuned kernels (kernel, key: configuration chosen):" in profile
 
 
 def test_bench_train_accumulates_micro_batches(tmp_path):
@@ -95,3 +96,49 @@ def test_matmul_table_counts_flops_by_operand_shapes():
     assert lines[1].split() == ["3.000", "1", "0.0", "aten::addmm", "[10,", "20]", "x", "[20,", "30]"]
     assert lines[2].split() == ["1.000", "2", "24.0", "aten::mm", "[1000,", "2000]", "x", "[2000,", "3000]"]
     assert len(lines) == 3
+
+
+def test_autotuned_configs_lists_each_key_of_our_kernels(monkeypatch):
+    """bench_train --profile's last section: every autotuner in megatron_gdn.kernels' modules, with the configuration
+    it chose for each key; autotuners elsewhere are left out."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import types
+
+    import triton
+    from bench_train import autotuned_configs
+
+    def kernel(x, N):
+        pass
+
+    def tuned():
+        return triton.autotune(configs=[triton.Config({"B": 16}, num_warps=4), triton.Config({"B": 32}, num_warps=8)],
+                               key=["N"])(triton.jit(kernel))
+    ours, other = types.ModuleType("megatron_gdn.kernels.probe"), types.ModuleType("elsewhere.probe")
+    ours.probe_kernel, other.other_kernel = tuned(), tuned()
+    monkeypatch.setitem(sys.modules, ours.__name__, ours)
+    monkeypatch.setitem(sys.modules, other.__name__, other)
+    assert "none tuned" in autotuned_configs()  # nothing tuned yet: no key met
+    chosen = ours.probe_kernel.configs[1]
+    ours.probe_kernel.cache[(4096, "torch.bfloat16")] = chosen
+    other.other_kernel.cache[(1, "torch.float32")] = chosen
+    lines = autotuned_configs().splitlines()
+    assert lines[1:] == [f"  probe_kernel (4096, 'torch.bfloat16'): {chosen}"]
+    assert "B: 32, num_warps: 8" in lines[1]
+
+
+def test_gpu_sampler_averages_nvidia_smi_samples():
+    """bench_train's clock and power column: the means of the samples its query printed while the block ran, lines
+    it cannot read skipped; no command (a CPU, no nvidia-smi) or one that fails gives no numbers, not an error."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import GpuSampler
+    printer = [sys.executable, "-c", "print('1500, 600.5'); print('[N/A], 650'); print('1700, 700.5')"]
+    with GpuSampler(printer) as sampler:
+        sampler.process.wait()  # nvidia-smi prints until stopped; this one stops by itself
+    assert sampler.mean_clock_power() == (1600.0, 650.5)
+    for command in (None, [sys.executable, "-c", "import sys; sys.exit(3)"], ["no-such-nvidia-smi-here"]):
+        with GpuSampler(command) as sampler:
+            if sampler.process:
+                sampler.process.wait()
+        assert sampler.mean_clock_power() == (None, None)
+    import torch
+    assert GpuSampler.command_for(torch.device("cpu")) is None and GpuSampler.limits(torch.device("cpu")) is None
