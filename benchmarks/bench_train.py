@@ -175,7 +175,11 @@ class GpuSampler:
         if self.process is None:
             return
         self.process.terminate()
-        out, _ = self.process.communicate()
+        try:
+            out, _ = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # one that ignores SIGTERM must not hang the benchmark
+            self.process.kill()
+            out, _ = self.process.communicate()
         for line in out.splitlines():  # "1605, 690.12"; a sample it could not read says "[N/A]": skipped
             try:
                 clock, power = (float(x) for x in line.split(","))
