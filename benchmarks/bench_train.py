@@ -155,10 +155,12 @@ class GpuSampler:
     def limits(device: torch.device) -> str | None:
         """'max SM clock 1980 MHz, power limit 700 W', or None where nvidia-smi cannot say."""
         query = GpuSampler.query(device, "clocks.max.sm,power.limit")
+        if query is None:
+            return None
         try:
             clock, power = (float(x) for x in subprocess.run(query, capture_output=True, text=True, timeout=30,
                                                              check=True).stdout.split(","))
-        except (TypeError, OSError, ValueError, subprocess.SubprocessError):
+        except (OSError, ValueError, subprocess.SubprocessError):
             return None
         return f"max SM clock {clock:.0f} MHz, power limit {power:.0f} W"
 
@@ -190,18 +192,18 @@ class GpuSampler:
     def mean_clock_power(self) -> tuple[float | None, float | None]:
         if not self.samples:
             return None, None
-        return (sum(c for c, _ in self.samples) / len(self.samples), sum(p for _, p in self.samples) / len(self.samples))
+        clocks, powers = zip(*self.samples)
+        return sum(clocks) / len(clocks), sum(powers) / len(powers)
 
 
 def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
-                 label: str = "", result: Result | None = None) -> float:
+                 label: str = "") -> tuple[float, tuple[float | None, float | None]]:
     """Run warm-up steps, each timed between synchronisations, then `steps` steps back to back with a
     synchronisation only before and after them, as a training loop runs them (neither side reads a result before the
-    next step is queued); the mean step in ms. Each warm-up step's time goes to stderr: the first ones compile and
-    autotune Triton kernels, which at new shapes can take minutes (fla's model at the 1.3b shapes gave no result
-    within 270 s on an H100), and a log cut short by a time limit then still says where the time went. Without a
-    label nothing is printed (the other ranks). The GPU's mean SM clock and power over the timed steps go to
-    result (GpuSampler)."""
+    next step is queued); the mean step in ms, and the GPU's mean SM clock and power over those steps (GpuSampler).
+    Each warm-up step's time goes to stderr: the first ones compile and autotune Triton kernels, which at new shapes
+    can take minutes (fla's model at the 1.3b shapes gave no result within 270 s on an H100), and a log cut short by
+    a time limit then still says where the time went. Without a label nothing is printed (the other ranks)."""
     for i in range(warmup):
         synchronize(device)
         start = time.perf_counter()
@@ -217,9 +219,7 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
             step()
         synchronize(device)
         elapsed = time.perf_counter() - start
-    if result is not None:
-        result.sm_clock_mhz, result.power_w = sampler.mean_clock_power()
-    return 1e3 * elapsed / steps
+    return 1e3 * elapsed / steps, sampler.mean_clock_power()
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
@@ -269,7 +269,7 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
             unread.pop(0).read()
 
     label = f"{result.config} ours" if get_rank() == 0 else ""
-    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, label, result)
+    result.step_ms, (result.sm_clock_mhz, result.power_w) = mean_step_ms(step, args.warmup, args.steps, device, label)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -404,7 +404,8 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    result.step_ms = mean_step_ms(step, args.warmup, args.steps, device, f"{result.config} fla", result)
+    result.step_ms, (result.sm_clock_mhz, result.power_w) = mean_step_ms(step, args.warmup, args.steps, device,
+                                                                         f"{result.config} fla")
     return result
 
 
