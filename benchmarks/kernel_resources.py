@@ -101,6 +101,10 @@ def chunk_runs(dtype: str) -> list:
     runs += [(f"dqkw K={K} BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel,
               dict(base, K=K, BK=64, INTRA=K == 64, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
              for K in (128, 64) for cfg in C.DQKW_CONFIGS]
+    # and with 128-wide K blocks, as at K = 256 (the 1.3b preset) for 2-byte inputs (chunk.dqkw_block_k)
+    runs += [(f"dqkw K=256 V=512 BK=128 BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_wide_kernel,
+              dict(base, K=256, V=512, BK=128, INTRA=False, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
+             for cfg in C.DQKW_WIDE_CONFIGS if C.dqkw_block_k(256, 4 if dtype == "fp32" else 2) == 128]
     # The scans hold whole K rows, so their tiles grow with K: also the 1.3b preset's K = 256, V = 512 (and o, the
     # split forward's kernel that the rule chunk.split_o always takes there).
     for K, V in ((128, 128), (256, 512)):

@@ -92,6 +92,22 @@ def forced_o_path(path: str | None):
         chunk.split_o, chunk.KEEP_STATES_MAX_BYTES = rule, budget
 
 
+@contextlib.contextmanager
+def forced_dqkw_block_k(block_k: int | None):
+    """While active, dqkw takes K blocks of block_k columns (128: its wide candidates) whatever chunk.dqkw_block_k
+    would choose for the dtype; None leaves the rule alone."""
+    if block_k is None:
+        yield
+        return
+    from megatron_gdn.kernels import chunk
+    rule = chunk.dqkw_block_k
+    chunk.dqkw_block_k = lambda K, element_size: block_k
+    try:
+        yield
+    finally:
+        chunk.dqkw_block_k = rule
+
+
 def make_inputs(B=1, T=100, H=2, HV=2, K=32, V=24, cu_seqlens=None, initial_state=True, gate=False, beta_logits=False,
                 gate_scale=1.0, zero_gate_frac=0.0, dtype=torch.float32, device="cpu", seed=0):
     """Random inputs of one case as a dict of kwargs for the public op (leaves require grad)."""
@@ -134,9 +150,9 @@ def reference(x: dict, cu_seqlens, allow_neg_eigval=False, l2norm=True):
 
 
 def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=False, l2norm=True, seed=0,
-             o_path=None, **shape):
+             o_path=None, dqkw_block_k=None, **shape):
     """Relative errors {name: float} of the op against the fp64 reference, forward and backward; o_path forces
-    the chunked forward's path (forced_o_path)."""
+    the chunked forward's path (forced_o_path), dqkw_block_k the backward's K blocks (forced_dqkw_block_k)."""
     beta_logits = shape.get("beta_logits", False) or allow_neg_eigval
     shape["beta_logits"] = beta_logits
     device = shape.get("device", "cpu")
@@ -160,7 +176,8 @@ def run_case(backend="triton", op="chunk", cu_seqlens=None, allow_neg_eigval=Fal
     errors["o"], errors["final_state"] = rel_rms(o, ref[0]), rel_rms(ht, ref[1])
     if op != "chunk":
         return errors
-    grads = torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), list(leaves.values()))
+    with forced_dqkw_block_k(dqkw_block_k):
+        grads = torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), list(leaves.values()))
     ref = reference(dict(x, beta_logits=beta_logits), cu, allow_neg_eigval, l2norm)
     ref_grads = torch.autograd.grad((ref[0] * do.double()).sum() + (ref[1] * dht.double()).sum(),
                                     list(leaves.values()))

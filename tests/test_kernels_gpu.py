@@ -102,7 +102,7 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
 # The autotuned chunk kernels: a GPU test only checks the outputs of the configuration the autotuner picks for its
 # shape, while other shapes pick others (and an untested configuration once crashed on large grids).
 AUTOTUNED = ("chunk_intra_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel",
-             "chunk_o_kernel", "chunk_bwd_dqkw_kernel", "chunk_bwd_wy_kernel")
+             "chunk_o_kernel", "chunk_bwd_dqkw_kernel", "chunk_bwd_dqkw_wide_kernel", "chunk_bwd_wy_kernel")
 # the forward paths that launch each (None: the rule chunk.split_o decides)
 O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "split"), "chunk_o_kernel": ("split",)}
 

@@ -36,6 +36,8 @@ CHUNK_CASES = {
     "strong_fused_gate": dict(T=100, gate=True, beta_logits=True, gate_scale=3.0),
     "K_V_not_powers_of_two": dict(T=90, H=1, HV=1, K=100, V=72),
     "K_256": dict(T=65, H=1, HV=2, K=256, V=16),  # HV > 1: the K blocks and heads of a flat grid
+    # dqkw's 128-wide K blocks, which bf16 inputs take at K > 128 (chunk.dqkw_block_k; fp32 would keep 64)
+    "K_256_dqkw_wide_blocks": dict(T=65, H=1, HV=2, K=256, V=16, gate=True, dqkw_block_k=128),
     "no_initial_state_no_l2norm": dict(B=2, T=70, initial_state=False, l2norm=False),
 }
 # Every case above runs the fused forward (o inside the scan; the backward recomputes the states); these also run

@@ -476,11 +476,23 @@ def chunk_bwd_dqk_intra_kernel(vn, do, G, dqk, cu_seqlens, chunk_indices, scale,
 # of shared memory; the autotuner skips what exceeds the GPU's (OutOfResources).
 DQKW_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                 for bv, nw, ns in ((64, 8, 3), (32, 8, 3), (32, 4, 3), (64, 4, 2))]
+# K > 128 (the 1.3b preset's 256) in 128-wide K blocks (dqkw_block_k): two programs per chunk and head where 64-wide
+# blocks take four, each reading the chunk's do, vn and dvn tiles ([64, V] each, 192 KB at V = 512) once more. The
+# kernel alone at B4 T4096 H6 K256 V512 (H200, bf16, session 15, each config forced alone): (64, 8, 3) 480 us against
+# 529 for the best 64-wide one (64, 4, 2); (32, 4, 3) 517, (32, 8, 3) 586. (64, 4, 2) is left out: at 128-wide
+# blocks it computed dq, dk and dG wrong (2e-2 relative; docs/KERNELS.md, "Miscompiles seen on the card").
+DQKW_WIDE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                     for bv, nw, ns in ((64, 8, 3), (32, 4, 3), (32, 8, 3))]
 
 
-@triton.autotune(configs=configs(DQKW_CONFIGS), key=["H", "HV", "K", "V"])
+def dqkw_block_k(K: int, element_size: int) -> int:
+    """dqkw's K block: 128 columns for 2-byte inputs with K > 128 (DQKW_WIDE_CONFIGS), else 64 (at most K's power
+    of two). fp32 tiles take twice the shared memory, so fp32 inputs keep 64."""
+    return 128 if K > 128 and element_size == 2 else min(_pow2(K), 64)
+
+
 @triton.jit
-def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
+def dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INTRA: tl.constexpr):
     """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the part of
@@ -562,6 +574,12 @@ def chunk_bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_s
     else:
         b_dstg = load_rows_t(dqk, t0, eos, i_hv, HV, BT, o_t, BT)
     store_rows(dk, b_dk + tl.dot(b_dstg.to(DT), b_q), t0, eos, i_hv, HV, K, o_k, BT)
+
+
+# One kernel, two candidate lists: 64-wide K blocks and 128-wide ones (dqkw_block_k picks).
+chunk_bwd_dqkw_kernel = triton.autotune(configs=configs(DQKW_CONFIGS), key=["H", "HV", "K", "V"])(dqkw_kernel)
+chunk_bwd_dqkw_wide_kernel = triton.autotune(configs=configs(DQKW_WIDE_CONFIGS),
+                                             key=["H", "HV", "K", "V"])(dqkw_kernel)
 
 
 # wy was the backward's slowest kernel against fla's (H100, B16 T2048 H32 K128 V128: 1.99 ms against 1.04 for fla's
@@ -827,7 +845,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
                              initial_state is not None)
     # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
     wide = 64 if k.element_size() == 2 else 32
-    BK, BV = min(_pow2(K), 64), min(_pow2(V), wide)
+    BK, BV = dqkw_block_k(K, k.element_size()), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
     # dq and dk are summed in fp32 inside each kernel but stored in bf16 for bf16 inputs: dqkw writes both, wy reads
@@ -848,7 +866,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
         dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
         chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
             vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
-    chunk_bwd_dqkw_kernel[(num_chunks * NK * HV,)](
+    dqkw = chunk_bwd_dqkw_wide_kernel if BK == 128 else chunk_bwd_dqkw_kernel
+    dqkw[(num_chunks * NK * HV,)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=BK, INTRA=intra)
     del h, dh, vn, dqk  # the per-chunk states and their gradients (K x V per chunk and head) are done with
