@@ -101,7 +101,38 @@ def _targets(n, vocab, seed=0, ignored=(3, 4)):
     return target
 
 
+def adamw_errors() -> dict:
+    """training.optimizer.TritonAdamW forced onto its kernel against torch's fused AdamW (the oracle: the same
+    state, found_inf and grad_scale semantics), two groups (decayed, not), sizes across the kernel's blocks, three
+    steps: plain, with a grad_scale, and skipped by found_inf. Relative errors of the weights and moments, and
+    whether the step counts agree."""
+    from megatron_gdn.training.optimizer import TritonAdamW
+    shapes = [(3, 700), (5000,), (1,), (64, 65)]
+    weights = [randn(*shape, seed=i) for i, shape in enumerate(shapes)]
+    runs = []
+    for make in (lambda groups: TritonAdamW(groups, use_triton=True, lr=1e-2, betas=(0.9, 0.95), eps=1e-8),
+                 lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}])
+        for step, (scale, skip) in enumerate([(None, 0.0), (2.5, 0.0), (None, 1.0)]):
+            for i, p in enumerate(params):
+                p.grad = randn(*p.shape, seed=100 * step + i, scale=3.0)
+            opt.grad_scale = torch.tensor(scale) if scale else None
+            opt.found_inf = torch.tensor(skip)
+            opt.step()
+        runs.append((params, opt))
+    (ours, ours_opt), (ref, ref_opt) = runs
+    errors = {f"param{i}": rel_rms(a.detach(), b.detach()) for i, (a, b) in enumerate(zip(ours, ref))}
+    for name in ("exp_avg", "exp_avg_sq"):
+        errors |= {f"{name}{i}": rel_rms(ours_opt.state[a][name], ref_opt.state[b][name])
+                   for i, (a, b) in enumerate(zip(ours, ref))}
+    counts = [(ours_opt.state[a]["step"].item(), ref_opt.state[b]["step"].item()) for a, b in zip(ours, ref)]
+    errors["steps"] = float(any(c != (2, 2) for c in counts))  # the skipped step is not counted
+    return errors
+
+
 CASES = {
+    "adamw": adamw_errors,
     # [N, D] rows not a multiple of the rows per program, D not a power of two, both outputs in the loss
     "norm_residual": lambda: op_errors(_norm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1),
                                        residual=randn(3, 7, 45, seed=2)),
@@ -452,6 +483,35 @@ def test_shared_gradient_bf16_gpu():
 def test_conv_decode_bf16_gpu(head_dim):
     errors = conv_decode_errors("cuda", torch.bfloat16, D=2048, head_dim=head_dim)
     assert all(e <= BF16_BUDGET["out"] for e in errors.values()), errors
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_triton_adamw_gpu():
+    """TritonAdamW on fp32 CUDA parameters takes its kernel by itself and matches torch's fused AdamW there, with a
+    grad_scale and a skipped step, at sizes from 1 element to a few blocks of millions."""
+    from megatron_gdn.training.optimizer import TritonAdamW
+    shapes = [(2048, 1000), (3000,), (1,), (64, 65), (5632, 2048)]
+    weights = [randn(*shape, seed=i).cuda() for i, shape in enumerate(shapes)]
+    runs = []
+    for make in (lambda groups: TritonAdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8),
+                 lambda groups: torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make([{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}])
+        for step, (scale, skip) in enumerate([(None, 0.0), (3.0, 0.0), (None, 1.0), (1.5, 0.0)]):
+            for i, p in enumerate(params):
+                p.grad = randn(*p.shape, seed=100 * step + i).cuda()
+            opt.grad_scale = torch.tensor(scale, device="cuda") if scale else None
+            opt.found_inf = torch.tensor(skip, device="cuda")
+            opt.step()
+        runs.append((params, opt))
+    (ours, ours_opt), (ref, ref_opt) = runs
+    assert ours_opt._takes_triton() and ours_opt._tables  # the kernel ran
+    for a, b in zip(ours, ref):
+        assert rel_rms(a.detach(), b.detach()) < 1e-6
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert rel_rms(ours_opt.state[a][name], ref_opt.state[b][name]) < 1e-6
+        assert ours_opt.state[a]["step"].item() == ref_opt.state[b]["step"].item() == 3
 
 
 @pytest.mark.gpu

@@ -26,10 +26,71 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class TritonAdamW(torch.optim.AdamW):
+    """torch's fused AdamW, whose step runs kernels/adamw.py where every parameter and gradient of a group is a
+    contiguous fp32 CUDA tensor (the built-in engine's: fp32 weights and gradients): one launch per group, no write
+    of the divided gradient. Elsewhere (CPU, other dtypes, amsgrad, maximize, a tensor lr) torch's fused step.
+
+    Same state (step, exp_avg, exp_avg_sq per parameter, created as torch's fused AdamW creates them) and state_dict,
+    so checkpoints go both ways; it honours found_inf and grad_scale as torch's fused step does (the attributes
+    the engine and GradScaler set). use_triton: None decides by the above, True forces the kernel (the CPU tests
+    run it in Triton's interpreter)."""
+
+    def __init__(self, params, use_triton: bool | None = None, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.use_triton = use_triton
+        self._tables: dict[int, tuple] = {}  # group index -> (key, kernel tables)
+        self._grad_tables: dict[int, tuple] = {}
+
+    def _takes_triton(self) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and
+                   (p.grad is None or (p.grad.dtype == torch.float32 and p.grad.is_contiguous() and
+                                       not p.grad.is_sparse)) and
+                   not group["amsgrad"] and not group["maximize"] and not isinstance(group["lr"], torch.Tensor)
+                   for group in self.param_groups for p in group["params"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or not self._takes_triton():
+            return super().step(closure)
+        from ..kernels import adamw
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        grad_scale = grad_scale.float() if grad_scale is not None else None  # the kernel divides in fp32
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:  # as torch's fused AdamW creates it: the step count an fp32 tensor on the device
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            steps = [s["step"] for s in states]
+            key = tuple((p.numel(), *(t.data_ptr() for t in (p, s["exp_avg"], s["exp_avg_sq"], s["step"])))
+                        for p, s in zip(params, states))
+            if self._tables.get(index, (None,))[0] != key:  # new parameters or state (a load): new tables
+                self._tables[index] = (key, adamw.group_tables(params, [s["exp_avg"] for s in states],
+                                                               [s["exp_avg_sq"] for s in states], steps))
+            grad_key = tuple(p.grad.data_ptr() for p in params)  # new when the gradients were set to None
+            if self._grad_tables.get(index, (None,))[0] != grad_key:
+                self._grad_tables[index] = (grad_key, adamw.addresses([p.grad for p in params]))
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            adamw.adamw_step(self._tables[index][1], self._grad_tables[index][1], group["lr"], beta1, beta2,
+                             group["eps"], group["weight_decay"], grad_scale, found_inf)
+            if found_inf is not None:  # a skipped step does not count (torch's fused AdamW undoes it the same way)
+                torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+        return None
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float) -> torch.optim.AdamW:
     # Fused on CPU too: the built-in engine skips a non-finite step through the fused kernel's found_inf
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+    return TritonAdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
 def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
