@@ -396,6 +396,31 @@ def test_clear_errors():
         model(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long), return_hidden=True)
 
 
+def test_kernel_arguments_keep_clear_of_the_launchers_names():
+    """Triton's launcher binds a kernel's arguments in a generated function whose own locals are `params`,
+    `specialization` and `options` (triton/runtime/jit.py, create_function_from_signature): an argument of one of
+    those names is replaced by the local's value before it is specialized, and the launch fails on a GPU with
+    "failed to specialize argument of type: dict". The interpreter does not bind that way, so the CPU cases
+    cannot catch it (kernels/adamw.py's `params` did, on the card)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import megatron_gdn.kernels as kernels
+    shadowed = {"params", "specialization", "options"}
+    checked = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"megatron_gdn.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = obj.fn if isinstance(obj, triton.runtime.Autotuner) else obj
+            # KernelInterface: a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1
+            if isinstance(fn, triton.runtime.jit.KernelInterface) and fn.fn.__module__ == module.__name__:
+                checked[f"{info.name}.{name}"] = shadowed & set(fn.arg_names)
+    assert "adamw.adamw_kernel" in checked and "chunk.chunk_scan_fwd_kernel" in checked, sorted(checked)
+    assert not any(checked.values()), {k: v for k, v in checked.items() if v}
+
+
 def test_return_hidden_gives_the_lm_head_input():
     torch.manual_seed(0)
     model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(hidden_size=16, num_hidden_layers=1, num_heads=2,

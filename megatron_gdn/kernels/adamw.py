@@ -21,8 +21,8 @@ BLOCK = 2048
 
 
 @triton.jit
-def adamw_kernel(block_param, block_start, params, grads, exp_avgs, exp_avg_sqs, steps, numels, grad_scale,
-                 found_inf, lr, beta1, beta2, eps, weight_decay, HAS_GRAD_SCALE: tl.constexpr,
+def adamw_kernel(block_param, block_start, param_addrs, grad_addrs, exp_avg_addrs, exp_avg_sq_addrs, step_addrs,
+                 numels, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, HAS_GRAD_SCALE: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
     i_b = tl.program_id(0)
     i_p = tl.load(block_param + i_b)
@@ -31,11 +31,11 @@ def adamw_kernel(block_param, block_start, params, grads, exp_avgs, exp_avg_sqs,
     if HAS_FOUND_INF:  # a skipped step leaves weights and moments alone (and the step counts: the caller's)
         numel = tl.where(tl.load(found_inf) == 0, numel, 0)
     m = o < numel
-    p_ptr = tl.load(params + i_p).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(grads + i_p).to(tl.pointer_type(tl.float32))
-    m1_ptr = tl.load(exp_avgs + i_p).to(tl.pointer_type(tl.float32))
-    m2_ptr = tl.load(exp_avg_sqs + i_p).to(tl.pointer_type(tl.float32))
-    step = tl.load(tl.load(steps + i_p).to(tl.pointer_type(tl.float32)))
+    p_ptr = tl.load(param_addrs + i_p).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(grad_addrs + i_p).to(tl.pointer_type(tl.float32))
+    m1_ptr = tl.load(exp_avg_addrs + i_p).to(tl.pointer_type(tl.float32))
+    m2_ptr = tl.load(exp_avg_sq_addrs + i_p).to(tl.pointer_type(tl.float32))
+    step = tl.load(tl.load(step_addrs + i_p).to(tl.pointer_type(tl.float32)))
     b_p = tl.load(p_ptr + o, mask=m, other=0.)
     b_g = tl.load(g_ptr + o, mask=m, other=0.)
     b_m1 = tl.load(m1_ptr + o, mask=m, other=0.)
