@@ -518,10 +518,15 @@ def test_conv_decode_bf16_gpu(head_dim):
 @requires_gpu
 def test_triton_adamw_gpu():
     """TritonAdamW on fp32 CUDA parameters takes its kernel by itself and matches torch's fused AdamW there, with a
-    grad_scale and a skipped step, at sizes from 1 element to a few blocks of millions."""
+    grad_scale and a skipped step, at sizes from 1 element to a few blocks of millions; a parameter at an address
+    not 16-byte aligned sends it to torch's step."""
     errors = adamw_errors([(2048, 1000), (3000,), (1,), (64, 65), (5632, 2048)],
                           [(None, 0.0), (3.0, 0.0), (None, 1.0), (1.5, 0.0)], device="cuda")
     assert all(e < 1e-6 for e in errors.values()), errors
+    from megatron_gdn.training.optimizer import TritonAdamW
+    misaligned = torch.nn.Parameter(torch.zeros(33, device="cuda")[1:])  # 4 bytes past an aligned address
+    misaligned.grad = torch.ones_like(misaligned)
+    assert not TritonAdamW([misaligned], lr=1e-3)._takes_triton()  # torch's step, not a misaligned vector access
 
 
 @pytest.mark.gpu

@@ -28,7 +28,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class TritonAdamW(torch.optim.AdamW):
     """torch's fused AdamW, whose step runs kernels/adamw.py where every parameter and gradient of a group is a
-    contiguous fp32 CUDA tensor (the built-in engine's: fp32 weights and gradients): one launch per group, no write
+    contiguous, 16-byte aligned fp32 CUDA tensor (the built-in engine's: fp32 weights and gradients): one launch per group, no write
     of the divided gradient. Elsewhere (CPU, other dtypes, amsgrad, maximize, a tensor lr) torch's fused step.
 
     Same state (step, exp_avg, exp_avg_sq per parameter, created as torch's fused AdamW creates them) and state_dict,
@@ -45,9 +45,11 @@ class TritonAdamW(torch.optim.AdamW):
     def _takes_triton(self) -> bool:
         if self.use_triton is not None:
             return self.use_triton
-        return all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and
+        # 16-byte aligned: the kernel loads and stores 16 bytes at a time (a view at an odd offset is not)
+        return all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() % 16 == 0 and
                    (p.grad is None or (p.grad.dtype == torch.float32 and p.grad.is_contiguous() and
-                                       not p.grad.is_sparse)) and
+                                       p.grad.data_ptr() % 16 == 0 and not p.grad.is_sparse)) and
+                   all(t.data_ptr() % 16 == 0 for t in self.state[p].values() if t.ndim > 0) and
                    not group["amsgrad"] and not group["maximize"] and not isinstance(group["lr"], torch.Tensor)
                    for group in self.param_groups for p in group["params"])
 
