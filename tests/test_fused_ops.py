@@ -162,7 +162,8 @@ CASES = {
     "conv_varlen_blocks": lambda: op_errors(
         _conv(torch.tensor([-1, 14, 16, 29, 31, 49, 130])), x=randn(1, 100, 140), weight=randn(140, 1, 4, seed=1),
         bias=randn(140, seed=2), past=randn(1, 3, 140, seed=3)),
-    # three strips of the weight-gradient kernel (512 rows each), documents crossing the strip boundaries
+    # nine strips of the weight-gradient kernel (128 rows each: strip_rows for so small a grid), documents crossing
+    # the strip boundaries
     "conv_varlen_strips": lambda: op_errors(
         _conv(torch.tensor([-2, 300, 510, 511, 513, 1023, 1025, 1100])), x=randn(1, 1100, 20),
         weight=randn(20, 1, 4, seed=1), bias=randn(20, seed=2), past=randn(1, 3, 20, seed=3)),
@@ -184,7 +185,7 @@ CASES = {
                                             past=randn(1, 3, 64, seed=3)),
     "conv_l2norm_column_slice": lambda: op_errors(_conv_slice(64, 64, l2norm_head_dim=32), x=randn(2, 21, 200),
                                                   weight=randn(64, 1, 4, seed=1)),
-    # a head of 256 (the 1.3b preset's), its narrower tiles over two strips of the weight gradient
+    # a head of 256 (the 1.3b preset's), its narrower tiles over five strips of the weight gradient
     "conv_l2norm_K256_strips": lambda: op_errors(_conv(l2norm_head_dim=256), x=randn(1, 600, 256),
                                                  weight=randn(256, 1, 4, seed=1)),
     "ce_mean_chunked": lambda: op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2),
@@ -419,6 +420,16 @@ def test_kernel_arguments_keep_clear_of_the_launchers_names():
                 checked[f"{info.name}.{name}"] = shadowed & set(fn.arg_names)
     assert "adamw.adamw_kernel" in checked and "chunk.chunk_scan_fwd_kernel" in checked, sorted(checked)
     assert not any(checked.values()), {k: v for k, v in checked.items() if v}
+
+
+def test_conv_strips_leave_two_programs_per_sm():
+    """The dpre kernel's strips: 512 rows at the small preset's q/k and v and the 1.3b preset's v; halved for
+    the 1.3b preset's q and k (batch 4, 6 heads of 256), whose 192 programs of 512 rows left SMs idle; never
+    below 128 rows."""
+    from megatron_gdn.kernels.short_conv import strip_rows
+    assert [strip_rows(8, 4096, 12, 132), strip_rows(8, 4096, 24, 132), strip_rows(4, 4096, 48, 132)] == [512] * 3
+    assert strip_rows(4, 4096, 6, 132) == 256
+    assert strip_rows(1, 1100, 1, 132) == 128
 
 
 def test_return_hidden_gives_the_lm_head_input():

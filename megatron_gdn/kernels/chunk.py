@@ -33,7 +33,6 @@ all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, softplus, store_rows, transpose_via_scratch)
+                           load_gates, load_rows, load_rows_t, sm_count, softplus, store_rows, transpose_via_scratch)
 
 # Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
 # inverted by substitution (SUB_CHUNK - 1 sequential steps, each two reductions over the tile), then merged
@@ -730,15 +729,6 @@ def _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices):
     grid = lambda meta: (len(chunk_indices) * HV * triton.cdiv(V, meta["BV"]),)  # noqa: E731
     chunk_o_kernel[grid](q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale, H=H, HV=HV, K=K, V=V, BT=CHUNK)
     return o
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 132 (an H100 / H200's) elsewhere, so that the interpreter
-    takes the path such a GPU would."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:

@@ -12,7 +12,7 @@ Every kernel loads the W taps of a block of rows as one [rows, W rounded up to a
 the taps in registers. x may be a column slice of a wider tensor (the fused projection's output): its rows are
 read SX elements apart where they lie, and with a SharedGradient its gradient is written in its place there.
 Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
-- short_conv_bwd_dpre_kernel, per strip of STRIP_ROWS output rows: recomputes the pre-activation a,
+- short_conv_bwd_dpre_kernel, per strip of output rows (strip_rows): recomputes the pre-activation a,
   stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch), and adds dpre[t] x[t - s] to the weight gradient
   in the taps' tile, summed elementwise over the strip and across rows once at the end ([B * strips, W, D]
   partial sums, channels contiguous; torch adds the strips);
@@ -41,12 +41,25 @@ from . import CONV_L2NORM_HEAD_DIMS
 from .fused_reference import document_positions
 from .reference import L2NORM_EPS
 from .shared_gradient import SharedGradient, gradient_like
+from .triton_utils import sm_count
 
 # Rows x channels per program. Each program holds [rows, WP, channels] tiles, WP being W rounded up to a power of
 # two, with rows = TAP_ROWS // WP: the same tile for every width (at 16 rows, W > 4 spilled registers). The dpre
-# kernel holds two (the taps and the weight gradient's products) and runs over strips of STRIP_ROWS rows.
+# kernel holds two (the taps and the weight gradient's products) and runs over strips of up to STRIP_ROWS rows
+# (strip_rows).
 TAP_ROWS, BD = 64, 128
-TAP_ROWS_DPRE, BD_DPRE, STRIP_ROWS = 64, 64, 512
+TAP_ROWS_DPRE, BD_DPRE, STRIP_ROWS, MIN_STRIP_ROWS = 64, 64, 512, 128
+
+
+def strip_rows(B: int, T: int, channel_blocks: int, sms: int) -> int:
+    """Rows of a dpre program's strip: STRIP_ROWS, halved (down to MIN_STRIP_ROWS) while the grid would have fewer
+    than two programs per SM. Longer strips add fewer partial sums, but the 1.3b preset's q and k (batch 4, 6 heads
+    of 256 channels) gave only 192 programs of 512 rows: 109 us a call on an H200, against 79 for 384 programs of
+    256 rows and 94 for 128 rows; every other preset's shape was fastest at 512 (session 16)."""
+    strip = STRIP_ROWS
+    while strip > MIN_STRIP_ROWS and B * triton.cdiv(T, strip) * channel_blocks < 2 * sms:
+        strip //= 2
+    return strip
 
 
 def tile_rows(W: int, tap_rows: int) -> int:
@@ -248,7 +261,7 @@ class ShortConvFunction(torch.autograd.Function):
         flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
         BT = tile_rows(W, TAP_ROWS)
         rows, channels = tiles(W, TAP_ROWS_DPRE, BD_DPRE, ctx.head_dim)
-        BLOCKS = max(1, STRIP_ROWS // rows)
+        BLOCKS = max(1, strip_rows(B, T, triton.cdiv(D, channels), sm_count(x.device)) // rows)
         NS = triton.cdiv(T, BLOCKS * rows)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)

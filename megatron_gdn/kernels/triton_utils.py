@@ -34,6 +34,15 @@ def configs(candidates: list[triton.Config]) -> list[triton.Config]:
     return candidates[:1] if INTERPRET else candidates
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100 / H200's) elsewhere, so that the interpreter
+    takes the path such a GPU would."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.lru_cache(maxsize=64)
 def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     """[0, T, 2T, ..., BT] int32: a dense batch seen as packed sequences (cached: decoding calls this per token)."""
