@@ -49,7 +49,7 @@ class TritonAdamW(torch.optim.AdamW):
         return all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() % 16 == 0 and
                    (p.grad is None or (p.grad.dtype == torch.float32 and p.grad.is_contiguous() and
                                        p.grad.data_ptr() % 16 == 0 and not p.grad.is_sparse)) and
-                   all(t.data_ptr() % 16 == 0 for t in self.state[p].values() if t.ndim > 0) and
+                   all(t.data_ptr() % 16 == 0 for t in self.state.get(p, {}).values() if t.ndim > 0) and
                    not group["amsgrad"] and not group["maximize"] and not isinstance(group["lr"], torch.Tensor)
                    for group in self.param_groups for p in group["params"])
 
