@@ -33,7 +33,6 @@ all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -492,8 +491,8 @@ def dqkw_block_k(K: int, element_size: int) -> int:
 
 @triton.jit
 def dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, ROWS,
-                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INTRA: tl.constexpr):
+                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INTRA: tl.constexpr):
     """Per chunk, head and BK columns of K: dq, dk (state and intra-chunk terms), dw = -dvn S^T, and the part of
     dG that comes from o and the state update (partial over K blocks; summed by the wy kernel).
 
