@@ -45,7 +45,7 @@ INT64 = {"target", "block_start", "numels", "param_addrs", "grad_addrs", "exp_av
          "step_addrs"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "weight_decay": "fp32",
            "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
-           "NS": "i32", "NB": "i32", "SX": "i32", "SDX": "i32", "SG": "i32", "SDG": "i32", "V": "i32",
+           "NS": "i32", "NB": "i32", "S": "i32", "SX": "i32", "SDX": "i32", "SG": "i32", "SDG": "i32", "V": "i32",
            "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -147,22 +147,19 @@ def fused_runs(dtype: str) -> list:
                  (f"l2norm bwd D={D}", l2norm.l2norm_bwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3)]
     runs += [("swiglu fwd", fused_swiglu.swiglu_fwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3),
              ("swiglu bwd", fused_swiglu.swiglu_bwd_kernel, dict(I=5632, BLOCK=fused_swiglu.BLOCK), 4, 3)]
-    flags = dict(HAS_PAST=True, HAS_DOCS=True)
+    flags = dict(HAS_PAST=True, HAS_DOCS=True, HAS_BIAS=True)
     # the channel count D only sets the grid; 1024 is a stand-in. Head dims: q and k L2-normalised inside
-    for W, head_dim in [(W, None) for W in range(2, 9)] + [(4, 64), (4, 128), (4, 256), (8, 256)]:
+    for W, head_dim in [(W, None) for W in range(1, 9)] + [(4, 64), (4, 128), (4, 256), (8, 256)]:
         name = f"W={W}" + (f" l2norm K={head_dim}" if head_dim else "")
-        BT, BD = short_conv.tiles(W, short_conv.TAP_ROWS, short_conv.BD, head_dim)
-        sc = dict(D=1024, W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD)
-        BT, BD = short_conv.tiles(W, short_conv.TAP_ROWS_DPRE, short_conv.BD_DPRE, head_dim)
-        dpre = dict(sc, BT=BT, BD=BD, BLOCKS=short_conv.STRIP_ROWS // BT, HAS_BIAS=True, L2NORM=bool(head_dim),
-                    **flags)
-        runs += [(f"short_conv fwd {name}", short_conv.short_conv_fwd_kernel,
-                  dict(sc, HAS_BIAS=True, L2NORM=bool(head_dim), **flags), 4, 3),
-                 (f"short_conv bwd dpre {name}", short_conv.short_conv_bwd_dpre_kernel, dpre, 4, 3)]
-        if head_dim is None:  # dx and the decoding step do not normalise
-            runs += [(f"short_conv bwd dx {name}", short_conv.short_conv_bwd_dx_kernel, dict(sc, **flags), 4, 3),
-                     (f"short_conv step {name}", short_conv.short_conv_step_kernel,
-                      dict(D=1024, W=W, BD=short_conv.BD, HAS_BIAS=True), 4, 3)]
+        for kind, kernel, launch in (("fwd", short_conv.short_conv_fwd_kernel, short_conv.FORWARD),
+                                     ("bwd", short_conv.short_conv_bwd_kernel, short_conv.BACKWARD)):
+            R, C = short_conv.channel_block(1024, head_dim, launch)
+            runs.append((f"short_conv {kind} {name}", kernel,
+                         dict(D=1024, W=W, R=R, C=C, L2NORM=bool(head_dim), UNROLL=launch.unroll, **flags),
+                         launch.warps, 3))
+        if head_dim is None and W > 1:  # the decoding step does not normalise
+            runs.append((f"short_conv step {name}", short_conv.short_conv_step_kernel,
+                         dict(D=1024, W=W, BD=short_conv.STEP_CHANNELS, HAS_BIAS=True), 4, 3))
     for V in (256, 2048, 19008):  # vocabulary slices (19008 = 152064 / 8); BV stops growing at MAX_BV
         BV = min(cross_entropy.MAX_BV, triton.next_power_of_2(V))
         runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),

@@ -157,13 +157,12 @@ CASES = {
     "conv_varlen_negative_start": lambda: op_errors(
         _conv(torch.tensor([-2, 5, 6, 20, 21, 40])), x=randn(1, 33, 40), weight=randn(40, 1, 4, seed=1),
         bias=randn(40, seed=2), past=randn(1, 3, 40, seed=3)),
-    # several blocks of rows and channels in the backward kernels, documents ending on either side of a block
-    # boundary (blocks of 16 rows; dx's start W - 1 rows early)
+    # two strips of 64 rows and two blocks of channels backward (128 each), documents ending on either side of
+    # the strip boundary and of the window's W - 1 rows around it
     "conv_varlen_blocks": lambda: op_errors(
-        _conv(torch.tensor([-1, 14, 16, 29, 31, 49, 130])), x=randn(1, 100, 140), weight=randn(140, 1, 4, seed=1),
+        _conv(torch.tensor([-1, 14, 16, 62, 63, 66, 130])), x=randn(1, 100, 140), weight=randn(140, 1, 4, seed=1),
         bias=randn(140, seed=2), past=randn(1, 3, 140, seed=3)),
-    # nine strips of the weight-gradient kernel (128 rows each: strip_rows for so small a grid), documents crossing
-    # the strip boundaries
+    # eighteen strips (64 rows each: strip_rows for so small a grid), documents crossing the strip boundaries
     "conv_varlen_strips": lambda: op_errors(
         _conv(torch.tensor([-2, 300, 510, 511, 513, 1023, 1025, 1100])), x=randn(1, 1100, 20),
         weight=randn(20, 1, 4, seed=1), bias=randn(20, seed=2), past=randn(1, 3, 20, seed=3)),
@@ -185,7 +184,7 @@ CASES = {
                                             past=randn(1, 3, 64, seed=3)),
     "conv_l2norm_column_slice": lambda: op_errors(_conv_slice(64, 64, l2norm_head_dim=32), x=randn(2, 21, 200),
                                                   weight=randn(64, 1, 4, seed=1)),
-    # a head of 256 (the 1.3b preset's), its narrower tiles over five strips of the weight gradient
+    # a head of 256 (the 1.3b preset's), one head a program, over ten strips
     "conv_l2norm_K256_strips": lambda: op_errors(_conv(l2norm_head_dim=256), x=randn(1, 600, 256),
                                                  weight=randn(256, 1, 4, seed=1)),
     "ce_mean_chunked": lambda: op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2),
@@ -422,14 +421,14 @@ def test_kernel_arguments_keep_clear_of_the_launchers_names():
     assert not any(checked.values()), {k: v for k, v in checked.items() if v}
 
 
-def test_conv_strips_leave_two_programs_per_sm():
-    """The dpre kernel's strips: 512 rows at the small preset's q/k and v and the 1.3b preset's v; halved for
-    the 1.3b preset's q and k (batch 4, 6 heads of 256), whose 192 programs of 512 rows left SMs idle; never
-    below 128 rows."""
+def test_conv_strips_leave_enough_programs_per_sm():
+    """strip_rows halves a strip from STRIP_ROWS (1024) while the grid has fewer than programs_per_sm programs per
+    SM, never below MIN_STRIP_ROWS (64): the 1.3b preset's v backward (4 sequences x 24 blocks of 128 channels)
+    gets 768 programs at 512 rows, 1536 at 256, for 8 x 132."""
     from megatron_gdn.kernels.short_conv import strip_rows
-    assert [strip_rows(8, 4096, 12, 132), strip_rows(8, 4096, 24, 132), strip_rows(4, 4096, 48, 132)] == [512] * 3
-    assert strip_rows(4, 4096, 6, 132) == 256
-    assert strip_rows(1, 1100, 1, 132) == 128
+    assert strip_rows(4, 4096, 24, 132, 8) == 256
+    assert strip_rows(64, 4096, 24, 132, 8) == 1024
+    assert strip_rows(1, 1100, 1, 132, 8) == 64
 
 
 def test_return_hidden_gives_the_lm_head_input():

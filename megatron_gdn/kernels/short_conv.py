@@ -7,31 +7,38 @@ inputs before x (zeros when absent); with packed documents a tap s is cut at tok
 tokens into its document (document_positions, which lets the first document start inside `past`). fp32
 inside, y in x's dtype.
 
-Every kernel loads the W taps of a block of rows as one [rows, W rounded up to a power of two, channels] tile
-(x[t - s] at [t, s]: the shifted row blocks overlap, so all but one row of each is a cache hit) and sums over
-the taps in registers. x may be a column slice of a wider tensor (the fused projection's output): its rows are
-read SX elements apart where they lie, and with a SharedGradient its gradient is written in its place there.
-Forward: one program per (block of tokens, block of channels, sequence). Backward, two kernels:
-- short_conv_bwd_dpre_kernel, per strip of output rows (strip_rows): recomputes the pre-activation a,
-  stores dpre = dy * silu'(a) in x's dtype ([B, T, D] scratch), and adds dpre[t] x[t - s] to the weight gradient
-  in the taps' tile, summed elementwise over the strip and across rows once at the end ([B * strips, W, D]
-  partial sums, channels contiguous; torch adds the strips);
-- short_conv_bwd_dx_kernel, per block of *input* rows, which start W - 1 rows before x so that the first program
-  also produces the gradient of `past`: dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps not cut at t + s.
-Per token and channel that reads x, dy and dpre once and writes dpre and dx once (10 bytes in bf16). On an H100
-the 36 backward calls of a `small` training step took 5.9 ms; on an H200 5.7, and 4.7 since dpre's loop over its
-strip is software-pipelined (session 13). History: three kernels, the weight gradient apart
-(14 bytes), 8.0 ms; one kernel that recomputed dpre at the W shifted row blocks (6 bytes, W x W loads), slower
-still; an earlier version reduced across rows W times per block: 7 times the forward's time. Decoding one token
-has its own kernel (short_conv_silu_step), which also shifts the cached inputs.
+Each program walks a strip of rows, last row first, over a block of channels, and holds the W input rows that
+the row at hand reads as a window of registers: each step loads one input row, the one W - 1 rows back, and
+drops the newest. So every input row is loaded once (and W - 1 more per strip, the window's first fill), and
+one row's products are W multiply-adds per channel. x may be a column slice of a wider tensor (the fused
+projection's output): its rows are read SX elements apart where they lie, and with a SharedGradient its
+gradient is written in its place there.
+- short_conv_fwd_kernel: y[t], from the window.
+- short_conv_bwd_kernel, the whole backward in one pass: row t recomputes the pre-activation a from its window
+  and dpre[t] = dy[t] silu'(a); its own rows add dpre[t] x[t - s] to the weight gradient's partial sums (one
+  [W, channels] per strip, torch adds the strips) and dpre[t] to the bias's; and a second window, of the dpre
+  rows t..t+W-1, gives dx[t] = sum_s weight[:, W-1-s] dpre[t + s]. dpre never leaves registers: per token and
+  channel the backward reads x and dy and writes dx (6 bytes in bf16). The strip's last W - 1 dpre rows of the
+  window belong to the next strip and are recomputed; the first strip goes on to row -(W - 1) to write the
+  gradient of `past`.
+The loops are unrolled 4 times (loop_unroll_factor): a step waits for its row's loads, and only unrolled steps
+issue the next rows' loads before it does. On an H200 (session 17, torch.profiler, x a column slice of the
+fused projection) a `1.3b` v convolution (4 x 4096 tokens, 3072 channels) took 64.8 us forward and 128 us
+backward, against 74.3 and 179.6 (dpre 122.1 + dx 57.5) for the kernels before, which loaded the W shifted
+row blocks of a [rows, W, channels] tile (the overlapping rows cache hits) and stored dpre for a second
+backward kernel (10 bytes a token and channel). Without the unrolling the same walk was slower than those
+(109 / 152 us). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the cached
+inputs.
 
-The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The forward and dpre
-kernels do it themselves with blocks one head wide (fewer rows, the same tile size): the forward normalises the
-fp32 silu output before its one rounding, and dpre recomputes it to take dy back through the norm. That saves the
+The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The kernels do it
+themselves with blocks of whole heads (an [R, head dim] tile, R heads): the forward normalises the fp32 silu
+output before its one rounding, and the backward recomputes it to take dy back through the norm. That saves the
 delta rule's separate L2 norm, a pass over q and k each way (2.1 ms of a `small` step on an H100, session 10).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -43,161 +50,216 @@ from .reference import L2NORM_EPS
 from .shared_gradient import SharedGradient, gradient_like
 from .triton_utils import sm_count
 
-# Rows x channels per program. Each program holds [rows, WP, channels] tiles, WP being W rounded up to a power of
-# two, with rows = TAP_ROWS // WP: the same tile for every width (at 16 rows, W > 4 spilled registers). The dpre
-# kernel holds two (the taps and the weight gradient's products) and runs over strips of up to STRIP_ROWS rows
-# (strip_rows).
-TAP_ROWS, BD = 64, 128
-TAP_ROWS_DPRE, BD_DPRE, STRIP_ROWS, MIN_STRIP_ROWS = 64, 64, 512, 128
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How a kernel's programs are cut: channels_per_thread x 32 x warps channels each, unrolled `unroll` times,
+    and strips of rows short enough for programs_per_sm programs per SM (strip_rows)."""
+
+    channels_per_thread: int
+    warps: int
+    unroll: int
+    programs_per_sm: int
 
 
-def strip_rows(B: int, T: int, channel_blocks: int, sms: int) -> int:
-    """Rows of a dpre program's strip: STRIP_ROWS, halved (down to MIN_STRIP_ROWS) while the grid would have fewer
-    than two programs per SM. Longer strips add fewer partial sums, but the 1.3b preset's q and k (batch 4, 6 heads
-    of 256 channels) gave only 192 programs of 512 rows: 109 us a call on an H200, against 79 for 384 programs of
-    256 rows and 94 for 128 rows; every other preset's shape was fastest at 512 (session 16)."""
+# The fastest of a sweep on an H200 (session 17: 4 or 8 channels a thread, 1 / 2 / 4 warps, unrolled 1 / 2 / 4
+# times, 8 or 16 programs per SM, at the two presets' q, k and v). The backward holds three windows of W rows
+# (x, dpre, the weight gradient's sums), so half the forward's channels a thread.
+FORWARD, BACKWARD = Launch(8, 1, 4, 16), Launch(4, 1, 4, 8)
+STRIP_ROWS, MIN_STRIP_ROWS = 1024, 64
+STEP_CHANNELS = 128  # decoding: channels per program
+
+
+def strip_rows(B: int, T: int, channel_blocks: int, sms: int, programs_per_sm: int) -> int:
+    """Rows of a program's strip: STRIP_ROWS, halved (down to MIN_STRIP_ROWS) while the grid would have fewer than
+    programs_per_sm programs per SM. A program walks its strip one row at a time, so the memory is kept busy by
+    many programs; a longer strip repeats fewer window rows (W - 1 forward, 2 W - 2 backward)."""
     strip = STRIP_ROWS
-    while strip > MIN_STRIP_ROWS and B * triton.cdiv(T, strip) * channel_blocks < 2 * sms:
+    while strip > MIN_STRIP_ROWS and B * triton.cdiv(T, strip) * channel_blocks < programs_per_sm * sms:
         strip //= 2
     return strip
 
 
-def tile_rows(W: int, tap_rows: int) -> int:
-    """Rows per block for width W: tap_rows // WP (a power of two, at least 1)."""
-    return max(1, tap_rows // triton.next_power_of_2(W))
+def channel_block(D: int, head_dim: int | None, launch: Launch) -> tuple[int, int]:
+    """(R, C): a program's channels as an [R, C] tile, R heads of C channels when the output is L2-normalised per
+    head (whole heads: the norm sums over C), else one row of C."""
+    width = launch.channels_per_thread * 32 * launch.warps
+    if head_dim is not None:
+        return max(1, width // head_dim), head_dim
+    return 1, min(width, triton.next_power_of_2(D))
 
 
 @triton.jit
-def tap_weights(weight, o_d, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """[WP, BD] fp32 weight[:, W-1-s] for tap s (zero for s >= W)."""
-    o_s = tl.arange(0, WP)
-    return tl.load(weight + o_d[None, :] * W + W - 1 - o_s[:, None], mask=(o_s < W)[:, None] & (o_d < D)[None, :],
-                   other=0.).to(tl.float32)
+def channel_tile(i_d, D: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """[R, C] channel indices of block i_d, and which are < D."""
+    o_d = (i_d * R + tl.arange(0, R))[:, None] * C + tl.arange(0, C)[None, :]
+    return o_d, o_d < D
 
 
 @triton.jit
-def load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-              HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """[len(o_t), WP, len(o_d)] fp32 x[t - s]: what tap s brings to output row t, zero for s >= W and where the
-    tap is cut (t fewer than s tokens into its document). x's rows are SX elements apart; rows < 0 come from past
-    (zero without it). The W shifted row blocks overlap: all but one row of each is a cache hit."""
-    o_s = tl.arange(0, WP)
-    o_r = o_t[:, None] - o_s[None, :]  # [BT, WP] source rows
-    m = ((o_s < W)[None, :] & (o_r >= 0) & (o_r < T))[:, :, None] & (o_d < D)[None, None, :]
-    b_x = tl.load(x + (i_b * T + o_r)[:, :, None] * SX + o_d[None, None, :], mask=m, other=0.).to(tl.float32)
-    if HAS_PAST:  # past is [B, W - 1, D]: row -1 is its last
-        m = ((o_s < W)[None, :] & (o_r < 0) & (o_r >= 1 - W))[:, :, None] & (o_d < D)[None, None, :]
-        b_x += tl.load(past + (i_b * (W - 1) + o_r + W - 1)[:, :, None] * D + o_d[None, None, :], mask=m,
-                       other=0.).to(tl.float32)
-    if HAS_DOCS:
-        b_x = tl.where(taps_kept(pos, o_t, T, WP)[:, :, None], b_x, 0.)
+def weight_columns(weight, o_d, m_d, W: tl.constexpr):
+    """(weight[:, 0], ..., weight[:, W - 1]) as fp32 tiles: column c multiplies x[t - (W - 1 - c)]."""
+    ws = ()
+    for c in tl.static_range(W):
+        ws = ws + (tl.load(weight + o_d * W + c, mask=m_d, other=0.).to(tl.float32),)
+    return ws
+
+
+@triton.jit
+def zero_window(R: tl.constexpr, C: tl.constexpr, W: tl.constexpr, dtype: tl.constexpr):
+    zs = ()
+    for c in tl.static_range(W):
+        zs = zs + (tl.zeros([R, C], dtype),)
+    return zs
+
+
+@triton.jit
+def where_row(m_d, cond):
+    """The channel mask m_d where the row condition cond holds, else all False: m_d & cond, which Triton's
+    interpreter (3.9) turns into int32 for a scalar cond, and then refuses as a mask."""
+    return tl.where(cond, m_d, False)
+
+
+@triton.jit
+def load_row(x, past, i_b, r, o_d, m_d, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
+    """Input row r of sequence i_b, in x's dtype (the windows hold it so; products with the fp32 weights are
+    fp32): x's (rows SX elements apart) for 0 <= r < T, past's for -(W - 1) <= r < 0 (zeros without past), zeros
+    elsewhere."""
+    b_x = tl.load(x + (i_b * T + r) * SX + o_d, mask=where_row(m_d, (r >= 0) & (r < T)), other=0.)
+    if HAS_PAST:  # one of the two is zero: the sum is exact
+        b_x += tl.load(past + (i_b * (W - 1) + r + W - 1) * D + o_d, mask=where_row(m_d, (r < 0) & (r >= 1 - W)),
+                       other=0.).to(b_x.dtype)
     return b_x
 
 
 @triton.jit
-def taps_kept(pos, o_u, T, WP: tl.constexpr):
-    """[len(o_u), WP] whether output rows u keep tap s: u is at least s tokens into its document (rows outside
-    [0, T) read position 0)."""
-    return tl.load(pos + o_u, mask=(o_u >= 0) & (o_u < T), other=0)[:, None] >= tl.arange(0, WP)[None, :]
+def bias_tile(bias, o_d, m_d, R: tl.constexpr, C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
+    else:
+        return tl.zeros([R, C], tl.float32)
 
 
 @triton.jit
-def conv_preact(b_x, b_w, bias, o_d, D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """[BT, BD] fp32 bias + sum_s weight[:, W-1-s] x[t - s] from load_taps' and tap_weights' tiles."""
-    b_a = tl.sum(b_x * b_w[None, :, :], axis=1)
-    if HAS_BIAS:
-        b_a += tl.load(bias + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
+def preactivation(xs, ws, b_bias, p, W: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """bias + sum_c weight[:, c] x[t - (W - 1 - c)] from the window xs of row t; with documents, tap s = W - 1 - c
+    only where row t is at least s tokens into its document (p: its position there)."""
+    b_a = b_bias
+    for c in tl.static_range(W):
+        if HAS_DOCS:
+            b_a += tl.where(p >= W - 1 - c, ws[c] * xs[c], 0.)
+        else:
+            b_a += ws[c] * xs[c]
     return b_a
 
 
 @triton.jit
+def row_position(pos, t, T, HAS_DOCS: tl.constexpr):
+    """Row t's position in its document (0 outside [0, T), and without documents: then unread)."""
+    p = 0
+    if HAS_DOCS:
+        p = tl.load(pos + t, mask=(t >= 0) & (t < T), other=0)
+    return p
+
+
+@triton.jit
 def head_rstd(b_y, eps):
-    """[BT] 1 / sqrt(sum(y^2) + eps) over each row of a [BT, head dim] tile: kernels/l2norm.py's rule."""
+    """[R] 1 / sqrt(sum(y^2) + eps) over each row of an [R, head dim] tile: kernels/l2norm.py's rule."""
     return 1. / tl.sqrt(tl.sum(b_y * b_y, axis=1) + eps)
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, eps, D: tl.constexpr, W: tl.constexpr,
-                          WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr):
-    """L2NORM: BD is the head dimension, and each row of the tile (one token's head) is L2-normalised."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
-    b_a = conv_preact(b_x, tap_weights(weight, o_d, D, W, WP), bias, o_d, D, HAS_BIAS)
-    b_y = b_a * tl.sigmoid(b_a)
-    if L2NORM:
-        b_y = b_y * head_rstd(b_y, eps)[:, None]
-    tl.store(y + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
-             mask=(o_t < T)[:, None] & (o_d < D)[None, :])
+def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.constexpr, W: tl.constexpr,
+                          R: tl.constexpr, C: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr, UNROLL: tl.constexpr):
+    """Rows lo..hi-1 of a strip of S, last first (the first W - 1 steps only fill the window). L2NORM: each row
+    of the [R, C] tile is one head, L2-normalised."""
+    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_d, m_d = channel_tile(i_d, D, R, C)
+    ws = weight_columns(weight, o_d, m_d, W)
+    b_bias = bias_tile(bias, o_d, m_d, R, C, HAS_BIAS)
+    lo = i_s * S
+    hi = tl.minimum(lo + S, T)
+    xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
+    for i in tl.range(hi + W - 1 - lo, loop_unroll_factor=UNROLL):
+        t = hi + W - 2 - i
+        xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
+        b_a = preactivation(xs, ws, b_bias, row_position(pos, t, T, HAS_DOCS), W, HAS_DOCS)
+        b_y = b_a * tl.sigmoid(b_a)
+        if L2NORM:
+            b_y = b_y * head_rstd(b_y, eps)[:, None]
+        tl.store(y + (i_b * T + t) * D + o_d, b_y.to(y.dtype.element_ty), mask=where_row(m_d, t < hi))
 
 
 @triton.jit
-def short_conv_bwd_dpre_kernel(x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, SX, NS, eps,
-                               D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
-                               BD: tl.constexpr, BLOCKS: tl.constexpr, HAS_PAST: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr):
-    """Per strip of BLOCKS blocks of output rows: dpre = dy * silu'(a) (a recomputed), stored in dpre's dtype, and
-    this strip's partial sums of the weight and bias gradients: row t adds dpre[t] x[t - s] to weight[:, W-1-s]
-    (nothing where tap s is cut) and dpre[t] to the bias. The products are summed elementwise over the strip in
-    the [BT, WP, BD] tile that the taps were loaded in, and across rows once at the end. L2NORM (BD the head
-    dimension): dy is the gradient of the normalised output n = silu(a) rstd, and goes back through the norm
-    first: d silu(a) = (dy - n (dy . n)) rstd, with silu(a) and rstd recomputed as the forward computed them."""
+def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, SX, SDX, S, NS, eps,
+                          D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                          HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
+                          L2NORM: tl.constexpr, UNROLL: tl.constexpr):
+    """The backward of rows lo..hi-1 of a strip of S, last first (the module docstring). L2NORM: dy is the
+    gradient of the normalised output n = silu(a) rstd and goes back through the norm first,
+    d silu(a) = (dy - n (dy . n)) rstd. The walk starts 2 W - 2 rows past hi: the dpre rows hi..hi+W-2 of the
+    window need x rows from hi - 1 on."""
     i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    b_w = tap_weights(weight, o_d, D, W, WP)
-    b_dw = tl.zeros([BT, WP, BD], dtype=tl.float32)
-    b_db = tl.zeros([BT, BD], dtype=tl.float32)
-    # Software-pipelined, 3 stages: the next blocks' loads are in flight while this one computes. The plain loop
-    # waited on each block's loads (session 13, H200: 104 -> 76 us for `small`'s q, 146 -> 126 for its v)
-    for j in tl.range(BLOCKS, num_stages=3):
-        o_t = (i_s * BLOCKS + j) * BT + tl.arange(0, BT)
-        b_x = load_taps(x, past, pos, i_b, o_t, o_d, T, SX, D, W, WP, HAS_PAST, HAS_DOCS)
-        b_a = conv_preact(b_x, b_w, bias, o_d, D, HAS_BIAS)
-        m = (o_t < T)[:, None] & m_d[None, :]
-        b_dy = tl.load(dy + (i_b * T + o_t)[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    o_d, m_d = channel_tile(i_d, D, R, C)
+    ws = weight_columns(weight, o_d, m_d, W)
+    b_bias = bias_tile(bias, o_d, m_d, R, C, HAS_BIAS)
+    lo = i_s * S
+    hi = tl.minimum(lo + S, T)
+    first = hi + 2 * W - 3
+    last = lo
+    if HAS_PAST:
+        last = tl.where(i_s == 0, 1 - W, lo)
+    xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
+    es = zero_window(R, C, W, tl.float32)          # es[c]: dpre[t + W - 1 - c]
+    dws = zero_window(R, C, W, tl.float32)         # dws[c]: the strip's sum for weight[:, c]'s gradient
+    b_db = tl.zeros([R, C], tl.float32)
+    ps = ()                                        # ps[c]: the document position of row t + W - 1 - c
+    if HAS_DOCS:
+        for c in tl.static_range(W):
+            ps = ps + (tl.full([], 0, tl.int32),)
+    for i in tl.range(first - last + 1, loop_unroll_factor=UNROLL):
+        t = first - i
+        xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
+        p = row_position(pos, t, T, HAS_DOCS)
+        b_a = preactivation(xs, ws, b_bias, p, W, HAS_DOCS)
+        b_dy = tl.load(dy + (i_b * T + t) * D + o_d, mask=where_row(m_d, (t >= 0) & (t < T)), other=0.)
+        b_dy = b_dy.to(tl.float32)
         b_s = tl.sigmoid(b_a)
         if L2NORM:
             b_y = b_a * b_s
             b_rstd = head_rstd(b_y, eps)
             b_n = b_y * b_rstd[:, None]
             b_dy = (b_dy - b_n * tl.sum(b_dy * b_n, axis=1)[:, None]) * b_rstd[:, None]
-        b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero beyond T
-        tl.store(dpre + (i_b * T + o_t)[:, None] * D + o_d[None, :], b_dpre.to(dpre.dtype.element_ty), mask=m)
-        b_dw += b_dpre[:, None, :] * b_x
-        b_db += b_dpre
+        b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero outside [0, T)
+        b_own = tl.where((t >= lo) & (t < hi), b_dpre, 0.)
+        new_dws = ()
+        for c in tl.static_range(W):
+            if HAS_DOCS:
+                new_dws = new_dws + (dws[c] + tl.where(p >= W - 1 - c, b_own * xs[c], 0.),)
+            else:
+                new_dws = new_dws + (dws[c] + b_own * xs[c],)
+        dws = new_dws
+        b_db += b_own
+        es = es[1:] + (b_dpre,)
+        b_dx = tl.zeros([R, C], tl.float32)
+        if HAS_DOCS:
+            ps = ps[1:] + (p,)
+            for c in tl.static_range(W):  # tap s = W - 1 - c of output row t + s
+                b_dx += tl.where(ps[c] >= W - 1 - c, ws[c] * es[c], 0.)
+        else:
+            for c in tl.static_range(W):
+                b_dx += ws[c] * es[c]
+        tl.store(dx + (i_b * T + t) * SDX + o_d, b_dx.to(dx.dtype.element_ty),
+                 mask=where_row(m_d, (t >= 0) & (t < hi)))
+        if HAS_PAST:
+            tl.store(dpast + (i_b * (W - 1) + t + W - 1) * D + o_d, b_dx.to(dpast.dtype.element_ty),
+                     mask=where_row(m_d, t < 0))
     i_p = i_b * NS + i_s
-    o_s = tl.arange(0, WP)
-    tl.store(dweight + (i_p * W + W - 1 - o_s[:, None]) * D + o_d[None, :], tl.sum(b_dw, axis=0),
-             mask=(o_s < W)[:, None] & m_d[None, :])
+    for c in tl.static_range(W):
+        tl.store(dweight + (i_p * W + c) * D + o_d, dws[c], mask=m_d)
     if HAS_BIAS:
-        tl.store(dbias + i_p * D + o_d, tl.sum(b_db, axis=0), mask=m_d)
-
-
-@triton.jit
-def short_conv_bwd_dx_kernel(weight, pos, dpre, dx, dpast, T, SDX, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                             BT: tl.constexpr, BD: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """dx[t] = sum_s weight[:, W-1-s] dpre[t + s] over the taps s not cut at output t + s. The input rows start
-    W - 1 rows before x, so the first program also writes the gradient of `past`."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_t = i_t * BT - (W - 1) + tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    o_s = tl.arange(0, WP)
-    o_u = o_t[:, None] + o_s[None, :]  # [BT, WP] the output rows that tap s feeds
-    m_u = (o_s < W)[None, :] & (o_u >= 0) & (o_u < T)
-    if HAS_DOCS:
-        m_u &= tl.load(pos + o_u, mask=m_u, other=0) >= o_s[None, :]
-    b_dpre = tl.load(dpre + (i_b * T + o_u)[:, :, None] * D + o_d[None, None, :],
-                     mask=m_u[:, :, None] & m_d[None, None, :], other=0.).to(tl.float32)  # [BT, WP, BD]
-    b_dx = tl.sum(b_dpre * tap_weights(weight, o_d, D, W, WP)[None, :, :], axis=1)
-    tl.store(dx + (i_b * T + o_t)[:, None] * SDX + o_d[None, :], b_dx.to(dx.dtype.element_ty),
-             mask=((o_t >= 0) & (o_t < T))[:, None] & m_d[None, :])
-    if HAS_PAST:
-        tl.store(dpast + (i_b * (W - 1) + o_t + W - 1)[:, None] * D + o_d[None, :], b_dx.to(dpast.dtype.element_ty),
-                 mask=(o_t < 0)[:, None] & m_d[None, :])
+        tl.store(dbias + i_p * D + o_d, b_db, mask=m_d)
 
 
 @triton.jit
@@ -221,12 +283,12 @@ def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr
     tl.store(y + i_b * D + o_d, (b_acc * tl.sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
 
 
-def tiles(W: int, tap_rows: int, channels: int, head_dim: int | None) -> tuple[int, int]:
-    """(rows, channels) of a block: `channels` wide, or one head wide when the output is L2-normalised per head,
-    with the rows scaled so that the [rows, WP, channels] tile keeps its number of elements."""
-    if head_dim is None:
-        return tile_rows(W, tap_rows), channels
-    return tile_rows(W, tap_rows * channels // head_dim), head_dim
+def grid_of(B: int, T: int, D: int, head_dim: int | None, launch: Launch, device: torch.device) -> tuple[int, ...]:
+    """(R, C, strip rows S, strips NS, channel blocks) of a launch."""
+    R, C = channel_block(D, head_dim, launch)
+    blocks = triton.cdiv(D, R * C)
+    S = strip_rows(B, T, blocks, sm_count(device), launch.programs_per_sm)
+    return R, C, S, triton.cdiv(T, S), blocks
 
 
 class ShortConvFunction(torch.autograd.Function):
@@ -239,11 +301,11 @@ class ShortConvFunction(torch.autograd.Function):
         weight = weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
         y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
-        rows, channels = tiles(W, TAP_ROWS, BD, head_dim)
-        short_conv_fwd_kernel[(triton.cdiv(T, rows), triton.cdiv(D, channels), B)](
-            x, past, weight, bias, pos, y, T, x.stride(1), L2NORM_EPS, D=D, W=W, WP=triton.next_power_of_2(W),
-            BT=rows, BD=channels, HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None,
-            L2NORM=head_dim is not None)
+        R, C, S, NS, blocks = grid_of(B, T, D, head_dim, FORWARD, x.device)
+        short_conv_fwd_kernel[(NS, blocks, B)](
+            x, past, weight, bias, pos, y, T, x.stride(1), S, L2NORM_EPS, D=D, W=W, R=R, C=C,
+            HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None,
+            L2NORM=head_dim is not None, UNROLL=FORWARD.unroll, num_warps=FORWARD.warps)
         ctx.save_for_backward(x, weight, bias, past, pos)
         ctx.shared_gradient, ctx.head_dim = shared_gradient, head_dim
         return y
@@ -253,24 +315,17 @@ class ShortConvFunction(torch.autograd.Function):
         x, weight, bias, past, pos = ctx.saved_tensors
         B, T, D = x.shape
         W = weight.shape[-1]
-        WP = triton.next_power_of_2(W)
         dy = dy.contiguous()
-        dpre = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         dx = gradient_like(x, ctx.shared_gradient)
         dpast = None if past is None else torch.empty_like(past)
-        flags = dict(HAS_PAST=past is not None, HAS_DOCS=pos is not None)
-        BT = tile_rows(W, TAP_ROWS)
-        rows, channels = tiles(W, TAP_ROWS_DPRE, BD_DPRE, ctx.head_dim)
-        BLOCKS = max(1, strip_rows(B, T, triton.cdiv(D, channels), sm_count(x.device)) // rows)
-        NS = triton.cdiv(T, BLOCKS * rows)
+        R, C, S, NS, blocks = grid_of(B, T, D, ctx.head_dim, BACKWARD, x.device)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
-        short_conv_bwd_dpre_kernel[(NS, triton.cdiv(D, channels), B)](
-            x, past, weight, bias, pos, dy, dpre, dweight, dbias, T, x.stride(1), NS, L2NORM_EPS, D=D, W=W, WP=WP,
-            BT=rows, BD=channels, BLOCKS=BLOCKS, HAS_BIAS=bias is not None, L2NORM=ctx.head_dim is not None,
-            **flags)
-        short_conv_bwd_dx_kernel[(triton.cdiv(T + W - 1, BT), triton.cdiv(D, BD), B)](  # past's rows too
-            weight, pos, dpre, dx, dpast, T, dx.stride(1), D=D, W=W, WP=WP, BT=BT, BD=BD, **flags)
+        short_conv_bwd_kernel[(NS, blocks, B)](
+            x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, x.stride(1), dx.stride(1), S, NS,
+            L2NORM_EPS, D=D, W=W, R=R, C=C, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
+            HAS_DOCS=pos is not None, L2NORM=ctx.head_dim is not None, UNROLL=BACKWARD.unroll,
+            num_warps=BACKWARD.warps)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None, None
 
@@ -309,6 +364,6 @@ def short_conv_step_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: to
     x, conv_state, weight = x.contiguous(), conv_state.contiguous(), weight.reshape(D, W).contiguous()
     y = torch.empty_like(x)
     new_state = torch.empty(B, W - 1, D, dtype=x.dtype, device=x.device)
-    short_conv_step_kernel[(triton.cdiv(D, BD), B)](x, conv_state, weight, bias, y, new_state, D=D, W=W, BD=BD,
-                                                   HAS_BIAS=bias is not None)
+    short_conv_step_kernel[(triton.cdiv(D, STEP_CHANNELS), B)](
+        x, conv_state, weight, bias, y, new_state, D=D, W=W, BD=STEP_CHANNELS, HAS_BIAS=bias is not None)
     return y, new_state
