@@ -155,8 +155,8 @@ def fused_runs(dtype: str) -> list:
                                      ("bwd", short_conv.short_conv_bwd_kernel, short_conv.BACKWARD)):
             R, C = short_conv.channel_block(1024, head_dim, launch)
             runs.append((f"short_conv {kind} {name}", kernel,
-                         dict(D=1024, W=W, R=R, C=C, L2NORM=bool(head_dim), UNROLL=launch.unroll, **flags),
-                         launch.warps, 3))
+                         dict(D=1024, W=W, R=R, C=C, L2NORM=bool(head_dim), UNROLL=launch.unroll,
+                              STAGES=launch.stages, **flags), launch.warps, launch.stages))
         if head_dim is None and W > 1:  # the decoding step does not normalise
             runs.append((f"short_conv step {name}", short_conv.short_conv_step_kernel,
                          dict(D=1024, W=W, BD=short_conv.STEP_CHANNELS, HAS_BIAS=True), 4, 3))

@@ -21,14 +21,15 @@ gradient is written in its place there.
   channel the backward reads x and dy and writes dx (6 bytes in bf16). The strip's last W - 1 dpre rows of the
   window belong to the next strip and are recomputed; the first strip goes on to row -(W - 1) to write the
   gradient of `past`.
-The loops are unrolled 4 times (loop_unroll_factor): a step waits for its row's loads, and only unrolled steps
-issue the next rows' loads before it does. On an H200 (session 17, torch.profiler, x a column slice of the
-fused projection) a `1.3b` v convolution (4 x 4096 tokens, 3072 channels) took 64.8 us forward and 128 us
-backward, against 74.3 and 179.6 (dpre 122.1 + dx 57.5) for the kernels before, which loaded the W shifted
-row blocks of a [rows, W, channels] tile (the overlapping rows cache hits) and stored dpre for a second
-backward kernel (10 bytes a token and channel). Without the unrolling the same walk was slower than those
-(109 / 152 us). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the cached
-inputs.
+The loops are unrolled 4 times and software-pipelined (tl.range's loop_unroll_factor and num_stages): a step
+waits for its row's loads, and the next rows' loads are issued before it only so. On an H200 (session 17,
+torch.profiler, x a column slice of the fused projection) a `1.3b` v convolution (4 x 4096 tokens, 3072
+channels) took 63.6 us forward and 129.2 us backward, against 74.8 and 181.6 (dpre 124.0 + dx 57.6) for the
+kernels before, which loaded the W shifted row blocks of a [rows, W, channels] tile (the overlapping rows cache
+hits) and stored dpre for a second backward kernel (10 bytes a token and channel); `small`'s q with its norm
+(8 x 4096, heads of 64) 38.1 + 84.3 against 42.7 + 101.7. Not unrolled, the same walk was slower than those
+(1.3b v: 109 / 152 us). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the
+cached inputs.
 
 The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The kernels do it
 themselves with blocks of whole heads (an [R, head dim] tile, R heads): the forward normalises the fp32 silu
@@ -53,18 +54,21 @@ from .triton_utils import sm_count
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """How a kernel's programs are cut: channels_per_thread x 32 x warps channels each, unrolled `unroll` times,
-    and strips of rows short enough for programs_per_sm programs per SM (strip_rows)."""
+    """How a kernel's programs are cut: channels_per_thread x 32 x warps channels each, strips of rows short
+    enough for programs_per_sm programs per SM (strip_rows), and the walk's loop unrolled `unroll` times and
+    software-pipelined in `stages` stages (tl.range)."""
 
     channels_per_thread: int
     warps: int
     unroll: int
     programs_per_sm: int
+    stages: int = 3
 
 
 # The fastest of a sweep on an H200 (session 17: 4 or 8 channels a thread, 1 / 2 / 4 warps, unrolled 1 / 2 / 4
-# times, 8 or 16 programs per SM, at the two presets' q, k and v). The backward holds three windows of W rows
-# (x, dpre, the weight gradient's sums), so half the forward's channels a thread.
+# times, 8 or 16 programs per SM, 3 stages, at the two presets' q, k and v). The backward holds three windows of W
+# rows (x, dpre, the weight gradient's sums), so half the forward's channels a thread. The unrolling pays only
+# with the stages: unrolled without them, the walks took as long as not unrolled (1.3b v: 108.9 / 181.1 us).
 FORWARD, BACKWARD = Launch(8, 1, 4, 16), Launch(4, 1, 4, 8)
 STRIP_ROWS, MIN_STRIP_ROWS = 1024, 64
 STEP_CHANNELS = 128  # decoding: channels per program
@@ -171,7 +175,8 @@ def head_rstd(b_y, eps):
 @triton.jit
 def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.constexpr, W: tl.constexpr,
                           R: tl.constexpr, C: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr, UNROLL: tl.constexpr):
+                          HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr, UNROLL: tl.constexpr,
+                          STAGES: tl.constexpr):
     """Rows lo..hi-1 of a strip of S, last first (the first W - 1 steps only fill the window). L2NORM: each row
     of the [R, C] tile is one head, L2-normalised."""
     i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -181,7 +186,7 @@ def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.co
     lo = i_s * S
     hi = tl.minimum(lo + S, T)
     xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
-    for i in tl.range(hi + W - 1 - lo, loop_unroll_factor=UNROLL):
+    for i in tl.range(hi + W - 1 - lo, num_stages=STAGES, loop_unroll_factor=UNROLL):
         t = hi + W - 2 - i
         xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
         b_a = preactivation(xs, ws, b_bias, row_position(pos, t, T, HAS_DOCS), W, HAS_DOCS)
@@ -195,7 +200,7 @@ def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.co
 def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, SX, SDX, S, NS, eps,
                           D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                           HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOCS: tl.constexpr,
-                          L2NORM: tl.constexpr, UNROLL: tl.constexpr):
+                          L2NORM: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
     """The backward of rows lo..hi-1 of a strip of S, last first (the module docstring). L2NORM: dy is the
     gradient of the normalised output n = silu(a) rstd and goes back through the norm first,
     d silu(a) = (dy - n (dy . n)) rstd. The walk starts 2 W - 2 rows past hi: the dpre rows hi..hi+W-2 of the
@@ -218,7 +223,7 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
     if HAS_DOCS:
         for c in tl.static_range(W):
             ps = ps + (tl.full([], 0, tl.int32),)
-    for i in tl.range(first - last + 1, loop_unroll_factor=UNROLL):
+    for i in tl.range(first - last + 1, num_stages=STAGES, loop_unroll_factor=UNROLL):
         t = first - i
         xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
         p = row_position(pos, t, T, HAS_DOCS)
@@ -305,7 +310,8 @@ class ShortConvFunction(torch.autograd.Function):
         short_conv_fwd_kernel[(NS, blocks, B)](
             x, past, weight, bias, pos, y, T, x.stride(1), S, L2NORM_EPS, D=D, W=W, R=R, C=C,
             HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None,
-            L2NORM=head_dim is not None, UNROLL=FORWARD.unroll, num_warps=FORWARD.warps)
+            L2NORM=head_dim is not None, UNROLL=FORWARD.unroll, STAGES=FORWARD.stages,
+            num_warps=FORWARD.warps)
         ctx.save_for_backward(x, weight, bias, past, pos)
         ctx.shared_gradient, ctx.head_dim = shared_gradient, head_dim
         return y
@@ -325,7 +331,7 @@ class ShortConvFunction(torch.autograd.Function):
             x, past, weight, bias, pos, dy, dx, dpast, dweight, dbias, T, x.stride(1), dx.stride(1), S, NS,
             L2NORM_EPS, D=D, W=W, R=R, C=C, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
             HAS_DOCS=pos is not None, L2NORM=ctx.head_dim is not None, UNROLL=BACKWARD.unroll,
-            num_warps=BACKWARD.warps)
+            STAGES=BACKWARD.stages, num_warps=BACKWARD.warps)
         dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
         return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None, None
 
