@@ -23,11 +23,12 @@ from ..kernels import (CONV_L2NORM_HEAD_DIMS, SharedGradient, chunk_gated_delta_
 from .fused_projection import fused_projection, fused_projections
 from .utils import Cache, LayerState
 
-# The short convolution normalises q and k itself only for heads up to this size. Its backward's dpre kernel works
-# on blocks of 64 channels, and a norm inside needs blocks one head wide: wider heads cut the block's rows (heads
-# of 256: 4). Profiled steps on an H100 (session 11): at `small` (heads of 64) dpre went from 4.2 to 4.6 ms and
-# the delta rule's norm (2.1 ms) went away; at `1.3b` (heads of 256) dpre went from 7.7 to 11.4 ms, more than the
-# norm it saved.
+# The short convolution normalises q and k itself only for heads up to this size. The rule comes from its kernels
+# before session 17, whose backward cut a block's rows for wide heads (heads of 256: 4 rows): profiled on an H100
+# (session 11), at `small` (heads of 64) that backward went from 4.2 to 4.6 ms and the delta rule's norm (2.1 ms)
+# went away; at `1.3b` (heads of 256) from 7.7 to 11.4 ms, more than the norm it saved. The walking kernels of
+# session 17 take heads of 256 at 39 + 111 us a q or k call (H200) against 33 + 67 without the norm plus about
+# 25 + 38 for the separate norm: the rule has not been re-measured end to end (docs/KERNELS.md).
 QK_NORM_IN_CONV_MAX_HEAD_DIM = 64
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
 RECURRENT_MAX_TOKENS = 64
