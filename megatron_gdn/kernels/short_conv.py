@@ -137,14 +137,6 @@ def load_row(x, past, i_b, r, o_d, m_d, T, SX, D: tl.constexpr, W: tl.constexpr,
 
 
 @triton.jit
-def bias_tile(bias, o_d, m_d, R: tl.constexpr, C: tl.constexpr, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        return tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
-    else:
-        return tl.zeros([R, C], tl.float32)
-
-
-@triton.jit
 def preactivation(xs, ws, b_bias, p, W: tl.constexpr, HAS_DOCS: tl.constexpr):
     """bias + sum_c weight[:, c] x[t - (W - 1 - c)] from the window xs of row t; with documents, tap s = W - 1 - c
     only where row t is at least s tokens into its document (p: its position there)."""
@@ -173,18 +165,28 @@ def head_rstd(b_y, eps):
 
 
 @triton.jit
+def program_strip(weight, bias, T, S, D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """This program's strip i_s of sequence i_b, its channels (o_d, m_d: channel_tile) with their weight columns
+    and bias, and the strip's rows lo..hi-1."""
+    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_d, m_d = channel_tile(i_d, D, R, C)
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
+    else:
+        b_bias = tl.zeros([R, C], tl.float32)
+    lo = i_s * S
+    return i_s, i_b, o_d, m_d, weight_columns(weight, o_d, m_d, W), b_bias, lo, tl.minimum(lo + S, T)
+
+
+@triton.jit
 def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.constexpr, W: tl.constexpr,
                           R: tl.constexpr, C: tl.constexpr, HAS_PAST: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_DOCS: tl.constexpr, L2NORM: tl.constexpr, UNROLL: tl.constexpr,
                           STAGES: tl.constexpr):
     """Rows lo..hi-1 of a strip of S, last first (the first W - 1 steps only fill the window). L2NORM: each row
     of the [R, C] tile is one head, L2-normalised."""
-    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_d, m_d = channel_tile(i_d, D, R, C)
-    ws = weight_columns(weight, o_d, m_d, W)
-    b_bias = bias_tile(bias, o_d, m_d, R, C, HAS_BIAS)
-    lo = i_s * S
-    hi = tl.minimum(lo + S, T)
+    i_s, i_b, o_d, m_d, ws, b_bias, lo, hi = program_strip(weight, bias, T, S, D, W, R, C, HAS_BIAS)
     xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
     for i in tl.range(hi + W - 1 - lo, num_stages=STAGES, loop_unroll_factor=UNROLL):
         t = hi + W - 2 - i
@@ -205,12 +207,7 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
     gradient of the normalised output n = silu(a) rstd and goes back through the norm first,
     d silu(a) = (dy - n (dy . n)) rstd. The walk starts 2 W - 2 rows past hi: the dpre rows hi..hi+W-2 of the
     window need x rows from hi - 1 on."""
-    i_s, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_d, m_d = channel_tile(i_d, D, R, C)
-    ws = weight_columns(weight, o_d, m_d, W)
-    b_bias = bias_tile(bias, o_d, m_d, R, C, HAS_BIAS)
-    lo = i_s * S
-    hi = tl.minimum(lo + S, T)
+    i_s, i_b, o_d, m_d, ws, b_bias, lo, hi = program_strip(weight, bias, T, S, D, W, R, C, HAS_BIAS)
     first = hi + 2 * W - 3
     last = lo
     if HAS_PAST:
