@@ -174,6 +174,9 @@ CASES = {
                                                 past=randn(2, 3, 150, seed=3)),
     "conv_W1": lambda: op_errors(_conv(), x=randn(2, 9, 20), weight=randn(20, 1, 1, seed=1),
                                  past=randn(2, 0, 20)),
+    # no tokens: past's gradient is zeros, written by the one strip of an empty sequence
+    "conv_no_tokens_past": lambda: op_errors(_conv(), x=randn(2, 0, 20), weight=randn(20, 1, 4, seed=1),
+                                             past=randn(2, 3, 20, seed=3)),
     # L2-normalised per head inside the kernels (q and k of the GDN layer): three heads of 16, with past
     "conv_l2norm_heads_past": lambda: op_errors(_conv(l2norm_head_dim=16), x=randn(2, 37, 48),
                                                 weight=randn(48, 1, 4, seed=1), bias=randn(48, seed=2),
