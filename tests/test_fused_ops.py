@@ -498,6 +498,13 @@ GPU_CASES = {
     "conv_varlen_negative_start": lambda: bf16_errors(
         _conv(_varlen_offsets(8192).cuda()), x=randn(1, 8192, 1024), weight=randn(1024, 1, 4, seed=1, scale=0.5),
         past=randn(1, 3, 1024, seed=3)),
+    # other widths than the presets' 4: the kernels' windows are tuples of W tiles (W = 8: 255 registers a thread
+    # backward, benchmarks/kernel_resources.py)
+    "conv_W3_varlen_past": lambda: bf16_errors(
+        _conv(_varlen_offsets(4096).cuda()), x=randn(1, 4096, 768), weight=randn(768, 1, 3, seed=1, scale=0.5),
+        bias=randn(768, seed=2), past=randn(1, 2, 768, seed=3)),
+    "conv_W8_l2norm": lambda: bf16_errors(_conv_slice(512, 512, l2norm_head_dim=64), x=randn(2, 4096, 2048),
+                                          weight=randn(512, 1, 8, seed=1, scale=0.5)),
     "ce_chunked": lambda: bf16_errors(_ce("mean", chunk_size=1000), hidden=randn(4096, 2048),
                                       weight=randn(32000, 2048, seed=1, scale=0.02), target=_targets(4096, 32000)),
 }
