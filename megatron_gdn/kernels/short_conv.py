@@ -207,8 +207,8 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
                           L2NORM: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
     """The backward of rows lo..hi-1 of a strip of S, last first (the module docstring). L2NORM: dy is the
     gradient of the normalised output n = silu(a) rstd and goes back through the norm first,
-    d silu(a) = (dy - n (dy . n)) rstd. The walk starts 2 W - 2 rows past hi: the dpre rows hi..hi+W-2 of the
-    window need x rows from hi - 1 on."""
+    d silu(a) = (dy - n (dy . n)) rstd. The walk starts at row hi + 2 W - 3: the window's dpre rows hi..hi+W-2
+    (the next strip's) need x rows up to hi + W - 2, loaded W - 1 steps before their own."""
     i_s, i_b, o_d, m_d, ws, b_bias, lo, hi = program_strip(weight, bias, T, S, D, W, R, C, HAS_BIAS)
     first = hi + 2 * W - 3
     last = lo
