@@ -227,8 +227,8 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
         xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
         p = row_position(pos, t, T, HAS_DOCS)
         b_a = preactivation(xs, ws, b_bias, p, W, HAS_DOCS)
-        b_dy = tl.load(dy + (i_b * T + t) * D + o_d, mask=where_row(m_d, (t >= 0) & (t < T)), other=0.)
-        b_dy = b_dy.to(tl.float32)
+        b_dy = tl.load(dy + (i_b * T + t) * D + o_d, mask=where_row(m_d, (t >= 0) & (t < T)),
+                       other=0.).to(tl.float32)
         b_s = tl.sigmoid(b_a)
         if L2NORM:
             b_y = b_a * b_s

@@ -28,8 +28,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class TritonAdamW(torch.optim.AdamW):
     """torch's fused AdamW, whose step runs kernels/adamw.py where every parameter and gradient of a group is a
-    contiguous, 16-byte aligned fp32 CUDA tensor (the built-in engine's: fp32 weights and gradients): one launch per group, no write
-    of the divided gradient. Elsewhere (CPU, other dtypes, amsgrad, maximize, a tensor lr) torch's fused step.
+    contiguous, 16-byte aligned fp32 CUDA tensor (the built-in engine's: fp32 weights and gradients): one launch per
+    group, no write of the divided gradient. Elsewhere (CPU, other dtypes, amsgrad, maximize, a tensor lr) torch's
+    fused step.
 
     Same state (step, exp_avg, exp_avg_sq per parameter, created as torch's fused AdamW creates them) and state_dict,
     so checkpoints go both ways; it honours found_inf and grad_scale as torch's fused step does (the attributes
