@@ -23,13 +23,6 @@ from ..kernels import (CONV_L2NORM_HEAD_DIMS, SharedGradient, chunk_gated_delta_
 from .fused_projection import fused_projection, fused_projections
 from .utils import Cache, LayerState
 
-# The short convolution normalises q and k itself only for heads up to this size. The rule comes from its kernels
-# before session 17, whose backward cut a block's rows for wide heads (heads of 256: 4 rows): profiled on an H100
-# (session 11), at `small` (heads of 64) that backward went from 4.2 to 4.6 ms and the delta rule's norm (2.1 ms)
-# went away; at `1.3b` (heads of 256) from 7.7 to 11.4 ms, more than the norm it saved. The walking kernels of
-# session 17 take heads of 256 at 39 + 111 us a q or k call (H200) against 33 + 67 without the norm plus about
-# 25 + 38 for the separate norm: the rule has not been re-measured end to end (docs/KERNELS.md).
-QK_NORM_IN_CONV_MAX_HEAD_DIM = 64
 # Prompts (or decode steps) this short run token by token in eval; longer ones use the chunked form.
 RECURRENT_MAX_TOKENS = 64
 
@@ -132,10 +125,13 @@ class GatedDeltaNet(nn.Module):
         # Decay parameters stay fp32 and get no weight decay (training/optimizer.py).
         self.A_log = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(num_v_heads, dtype=torch.float32))
-        # q and k are L2-normalised before the delta rule: by the convolution's kernels where that pays (one pass
-        # less over q and k each way), else by the delta rule's (use_qk_l2norm_in_kernel).
-        self.qk_l2norm_in_conv = (use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
-                                  and head_dim <= QK_NORM_IN_CONV_MAX_HEAD_DIM)
+        # q and k are L2-normalised before the delta rule: by the convolution's kernels where they take the head
+        # dim (one pass less over q and k each way), else by the delta rule's (use_qk_l2norm_in_kernel). Before
+        # session 17 this stopped at heads of 64: that convolution's backward cut its blocks' rows for wide heads
+        # (heads of 256: 4 rows), and at `1.3b` it went from 7.7 to 11.4 ms a step on an H100 (session 11), more
+        # than the norm it saved. The walking kernels take heads of 256 at 39 + 111 us a q or k call on an H200,
+        # against 33 + 67 without the norm plus about 25 + 38 for the delta rule's.
+        self.qk_l2norm_in_conv = use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
         qk_norm = head_dim if self.qk_l2norm_in_conv else None
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, l2norm_head_dim=qk_norm)
