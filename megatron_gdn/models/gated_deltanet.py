@@ -130,7 +130,8 @@ class GatedDeltaNet(nn.Module):
         # session 17 this stopped at heads of 64: that convolution's backward cut its blocks' rows for wide heads
         # (heads of 256: 4 rows), and at `1.3b` it went from 7.7 to 11.4 ms a step on an H100 (session 11), more
         # than the norm it saved. The walking kernels take heads of 256 at 39 + 111 us a q or k call on an H200,
-        # against 33 + 67 without the norm plus about 25 + 38 for the delta rule's.
+        # against 33 + 67 without the norm plus about 25 + 38 for the delta rule's; end to end at `1.3b` the two
+        # rules were equal within the noise (session 18, docs/KERNELS.md), and this one is the simpler.
         self.qk_l2norm_in_conv = use_short_conv and head_dim in CONV_L2NORM_HEAD_DIMS
         qk_norm = head_dim if self.qk_l2norm_in_conv else None
         if use_short_conv:
