@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # kernel_cases, and the package when run as a script
-from kernel_cases import interpreter_results, poisoned_empty, rel_rms  # noqa: E402
+from kernel_cases import interpreter_results, loop_rows, poisoned_empty, rel_rms  # noqa: E402
 
 from megatron_gdn.kernels import (SharedGradient, gated_rmsnorm, rms_norm, short_conv_silu,  # noqa: E402
                                   short_conv_silu_step, swiglu)
@@ -140,6 +140,10 @@ CASES = {
     # [N, D] rows not a multiple of the rows per program, D not a power of two, both outputs in the loss
     "norm_residual": lambda: op_errors(_norm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1),
                                        residual=randn(3, 7, 45, seed=2)),
+    # the backward's programs loop over row blocks (blocks of 16 rows at D 45): loop_rows()
+    "norm_residual_row_loop": lambda: op_errors(_norm, x=randn(loop_rows(), 45),
+                                                weight=1 + randn(45, seed=1, scale=0.1),
+                                                residual=randn(loop_rows(), 45, seed=2)),
     "norm_plain_wide": lambda: op_errors(_norm, x=randn(21, 130), weight=1 + randn(130, seed=1, scale=0.1)),
     # (y, x): x's gradient is the norm's plus that of the second output, which the backward kernel adds
     "norm_prenorm": lambda: op_errors(_prenorm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1)),

@@ -5,7 +5,7 @@ its dtype (the promotion of x's and the residual's, as `x + residual` would be) 
 norm sees exactly the tensor the PyTorch reference (fused_reference.rms_norm) sees; the statistics and y are
 computed in fp32 and y is stored in h's dtype. Without a residual this is the plain RMSNorm of x.
 Backward: dh = (w dy - n mean(w dy n)) rstd + (the gradient of the h output), with n = h rstd; dx and
-dresidual are dh in their dtypes; the weight gradient is reduced per program, then summed.
+dresidual are dh in their dtypes; the weight gradient is summed per program over its rows, then over programs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_utils import ROW_LOOP_STAGES, row_loop_programs
 
 # Rows per program such that a [rows, D] fp32 tile stays within this many elements (at least one row).
 TILE_ELEMENTS = 8192
@@ -40,23 +42,28 @@ def rms_norm_fwd_kernel(x, residual, weight, y, h, rstd, N, eps, D: tl.constexpr
 
 @triton.jit
 def rms_norm_bwd_kernel(h, weight, rstd, dy, dh_out, dh, dweight, N, D: tl.constexpr, BR: tl.constexpr,
-                        BD: tl.constexpr, HAS_DH_OUT: tl.constexpr):
-    i_p = tl.program_id(0).to(tl.int64)
-    i_r = i_p * BR + tl.arange(0, BR)
+                        BD: tl.constexpr, HAS_DH_OUT: tl.constexpr, STAGES: tl.constexpr):
+    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (row_loop_programs) and keeps its
+    part of the weight gradient in registers: one row of partial sums per program, not one per block."""
+    i_p = tl.program_id(0)
     o_d = tl.arange(0, BD)
-    m = (i_r < N)[:, None] & (o_d < D)[None, :]
-    p = i_r[:, None] * D + o_d[None, :]
-    b_h = tl.load(h + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
-    b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
-    b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)  # [BR]
-    b_n = b_h * b_rstd[:, None]  # the normalised h
-    tl.store(dweight + i_p * D + o_d, tl.sum(b_dy * b_n, axis=0), mask=o_d < D)
-    b_dn = b_dy * b_w[None, :]
-    b_dh = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
-    if HAS_DH_OUT:  # h is also an output (the residual stream): its own gradient adds here
-        b_dh += tl.load(dh_out + p, mask=m, other=0.).to(tl.float32)
-    tl.store(dh + p, b_dh.to(dh.dtype.element_ty), mask=m)
+    b_dw = tl.zeros([BD], dtype=tl.float32)
+    for i_b in tl.range(i_p, tl.cdiv(N, BR), tl.num_programs(0), num_stages=STAGES):
+        i_r = (i_b * BR + tl.arange(0, BR)).to(tl.int64)  # i_b * BR < N + BR; the offsets below need 64 bits
+        m = (i_r < N)[:, None] & (o_d < D)[None, :]
+        p = i_r[:, None] * D + o_d[None, :]
+        b_h = tl.load(h + p, mask=m, other=0.).to(tl.float32)  # [BR, BD]
+        b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
+        b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)  # [BR]
+        b_n = b_h * b_rstd[:, None]  # the normalised h
+        b_dw += tl.sum(b_dy * b_n, axis=0)
+        b_dn = b_dy * b_w[None, :]
+        b_dh = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
+        if HAS_DH_OUT:  # h is also an output (the residual stream): its own gradient adds here
+            b_dh += tl.load(dh_out + p, mask=m, other=0.).to(tl.float32)
+        tl.store(dh + p, b_dh.to(dh.dtype.element_ty), mask=m)
+    tl.store(dweight + i_p * D + o_d, b_dw, mask=o_d < D)
 
 
 def _rows_per_program(D: int) -> tuple[int, int]:
@@ -100,10 +107,10 @@ class RMSNormFunction(torch.autograd.Function):
             dh_out = dh_out.reshape(N, D).contiguous()
         dh = torch.empty_like(h)
         BR, BD = _rows_per_program(D)
-        grid = triton.cdiv(N, BR)
+        grid = row_loop_programs(triton.cdiv(N, BR), h.device)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=h.device)
         rms_norm_bwd_kernel[(grid,)](h, weight, rstd, dy, dh_out, dh, dweight, N, D=D, BR=BR, BD=BD,
-                                     HAS_DH_OUT=dh_out is not None)
+                                     HAS_DH_OUT=dh_out is not None, STAGES=ROW_LOOP_STAGES)
         x_dtype, residual_dtype = ctx.dtypes
         dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
         return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None, None

@@ -1,7 +1,7 @@
 """Gated RMSNorm in Triton, forward and backward: y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate).
 
 The output norm of the GDN layer, over the last dimension (per head). fp32 inside, y in x's dtype; the
-weight gradient is reduced per program, then summed. The gate may be a column slice of a fused projection: its
+weight gradient is summed per program over its rows, then over programs. The gate may be a column slice of a fused projection: its
 rows of H heads are read SG elements apart, where they lie, and with a SharedGradient dgate is written in the
 gate's place in its buffer (contiguous otherwise).
 """
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .shared_gradient import SharedGradient, gradient_like
+from .triton_utils import ROW_LOOP_STAGES, row_loop_programs
 
 ROWS_PER_PROGRAM = 16  # the forward's
 
@@ -51,26 +52,31 @@ def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, SG, H: tl.constex
 
 @triton.jit
 def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, SG, SDG, H: tl.constexpr,
-                             D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    i_p = tl.program_id(0).to(tl.int64)
-    i_r = i_p * BR + tl.arange(0, BR)
+                             D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, STAGES: tl.constexpr):
+    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (row_loop_programs) and keeps its
+    part of the weight gradient in registers: one row of partial sums per program, not one per block."""
+    i_p = tl.program_id(0)
     o_d = tl.arange(0, BD)
-    m = (i_r < N)[:, None] & (o_d < D)[None, :]
-    p = i_r[:, None] * D + o_d[None, :]
-    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
-    b_z = tl.load(gate + gate_offsets(i_r, o_d, SG, H, D), mask=m, other=0.).to(tl.float32)
-    b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
-    b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)
-    b_n = b_x * b_rstd[:, None]  # the normalised x
-    b_sig = tl.sigmoid(b_z)
-    b_dn = b_dy * b_z * b_sig  # d(n * w)
-    b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
-    tl.store(dgate + gate_offsets(i_r, o_d, SDG, H, D), b_dz.to(dgate.dtype.element_ty), mask=m)
-    tl.store(dweight + i_p * D + o_d, tl.sum(b_dn * b_n, axis=0), mask=o_d < D)
-    b_dn = b_dn * b_w[None, :]
-    b_dx = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
-    tl.store(dx + p, b_dx.to(dx.dtype.element_ty), mask=m)
+    b_dw = tl.zeros([BD], dtype=tl.float32)
+    for i_b in tl.range(i_p, tl.cdiv(N, BR), tl.num_programs(0), num_stages=STAGES):
+        i_r = (i_b * BR + tl.arange(0, BR)).to(tl.int64)  # i_b * BR < N + BR; the offsets below need 64 bits
+        m = (i_r < N)[:, None] & (o_d < D)[None, :]
+        p = i_r[:, None] * D + o_d[None, :]
+        b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
+        b_z = tl.load(gate + gate_offsets(i_r, o_d, SG, H, D), mask=m, other=0.).to(tl.float32)
+        b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
+        b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)
+        b_n = b_x * b_rstd[:, None]  # the normalised x
+        b_sig = tl.sigmoid(b_z)
+        b_dn = b_dy * b_z * b_sig  # d(n * w)
+        b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
+        tl.store(dgate + gate_offsets(i_r, o_d, SDG, H, D), b_dz.to(dgate.dtype.element_ty), mask=m)
+        b_dw += tl.sum(b_dn * b_n, axis=0)
+        b_dn = b_dn * b_w[None, :]
+        b_dx = (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None]) * b_rstd[:, None]
+        tl.store(dx + p, b_dx.to(dx.dtype.element_ty), mask=m)
+    tl.store(dweight + i_p * D + o_d, b_dw, mask=o_d < D)
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
@@ -102,10 +108,11 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         dgate = gradient_like(gate, ctx.shared_gradient)
         rows, BD, warps = bwd_tiles(D)
-        grid = triton.cdiv(N, rows)
+        grid = row_loop_programs(triton.cdiv(N, rows), x.device)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
         gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, gate.stride(0),
-                                          dgate.stride(0), H=gate.shape[1], D=D, BR=rows, BD=BD, num_warps=warps)
+                                          dgate.stride(0), H=gate.shape[1], D=D, BR=rows, BD=BD,
+                                          STAGES=ROW_LOOP_STAGES, num_warps=warps)
         return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None, None
 
 
