@@ -1,9 +1,9 @@
 """Gated RMSNorm in Triton, forward and backward: y = x * rsqrt(mean(x^2) + eps) * weight * silu(gate).
 
 The output norm of the GDN layer, over the last dimension (per head). fp32 inside, y in x's dtype; the
-weight gradient is summed per program over its rows, then over programs. The gate may be a column slice of a fused projection: its
-rows of H heads are read SG elements apart, where they lie, and with a SharedGradient dgate is written in the
-gate's place in its buffer (contiguous otherwise).
+weight gradient is summed per program over its rows, then over programs. The gate may be a column slice of a
+fused projection: its rows of H heads are read SG elements apart, where they lie, and with a SharedGradient
+dgate is written in the gate's place in its buffer (contiguous otherwise).
 """
 
 from __future__ import annotations
