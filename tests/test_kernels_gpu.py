@@ -187,7 +187,8 @@ def test_same_inputs_same_outputs(K):
 def test_gated_rmsnorm_bf16():
     from megatron_gdn.kernels import gated_rmsnorm
     torch.manual_seed(0)
-    x = torch.randn(4, 256, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # 2048 blocks of 16 rows: the backward's programs (4 a streaming multiprocessor) loop over several each
+    x = torch.randn(4, 1024, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     z = torch.randn_like(x, requires_grad=True)
     w = (1 + 0.1 * torch.randn(128, device="cuda")).requires_grad_()
     dy = torch.randn_like(x)
