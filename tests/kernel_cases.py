@@ -32,11 +32,10 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (err / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def loop_rows() -> int:
-    """Rows for which the norms' backward kernels, in blocks of 16 rows, loop: each of their programs
-    (triton_utils.row_loop_programs, 132 SMs in the interpreter) takes 2 or 3 blocks, and the last is partial."""
-    from megatron_gdn.kernels.triton_utils import ROW_LOOP_PROGRAMS_PER_SM
-    return 16 * (2 * 132 * ROW_LOOP_PROGRAMS_PER_SM + 3) - 5
+def loop_rows(programs_per_sm: int) -> int:
+    """Rows for which a norm's backward kernel, in blocks of 16 rows at programs_per_sm programs a streaming
+    multiprocessor (132 in the interpreter), loops: each program takes 2 or 3 blocks, and the last is partial."""
+    return 16 * (2 * 132 * programs_per_sm + 3) - 5
 
 
 def interpreter_results(script: str, shares: list[list[str]]) -> dict:

@@ -67,6 +67,11 @@ def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------------
 # Cases (each returns {name: relative error}); the CPU tests run them in the interpreter
 
+def norm_loop_rows() -> int:
+    from megatron_gdn.kernels.fused_norm import BWD_PROGRAMS_PER_SM  # imported in the interpreter's worker
+    return loop_rows(BWD_PROGRAMS_PER_SM)
+
+
 def _norm(backend, x, weight, residual=None):
     return rms_norm(x, weight, 1e-5, residual, backend=backend)
 
@@ -140,10 +145,10 @@ CASES = {
     # [N, D] rows not a multiple of the rows per program, D not a power of two, both outputs in the loss
     "norm_residual": lambda: op_errors(_norm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1),
                                        residual=randn(3, 7, 45, seed=2)),
-    # the backward's programs loop over row blocks (blocks of 16 rows at D 45): loop_rows()
-    "norm_residual_row_loop": lambda: op_errors(_norm, x=randn(loop_rows(), 45),
+    # the backward's programs loop over row blocks (blocks of 16 rows at D 45)
+    "norm_residual_row_loop": lambda: op_errors(_norm, x=randn(norm_loop_rows(), 45),
                                                 weight=1 + randn(45, seed=1, scale=0.1),
-                                                residual=randn(loop_rows(), 45, seed=2)),
+                                                residual=randn(norm_loop_rows(), 45, seed=2)),
     "norm_plain_wide": lambda: op_errors(_norm, x=randn(21, 130), weight=1 + randn(130, seed=1, scale=0.1)),
     # (y, x): x's gradient is the norm's plus that of the second output, which the backward kernel adds
     "norm_prenorm": lambda: op_errors(_prenorm, x=randn(3, 7, 45), weight=1 + randn(45, seed=1, scale=0.1)),

@@ -187,7 +187,7 @@ def test_same_inputs_same_outputs(K):
 def test_gated_rmsnorm_bf16():
     from megatron_gdn.kernels import gated_rmsnorm
     torch.manual_seed(0)
-    # 2048 blocks of 16 rows: the backward's programs (4 a streaming multiprocessor) loop over several each
+    # 2048 blocks of 16 rows: the backward's programs (rmsnorm.BWD_PROGRAMS_PER_SM a streaming multiprocessor) loop
     x = torch.randn(4, 1024, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     z = torch.randn_like(x, requires_grad=True)
     w = (1 + 0.1 * torch.randn(128, device="cuda")).requires_grad_()

@@ -80,10 +80,12 @@ def rmsnorm_errors() -> dict:
     (rmsnorm.bwd_tiles: 8 rows of 512 columns), 9 rows of them a partial last block. At heads of 16 (blocks of
     16 rows) the backward's programs loop over 2 or 3 blocks each (kernel_cases.loop_rows)."""
     from megatron_gdn.kernels import gated_rmsnorm
+    from megatron_gdn.kernels.rmsnorm import BWD_PROGRAMS_PER_SM
     from kernel_cases import loop_rows, rel_rms
     torch.manual_seed(0)
     errors = {}
-    for shape, width, cut in (((3, 5, 2, 48), 107, 5), ((1, 3, 3, 300), 950, 25), ((1, loop_rows(), 1, 16), 19, 2)):
+    rows = loop_rows(BWD_PROGRAMS_PER_SM)
+    for shape, width, cut in (((3, 5, 2, 48), 107, 5), ((1, 3, 3, 300), 950, 25), ((1, rows, 1, 16), 19, 2)):
         *lead, H, D = shape
         x = torch.randn(shape, requires_grad=True)
         w = (1 + 0.1 * torch.randn(D)).requires_grad_()

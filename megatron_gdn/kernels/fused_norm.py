@@ -14,10 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import ROW_LOOP_STAGES, row_loop_programs
+from .triton_utils import row_loop_programs
 
 # Rows per program such that a [rows, D] fp32 tile stays within this many elements (at least one row).
 TILE_ELEMENTS = 8192
+# The backward's programs loop over row blocks, BWD_PROGRAMS_PER_SM a streaming multiprocessor, their loads
+# pipelined BWD_STAGES deep. One program a block wrote a row of weight-gradient partial sums per block (at
+# `1.3b`, 33.5 MB, as much as dh itself) for torch's sum to read back. Kernel + sum on an H200
+# (session 18, gpu-side probe, bf16, with dh_out): `1.3b` (16384 x 2048) 95.8 -> 77.6 us, `small` (32768 x 768)
+# 68.3 -> 63.8; of 1-16 programs a SM and 1-3 stages, (1, 3) was faster at `1.3b` (72.5) but slower at `small`.
+BWD_PROGRAMS_PER_SM, BWD_STAGES = 2, 2
 
 
 @triton.jit
@@ -43,7 +49,7 @@ def rms_norm_fwd_kernel(x, residual, weight, y, h, rstd, N, eps, D: tl.constexpr
 @triton.jit
 def rms_norm_bwd_kernel(h, weight, rstd, dy, dh_out, dh, dweight, N, D: tl.constexpr, BR: tl.constexpr,
                         BD: tl.constexpr, HAS_DH_OUT: tl.constexpr, STAGES: tl.constexpr):
-    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (row_loop_programs) and keeps its
+    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (BWD_PROGRAMS_PER_SM) and keeps its
     part of the weight gradient in registers: one row of partial sums per program, not one per block."""
     i_p = tl.program_id(0)
     o_d = tl.arange(0, BD)
@@ -107,10 +113,10 @@ class RMSNormFunction(torch.autograd.Function):
             dh_out = dh_out.reshape(N, D).contiguous()
         dh = torch.empty_like(h)
         BR, BD = _rows_per_program(D)
-        grid = row_loop_programs(triton.cdiv(N, BR), h.device)
+        grid = row_loop_programs(triton.cdiv(N, BR), h.device, BWD_PROGRAMS_PER_SM)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=h.device)
         rms_norm_bwd_kernel[(grid,)](h, weight, rstd, dy, dh_out, dh, dweight, N, D=D, BR=BR, BD=BD,
-                                     HAS_DH_OUT=dh_out is not None, STAGES=ROW_LOOP_STAGES)
+                                     HAS_DH_OUT=dh_out is not None, STAGES=BWD_STAGES)
         x_dtype, residual_dtype = ctx.dtypes
         dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
         return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None, None

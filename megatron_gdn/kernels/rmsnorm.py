@@ -13,9 +13,14 @@ import triton
 import triton.language as tl
 
 from .shared_gradient import SharedGradient, gradient_like
-from .triton_utils import ROW_LOOP_STAGES, row_loop_programs
+from .triton_utils import row_loop_programs
 
 ROWS_PER_PROGRAM = 16  # the forward's
+# The backward's programs loop over row blocks as fused_norm's do (its BWD_PROGRAMS_PER_SM says why). Kernel +
+# sum on an H200 (session 18, gpu-side probe, bf16, the gate a column slice): `1.3b` (16384 tokens x 6 heads of
+# 512) 227.9 -> 200.5 us, `small` (32768 x 12 heads of 128) 212.4 -> 192.6; with 1 or 2 stages 2% faster at
+# `small` (188.3, 189.3) and 5-10% slower at `1.3b` (220.4, 210.0); fewer programs a SM were slower at `small`.
+BWD_PROGRAMS_PER_SM, BWD_STAGES = 8, 3
 
 
 def bwd_tiles(D: int) -> tuple[int, int, int]:
@@ -53,7 +58,7 @@ def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, SG, H: tl.constex
 @triton.jit
 def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, SG, SDG, H: tl.constexpr,
                              D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, STAGES: tl.constexpr):
-    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (row_loop_programs) and keeps its
+    """Program i takes the row blocks i, i + P, i + 2P, ... of the P programs (BWD_PROGRAMS_PER_SM) and keeps its
     part of the weight gradient in registers: one row of partial sums per program, not one per block."""
     i_p = tl.program_id(0)
     o_d = tl.arange(0, BD)
@@ -108,11 +113,11 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         dgate = gradient_like(gate, ctx.shared_gradient)
         rows, BD, warps = bwd_tiles(D)
-        grid = row_loop_programs(triton.cdiv(N, rows), x.device)
+        grid = row_loop_programs(triton.cdiv(N, rows), x.device, BWD_PROGRAMS_PER_SM)
         dweight = torch.empty(grid, D, dtype=torch.float32, device=x.device)
         gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, gate.stride(0),
                                           dgate.stride(0), H=gate.shape[1], D=D, BR=rows, BD=BD,
-                                          STAGES=ROW_LOOP_STAGES, num_warps=warps)
+                                          STAGES=BWD_STAGES, num_warps=warps)
         return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None, None
 
 

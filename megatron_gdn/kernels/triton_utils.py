@@ -43,18 +43,10 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# The norms' backward kernels loop over row blocks, each program summing its part of the weight gradient in
-# registers: ROW_LOOP_PROGRAMS_PER_SM programs a streaming multiprocessor, loads pipelined ROW_LOOP_STAGES deep
-# (one program per block wrote a partial row per block: at `1.3b`, 33.5 MB for the hidden norm's, as much as
-# a third of the kernel's traffic, and torch's sum read it back).
-ROW_LOOP_PROGRAMS_PER_SM = 4
-ROW_LOOP_STAGES = 2
-
-
-def row_loop_programs(blocks: int, device: torch.device) -> int:
-    """Programs of a kernel that loops over `blocks` row blocks (the norms' backward): at most
-    ROW_LOOP_PROGRAMS_PER_SM a streaming multiprocessor, at least one."""
-    return max(1, min(blocks, sm_count(device) * ROW_LOOP_PROGRAMS_PER_SM))
+def row_loop_programs(blocks: int, device: torch.device, per_sm: int) -> int:
+    """Programs of a kernel that loops over `blocks` row blocks (the norms' backward, each program summing its
+    part of the weight gradient in registers): at most per_sm a streaming multiprocessor, at least one."""
+    return max(1, min(blocks, sm_count(device) * per_sm))
 
 
 @functools.lru_cache(maxsize=64)
