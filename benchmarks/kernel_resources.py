@@ -134,13 +134,13 @@ def fused_runs(dtype: str) -> list:
         runs += [(f"rms_norm fwd D={D} BR={BR}", fused_norm.rms_norm_fwd_kernel,
                   dict(D=D, BR=BR, BD=BD, HAS_RESIDUAL=True), 4, 3),
                  (f"rms_norm bwd D={D} BR={BR}", fused_norm.rms_norm_bwd_kernel,
-                  dict(D=D, BR=BR, BD=BD, HAS_DH_OUT=True), 4, 3)]
+                  dict(D=D, BR=BR, BD=BD, HAS_DH_OUT=True, STAGES=fused_norm.BWD_STAGES), 4, 3)]
     for D in (64, 128, 130, 256, 512):  # head_v_dim (512: head_dim 256 x expand_v 2)
         BR, BD, warps = rmsnorm.bwd_tiles(D)
         runs += [(f"gated_rmsnorm fwd D={D}", rmsnorm.gated_rmsnorm_fwd_kernel,
                   dict(H=8, D=D, BR=rmsnorm.ROWS_PER_PROGRAM, BD=BD), 4, 3),
                  (f"gated_rmsnorm bwd D={D} BR={BR}", rmsnorm.gated_rmsnorm_bwd_kernel,
-                  dict(H=8, D=D, BR=BR, BD=BD), warps, 3)]
+                  dict(H=8, D=D, BR=BR, BD=BD, STAGES=rmsnorm.BWD_STAGES), warps, 3)]
     for D in (64, 128, 256):  # K (the Triton kernels take K <= 256)
         BD = triton.next_power_of_2(D)
         runs += [(f"l2norm fwd D={D}", l2norm.l2norm_fwd_kernel, dict(D=D, BR=l2norm.ROWS_PER_PROGRAM, BD=BD), 4, 3),

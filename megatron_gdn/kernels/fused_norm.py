@@ -23,6 +23,8 @@ TILE_ELEMENTS = 8192
 # `1.3b`, 33.5 MB, as much as dh itself) for torch's sum to read back. Kernel + sum on an H200
 # (session 18, gpu-side probe, bf16, with dh_out): `1.3b` (16384 x 2048) 95.8 -> 77.6 us, `small` (32768 x 768)
 # 68.3 -> 63.8; of 1-16 programs a SM and 1-3 stages, (1, 3) was faster at `1.3b` (72.5) but slower at `small`.
+# Pipelined, the kernel takes up to 255 registers (benchmarks/kernel_resources.py): no spills up to D = 5632,
+# 108 B at 8192.
 BWD_PROGRAMS_PER_SM, BWD_STAGES = 2, 2
 
 
