@@ -33,13 +33,16 @@ all gradients of g/beta are fp32; tiles meet the tensor cores in the input dtype
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, sm_count, softplus, store_rows, transpose_via_scratch)
+                           load_gates, load_rows, load_rows_t, side_stream, sm_count, softplus, store_rows,
+                           transpose_via_scratch)
 
 # Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
 # inverted by substitution (SUB_CHUNK - 1 sequential steps, each two reductions over the tile), then merged
@@ -830,13 +833,24 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     if h is None:
         _, h, vn, _ = _scan_fwd(q, k, Ai, beta_f, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
                                 scale, False, store_states=True)
-    dh, dvn, dh0 = _scan_bwd(q, k, Ai, beta_f, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
-                             initial_state is not None)
     # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
     wide = 64 if k.element_size() == 2 else 32
     BK, BV = dqkw_block_k(K, k.element_size()), min(_pow2(V), wide)
     NK = triton.cdiv(K, BK)
     dev = k.device
+    # One K block computes d(q k^T) inside dqkw (INTRA); several read it from dqk_intra, once per chunk and head.
+    # At K = 64 (B8 T4096 H12 V128, the small preset) dqk_intra took 0.11 of the 0.49 ms the two took, and the
+    # small --cuda-graph step lost 2.5 ms with INTRA (H100, session 12).
+    intra = NK == 1
+    # dqk_intra needs nothing from the reverse scan, so on a GPU it runs beside it, on a side stream launched
+    # after the scan: the scan is a chain of chunk steps with one program per SM (at `1.3b` 192 programs, two
+    # waves, the second on 60 of 132 SMs), and dqk_intra's short programs take the SMs it leaves idle.
+    side = side_stream(dev) if not intra and dev.type == "cuda" else None
+    if side is not None:
+        inputs_ready = torch.cuda.Event()
+        inputs_ready.record(torch.cuda.current_stream(dev))
+    dh, dvn, dh0 = _scan_bwd(q, k, Ai, beta_f, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
+                             initial_state is not None)
     # dq and dk are summed in fp32 inside each kernel but stored in bf16 for bf16 inputs: dqkw writes both, wy reads
     # dk and writes it back with its part added, the L2 norm's backward (or the sum over value heads) reads both,
     # so fp32 cost 8 more bytes per element and value head (fla stores them in bf16 too). fp16 inputs keep fp32:
@@ -846,15 +860,19 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dk = torch.empty_like(dq)
     dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
-    # One K block computes d(q k^T) inside dqkw (INTRA); several read it from dqk_intra, once per chunk and head.
-    # At K = 64 (B8 T4096 H12 V128, the small preset) dqk_intra took 0.11 of the 0.49 ms the two took, and the
-    # small --cuda-graph step lost 2.5 ms with INTRA (H100, session 12).
-    intra = NK == 1
     dqk = G  # unread with INTRA
     if not intra:
         dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
-        chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
-            vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV, num_warps=CHUNK_WARPS)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if side is not None:
+                side.wait_event(inputs_ready)
+            chunk_bwd_dqk_intra_kernel[(num_chunks, HV)](
+                vn, do, G, dqk, cu_seqlens, chunk_indices, scale, HV=HV, V=V, BT=CHUNK, BV=BV,
+                num_warps=CHUNK_WARPS)
+        if side is not None:
+            # dqk and the inputs belong to this stream and live past this join: their memory cannot be handed out
+            # again while the side stream still uses it
+            torch.cuda.current_stream(dev).wait_stream(side)
     dqkw = chunk_bwd_dqkw_wide_kernel if BK == 128 else chunk_bwd_dqkw_kernel
     dqkw[(num_chunks * NK * HV,)](
         q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, rows,

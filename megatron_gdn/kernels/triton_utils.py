@@ -43,6 +43,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second CUDA stream of the device, for a kernel that runs beside another (chunk_bwd's dqk_intra beside
+    the reverse scan); one per device. Usable in CUDA-graph capture: work on it joins the capture through an
+    event of the capturing stream and rejoins it before the capture ends."""
+    return torch.cuda.Stream(device)
+
+
 def row_loop_programs(blocks: int, device: torch.device, per_sm: int) -> int:
     """Programs of a kernel that loops over `blocks` row blocks (the norms' backward, each program summing its
     part of the weight gradient in registers): at most per_sm a streaming multiprocessor, at least one."""
