@@ -844,7 +844,8 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     intra = NK == 1
     # dqk_intra needs nothing from the reverse scan, so on a GPU it runs beside it, on a side stream launched
     # after the scan: the scan is a chain of chunk steps with one program per SM (at `1.3b` 192 programs, two
-    # waves, the second on 60 of 132 SMs), and dqk_intra's short programs take the SMs it leaves idle.
+    # waves, the second on 60 of 132 SMs), and dqk_intra's short programs take the SMs it leaves idle. The op's
+    # forward+backward at that shape (H200, session 19, CUDA events): 2209-2213 -> 2166-2171 us a layer.
     side = side_stream(dev) if not intra and dev.type == "cuda" else None
     if side is not None:
         inputs_ready = torch.cuda.Event()
