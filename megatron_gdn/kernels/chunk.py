@@ -847,7 +847,13 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     # waves, the second on 60 of 132 SMs), and dqk_intra's short programs take the SMs it leaves idle. The op's
     # forward+backward at that shape (H200, session 19, CUDA events): 2209-2213 -> 2166-2171 us a layer.
     side = side_stream(dev) if not intra and dev.type == "cuda" else None
+    dqk = G  # unread with INTRA
+    if not intra:
+        dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
     if side is not None:
+        # Recorded after dqk's allocation: whatever an allocation enqueues on this stream must come before the side
+        # stream's writes (the GPU tests' torch.empty fills each tensor with NaN; recorded before it, that fill
+        # could land after dqk_intra's results).
         inputs_ready = torch.cuda.Event()
         inputs_ready.record(torch.cuda.current_stream(dev))
     dh, dvn, dh0 = _scan_bwd(q, k, Ai, beta_f, G, Aqk, do, dht, cu_seqlens, chunk_offsets, num_chunks, scale,
@@ -861,9 +867,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dk = torch.empty_like(dq)
     dw = torch.empty(rows, HV, K, dtype=k.dtype, device=dev)  # wy reads it as a matrix operand: in k's dtype
     dG = torch.empty(NK, rows, HV, dtype=torch.float32, device=dev)
-    dqk = G  # unread with INTRA
     if not intra:
-        dqk = torch.empty(rows, HV, CHUNK, dtype=torch.float32, device=dev)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_event(inputs_ready)
