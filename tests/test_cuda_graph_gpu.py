@@ -29,20 +29,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
     reason="needs a CUDA GPU (and Triton compiling, not interpreting)")]
 
-# Two blocks of 2 heads x 64 (the chunk kernels' usual head size), 256 tokens per sample.
-MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "2", "--head-dim", "64"]
+# Two blocks of 2 heads (of 64 by default, the chunk kernels' usual head size), 256 tokens per sample.
+MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "2"]
 
 
-def flags(micro_batches: int, precision: list[str], iters: int = 10) -> list[str]:
-    return [*MODEL, "--mock-data", "--vocab-size", "512", "--seq-length", "256", "--micro-batch-size", "2",
-            "--global-batch-size", str(2 * micro_batches), "--train-iters", str(iters), "--lr", "3e-3",
+def flags(micro_batches: int, precision: list[str], iters: int = 10, head_dim: int = 64) -> list[str]:
+    return [*MODEL, "--head-dim", str(head_dim), "--mock-data", "--vocab-size", "512", "--seq-length", "256",
+            "--micro-batch-size", "2", "--global-batch-size", str(2 * micro_batches), "--train-iters", str(iters),
+            "--lr", "3e-3",
             "--lr-warmup-iters", "2", "--log-interval", "5", "--eval-interval", "1000", *precision]
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2], ids=["bf16", "bf16-accumulation-2"])
-def test_graphed_training_matches_eager(micro_batches):
+# Heads of 128: the chunk backward's d(q k^T) kernel runs on a side stream beside the reverse scan (K > 64), which
+# the capture must fork from and join back into its stream.
+@pytest.mark.parametrize("micro_batches, head_dim", [(1, 64), (2, 64), (2, 128)],
+                         ids=["bf16", "bf16-accumulation-2", "bf16-accumulation-2-heads-of-128"])
+def test_graphed_training_matches_eager(micro_batches, head_dim):
     """Eager twice first: the graph's claim of equal losses is only as good as eager's run-to-run determinism."""
-    argv = flags(micro_batches, ["--bf16"])
+    argv = flags(micro_batches, ["--bf16"], head_dim=head_dim)
     eager = pretrain_gdn.train(*parse_args(argv))["losses"]
     assert pretrain_gdn.train(*parse_args(argv))["losses"] == eager, "eager training is not deterministic here"
     graphed = pretrain_gdn.train(*parse_args(argv + ["--cuda-graph"]))["losses"]
