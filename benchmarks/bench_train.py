@@ -30,8 +30,9 @@ whole run (weights, optimizer state and the step), reset between runs. MFU is gi
 (megatron_gdn/training/flops.py, docs/PERFORMANCE.md "FLOPs model and MFU") and by 6 x parameters per token (the
 convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
 of GPU memory is reported as OOM and the next one starts after its memory is freed. The last column is the GPU's
-mean SM clock and power draw over the timed steps (nvidia-smi; the header gives its maximum clock and power limit):
-a GPU at its power limit lowers its clocks, so step times from two machines compare only at like clocks.
+mean SM clock, power draw and utilization over the timed steps (nvidia-smi; the header gives its maximum clock and
+power limit): a GPU at its power limit lowers its clocks, so step times from two machines compare only at like
+clocks, and one under 100% busy waited for the host, whose speed then sets the step's.
 
 Under torchrun every rank runs ours with its own micro batch (global batch = batch x ranks, no accumulation) and rank
 0 prints tokens/s per GPU; fla's loop is single-GPU, so it runs only without torchrun.
@@ -105,8 +106,9 @@ class Result:
     step_ms: float | None = None  # mean over the timed steps
     peak_gib: float | None = None
     status: str = "ok"            # or "OOM", or why the run was skipped
-    sm_clock_mhz: float | None = None  # the GPU's mean SM clock and power draw over the timed steps (GpuSampler)
-    power_w: float | None = None
+    sm_clock_mhz: float | None = None  # the GPU's mean SM clock, power draw and utilization over the timed steps
+    power_w: float | None = None       # (GpuSampler)
+    busy_pct: float | None = None
 
     def tokens_per_sec(self) -> float | None:
         return self.tokens_per_step / (self.step_ms / 1e3) if self.step_ms else None
@@ -124,12 +126,16 @@ def synchronize(device: torch.device) -> None:
 
 
 class GpuSampler:
-    """The GPU's SM clock and power draw, sampled by `nvidia-smi -lms` in a process of its own while a block runs;
-    mean_clock_power() gives their means over the samples (None without nvidia-smi, or on a CPU).
+    """The GPU's SM clock, power draw and utilization, sampled by `nvidia-smi -lms` in a process of its own while a
+    block runs; means() gives their means over the samples (None without nvidia-smi, or on a CPU).
 
     Why: an H200 at its 700 W limit lowers its SM clocks. Through the timed steps of `1.3b` they averaged 1597 MHz of
     1980 at 692 W, of `small` 1740 MHz at 690 W (session 15): both steps are bound by power, and a machine whose chip
-    draws less at a clock runs them faster. Two runs' step times compare only at like clocks."""
+    draws less at a clock runs them faster. Two runs' step times compare only at like clocks. Utilization is
+    nvidia-smi's utilization.gpu: the share of time some kernel ran (over its own sample period, 1/6 s to 1 s). Under
+    100% the GPU waited for the host: a step that launches its kernels one by one from Python is then as fast as
+    the host's CPU, and runs slower on a slower or busier host (fla's `small` step took 102.9 ms in session 18 and
+    114.7 ms in session 20, at higher clocks)."""
 
     def __init__(self, command: list[str] | None):
         self.command, self.process, self.samples = command, None, []
@@ -148,7 +154,7 @@ class GpuSampler:
 
     @staticmethod
     def command_for(device: torch.device, interval_ms: int = 100) -> list[str] | None:
-        query = GpuSampler.query(device, "clocks.sm,power.draw")
+        query = GpuSampler.query(device, "clocks.sm,power.draw,utilization.gpu")
         return query + [f"-lms={interval_ms}"] if query else None
 
     @staticmethod
@@ -182,25 +188,26 @@ class GpuSampler:
         except subprocess.TimeoutExpired:  # one that ignores SIGTERM must not hang the benchmark
             self.process.kill()
             out, _ = self.process.communicate()
-        for line in out.splitlines():  # "1605, 690.12"; a sample it could not read says "[N/A]": skipped
+        for line in out.splitlines():  # "1605, 690.12, 100"; a sample it could not read says "[N/A]": skipped
             try:
-                clock, power = (float(x) for x in line.split(","))
+                clock, power, busy = (float(x) for x in line.split(","))
             except ValueError:
                 continue
-            self.samples.append((clock, power))
+            self.samples.append((clock, power, busy))
 
-    def mean_clock_power(self) -> tuple[float | None, float | None]:
+    def means(self) -> tuple[float | None, float | None, float | None]:
+        """The mean SM clock (MHz), power draw (W) and utilization (%) over the samples."""
         if not self.samples:
-            return None, None
-        clocks, powers = zip(*self.samples)
-        return sum(clocks) / len(clocks), sum(powers) / len(powers)
+            return None, None, None
+        return tuple(sum(column) / len(column) for column in zip(*self.samples))
 
 
 def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
-                 label: str = "") -> tuple[float, tuple[float | None, float | None]]:
+                 label: str = "") -> tuple[float, tuple[float | None, float | None, float | None]]:
     """Run warm-up steps, each timed between synchronisations, then `steps` steps back to back with a
     synchronisation only before and after them, as a training loop runs them (neither side reads a result before the
-    next step is queued); the mean step in ms, and the GPU's mean SM clock and power over those steps (GpuSampler).
+    next step is queued); the mean step in ms, and the GPU's mean SM clock, power and utilization over those steps
+    (GpuSampler).
     Each warm-up step's time goes to stderr: the first ones compile and autotune Triton kernels, which at new shapes
     can take minutes (fla's model at the 1.3b shapes gave no result within 270 s on an H100), and a log cut short by
     a time limit then still says where the time went. Without a label nothing is printed (the other ranks)."""
@@ -219,7 +226,7 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
             step()
         synchronize(device)
         elapsed = time.perf_counter() - start
-    return 1e3 * elapsed / steps, sampler.mean_clock_power()
+    return 1e3 * elapsed / steps, sampler.means()
 
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
@@ -269,7 +276,8 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
             unread.pop(0).read()
 
     label = f"{result.config} ours" if get_rank() == 0 else ""
-    result.step_ms, (result.sm_clock_mhz, result.power_w) = mean_step_ms(step, args.warmup, args.steps, device, label)
+    result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
+        step, args.warmup, args.steps, device, label)
     if args.profile and get_rank() == 0:
         write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -404,8 +412,8 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    result.step_ms, (result.sm_clock_mhz, result.power_w) = mean_step_ms(step, args.warmup, args.steps, device,
-                                                                         f"{result.config} fla")
+    result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
+        step, args.warmup, args.steps, device, f"{result.config} fla")
     return result
 
 
@@ -453,7 +461,7 @@ def table(results: list[Result], cases: dict[str, Case], header: str, peak: floa
     """The markdown table: one row per run, MFU by both counts, ours' speed-up over fla's model."""
     lines = [header, "",
              "| config | tokens/step/GPU | model | recompute | parameters | step (ms) | tokens/s/GPU | "
-             "MFU (FLOPs model) | MFU (6N) | peak memory (GiB) | speed-up vs fla | SM clock, power |",
+             "MFU (FLOPs model) | MFU (6N) | peak memory (GiB) | speed-up vs fla | SM clock, power, GPU busy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         tps = r.tokens_per_sec()
@@ -464,7 +472,8 @@ def table(results: list[Result], cases: dict[str, Case], header: str, peak: floa
                if tps and peak else " | ")
         memory = f"{r.peak_gib:.1f}" if r.peak_gib is not None else ""
         measured_cells = (f"{r.step_ms:.1f} | {tps:,.0f} | {mfu}" if tps else f"{r.status} | | | ")
-        clock = f"{r.sm_clock_mhz:.0f} MHz, {r.power_w:.0f} W" if r.sm_clock_mhz is not None else ""
+        clock = (f"{r.sm_clock_mhz:.0f} MHz, {r.power_w:.0f} W, {r.busy_pct:.0f}%" if r.sm_clock_mhz is not None
+                 else "")
         lines.append(f"| {r.config} | {r.tokens_per_step:,} | {r.implementation} | {r.recompute} | "
                      f"{r.parameters / 1e6:,.1f}M | {measured_cells} | {memory} | {speedup} | {clock} |")
     return "\n".join(lines)

@@ -127,18 +127,19 @@ def test_autotuned_configs_lists_each_key_of_our_kernels(monkeypatch):
 
 
 def test_gpu_sampler_averages_nvidia_smi_samples():
-    """bench_train's clock and power column: the means of the samples its query printed while the block ran, lines
-    it cannot read skipped; no command (a CPU, no nvidia-smi) or one that fails gives no numbers, not an error."""
+    """bench_train's clock, power and utilization column: the means of the samples its query printed while the block
+    ran, lines it cannot read skipped; no command (a CPU, no nvidia-smi) or one that fails gives no numbers, not an
+    error."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_train import GpuSampler
-    printer = [sys.executable, "-c", "print('1500, 600.5'); print('[N/A], 650'); print('1700, 700.5')"]
+    printer = [sys.executable, "-c", "print('1500, 600.5, 100'); print('[N/A], 650, 90'); print('1700, 700.5, 80')"]
     with GpuSampler(printer) as sampler:
         sampler.process.wait()  # nvidia-smi prints until stopped; this one stops by itself
-    assert sampler.mean_clock_power() == (1600.0, 650.5)
+    assert sampler.means() == (1600.0, 650.5, 90.0)
     for command in (None, [sys.executable, "-c", "import sys; sys.exit(3)"], ["no-such-nvidia-smi-here"]):
         with GpuSampler(command) as sampler:
             if sampler.process:
                 sampler.process.wait()
-        assert sampler.mean_clock_power() == (None, None)
+        assert sampler.means() == (None, None, None)
     import torch
     assert GpuSampler.command_for(torch.device("cpu")) is None and GpuSampler.limits(torch.device("cpu")) is None
