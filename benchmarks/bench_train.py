@@ -135,9 +135,9 @@ class GpuSampler:
     nvidia-smi's utilization.gpu: the share of time some kernel ran (over its own sample period, 1/6 s to 1 s). Under
     100% the GPU waited for the host: a step that launches its kernels one by one from Python is then as fast as
     the host's CPU, and runs slower on a slower or busier host (fla's `small` step took 102.9 ms in session 18 and
-    114.7 and 147.3 ms in session 20, at higher clocks; 66% busy in the last). The samples at the window's edges
-    count some time outside it, so over a short window the mean reads low: our graphed `small` steps (30 in 2.4 s)
-    read 88%, our `1.3b` ones (20 in 5.9 s) 99% (session 20)."""
+    114.7 and 147.3 ms in session 20, at higher clocks; 66% busy in the last). Read it as a comparison, not an exact
+    share: a sample near the window's edges may count time outside it, and our graphed `small` steps (30 in 2.4 s)
+    read 88% where a profiled one left the GPU idle only in short gaps (session 9), our `1.3b` ones 99% (session 20)."""
 
     def __init__(self, command: list[str] | None):
         self.command, self.process, self.samples = command, None, []
