@@ -7,6 +7,8 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py --configs 1.3b --no-fla --profile prof   # ours, and prof/1.3b.txt: time by kernel,
                                                                       # and each matrix product's shape and TFLOP/s
     python benchmarks/bench_train.py --configs small --no-fla --cuda-graph      # ours with --cuda-graph
+    python benchmarks/bench_train.py --configs small --no-fla --cuda-graph --profile prof --profile-steps 3
+                                                                      # 3 steps back to back: idle GPU between them
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
         python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
@@ -233,14 +235,15 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
 
 def training_flags(case: Case, args: argparse.Namespace, data_parallel_size: int) -> list[str]:
     """pretrain_gdn.py's flags for this case: mock data, --micro-batches micro batches per GPU per step (gradient
-    accumulation; one step more for --profile), constant lr."""
+    accumulation; --profile-steps more for --profile), constant lr."""
     shape = (["--num-layers", str(case.shape["num_hidden_layers"]), "--hidden-size", str(case.shape["hidden_size"]),
               "--num-attention-heads", str(case.shape["num_heads"]), "--head-dim", str(case.shape["head_dim"])]
              if case.shape else ["--model-size", case.preset])
     flags = [*shape, "--mock-data", "--vocab-size", str(case.vocab_size), "--seq-length", str(case.seq_length),
              "--micro-batch-size", str(case.batch),
              "--global-batch-size", str(case.batch * data_parallel_size * args.micro_batches),
-             "--train-iters", str(args.warmup + args.steps + 1), "--lr", "1e-4", "--lr-decay-style", "constant"]
+             "--train-iters", str(args.warmup + args.steps + args.profile_steps), "--lr", "1e-4",
+             "--lr-decay-style", "constant"]
     if args.device == "cuda":
         flags.append("--bf16")
     else:
@@ -281,20 +284,22 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
         step, args.warmup, args.steps, device, label)
     if args.profile and get_rank() == 0:
-        write_profile(step, device, Path(args.profile) / f"{result.config}.txt")
+        write_profile(step, args.profile_steps, device, Path(args.profile) / f"{result.config}.txt")
     return result
 
 
-def write_profile(step: Callable[[], object], device: torch.device, path: Path) -> None:
-    """torch.profiler's table of one more step, by kernel (or CPU op), sorted by self time: where a step's time goes;
-    on a GPU preceded by the timeline's summary (gpu_timeline): how much of the step the GPU sat idle, and where;
-    then the matrix products by shape (matmul_table) and the configuration the autotuner chose for each of our Triton
+def write_profile(step: Callable[[], object], steps: int, device: torch.device, path: Path) -> None:
+    """torch.profiler's table of `steps` more steps, run back to back as the timed ones are, by kernel (or CPU op),
+    sorted by self time: where a step's time goes; on a GPU preceded by the timeline's summary (gpu_timeline): how
+    much of the time the GPU sat idle, and where (with several steps, also between them, as in the timed loop); then
+    the matrix products by shape (matmul_table) and the configuration the autotuner chose for each of our Triton
     kernels (autotuned_configs)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        step()
+        for _ in range(steps):
+            step()
         synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
@@ -496,8 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory-gib", type=float, help="cap this process's GPU memory (torch's caching "
                         "allocator) at this many GiB, e.g. 80 to check on a larger GPU what fits an 80 GB one: a run "
                         "over it is reported as OOM")
-    parser.add_argument("--profile", help="write torch.profiler's per-kernel table of one more step of ours to "
-                        "PROFILE/<config>.txt")
+    parser.add_argument("--profile", help="write torch.profiler's per-kernel table of --profile-steps more steps of "
+                        "ours to PROFILE/<config>.txt")
+    parser.add_argument("--profile-steps", type=int, default=1, help="steps in the profile, back to back as the "
+                        "timed steps run: with more than one its GPU timeline also shows the idle time between steps")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                         help="ours through DeepSpeed ZeRO (as pretrain_gdn.py --zero-stage)")
     parser.add_argument("--cuda-graph", action="store_true", help="ours replays each micro batch's forward and "
@@ -507,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")
     args = parser.parse_args(argv)
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    if args.micro_batches < 1:
-        parser.error("--micro-batches must be at least 1")
+    if args.micro_batches < 1 or args.profile_steps < 1:
+        parser.error("--micro-batches and --profile-steps must be at least 1")
     if args.no_ours and args.no_fla:
         parser.error("--no-ours and --no-fla leave nothing to time")
     if args.device == "cpu" and not args.tiny:

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_train_tiny_runs_end_to_end(tmp_path):
     markdown, results = tmp_path / "bench.md", tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--steps", "2", "--warmup", "1",
-                          "--markdown", str(markdown), "--json", str(results), "--profile", str(tmp_path / "prof")],
+                          "--markdown", str(markdown), "--json", str(results), "--profile", str(tmp_path / "prof"),
+                          "--profile-steps", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     table = markdown.read_text()
@@ -24,7 +25,9 @@ def test_bench_train_tiny_runs_end_to_end(tmp_path):
     (row,) = json.loads(results.read_text())["results"]
     assert row["status"] == "ok" and row["step_ms"] > 0 and row["parameters"] > 0
     profile = (tmp_path / "prof" / "tiny.txt").read_text()
-    assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of one step
+    assert "Self CPU" in profile and "aten::" in profile  # the profiler's table of the --profile-steps steps
+    (optimizer_row,) = [line for line in profile.splitlines() if "Optimizer.step#" in line]
+    assert optimizer_row.split()[-1] == "2"  # two steps back to back: two optimizer steps (its "# of Calls")
     assert "aten::mm [128, 64] x [64, 512]" in profile  # the products by shape: the lm head's, 2 x 64 tokens
     assert "autotuned kernels (kernel, key: configuration chosen):" in profile
 
@@ -44,7 +47,8 @@ def test_bench_train_accumulates_micro_batches(tmp_path):
     from bench_train import TINY, training_flags
 
     from megatron_gdn.config import parse_args
-    args = argparse.Namespace(micro_batches=3, warmup=1, steps=2, device="cpu", cuda_graph=False, zero_stage=None)
+    args = argparse.Namespace(micro_batches=3, warmup=1, steps=2, device="cpu", cuda_graph=False, zero_stage=None,
+                              profile_steps=1)
     _, cfg = parse_args(training_flags(TINY, args, data_parallel_size=2))
     assert cfg.global_batch_size == 3 * 2 * cfg.micro_batch_size  # ours' step: 3 micro batches on each of 2 ranks
 
