@@ -1,6 +1,7 @@
 """--cuda-graph on a GPU: the replayed forward and backward train exactly as the eager path does, with and without
 gradient accumulation, and a replay launches nothing from the host but the token copy and the graph. Also what
-keeps the host ahead of the GPU in an eager step: the built-in engine's step waits for the GPU once.
+keeps the host ahead of the GPU: the built-in engine's step never waits for the GPU, and reading its results waits
+for that step only.
 
     pytest -m gpu tests/test_cuda_graph_gpu.py
 
@@ -127,10 +128,12 @@ def synchronizing(caught) -> list[str]:
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
 
 
-def test_builtin_step_waits_for_the_gpu_once():
-    """The built-in engine queues the gradient reductions, the norm, the clipping and the AdamW update (which skips
-    itself on the device if the loss or the norm is not finite) without a host sync: under torch's sync debug mode
-    the step's only synchronising call is the one that reads its results, after the update is queued."""
+def test_builtin_step_queues_without_waiting_and_reads_only_its_own_results():
+    """The built-in engine queues the gradient reductions, the norm, the clipping, the AdamW update (which skips
+    itself on the device if the loss or the norm is not finite) and the copy of its results to the host without a
+    synchronising call (torch's sync debug mode flags none), and read() waits for that step only: work queued after
+    the step still runs when read() returns, as the next iteration does when the training loop reads this one. The
+    values read are the step's: its loss and the gradient norm computed beforehand."""
     import warnings
 
     config, cfg = parse_args(flags(1, ["--bf16"]))
@@ -142,19 +145,26 @@ def test_builtin_step_waits_for_the_gpu_once():
         data = pretrain_gdn.batches(train_data, 0, cfg.micro_batch_size)
         pretrain_gdn.train_step(engine, data, cfg, device, groups)  # the first step creates AdamW's state
         loss = pretrain_gdn.forward_backward(engine, next(data), cfg, device, groups).detach().double()
+        grads = [p.grad.double().norm() for p in engine.model.parameters() if p.grad is not None]
+        expected_loss, expected_norm = loss.item(), torch.stack(grads).norm().item()
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 queued = engine.step(loss)
-                while_queueing = synchronizing(caught)
+                torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued after the step
+                later = torch.cuda.Event()
+                later.record()
                 step = queued.read()
+                later_still_running = not later.query()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
         syncs = synchronizing(caught)
-        assert not while_queueing, f"engine.step waited for the GPU: {while_queueing}"
-        assert len(syncs) == 1, f"read() should wait once: {syncs}"
-        assert step.applied, step
+        assert not syncs, f"engine.step or read() called a synchronising op: {syncs}"
+        assert later_still_running, "read() waited for work queued after the step"
+        assert step.applied and step.loss_is_finite, step
+        assert step.loss == expected_loss and step.grad_norm == pytest.approx(expected_norm, rel=1e-5), step
     finally:
         destroy_model_parallel()

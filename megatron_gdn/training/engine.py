@@ -27,11 +27,13 @@ Non-finite steps: the built-in path skips the update when the loss (on any rank)
 finite (fp16: the GradScaler skips and lowers the scale). It decides on the device: the fused AdamW takes the skip
 flag as its `found_inf` tensor (the attribute GradScaler sets for fused optimizers) and leaves weights, moments and
 step counts alone where it is 1. So the whole step, the update included, is queued without waiting for the GPU, and
-step() returns a QueuedStep whose read() waits for it and gives the loss, the norm and the flag. The training loop
-reads an iteration's results only after it has queued the next iteration, except where it logs, evaluates, saves or
-exits: the GPU never runs dry while the host prepares the next batch and launches its kernels. (The step used to
-wait twice before the update, on the loss and on the norm, and the GPU idled while the host launched what followed
-each wait.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
+step() returns a QueuedStep whose read() waits for it and gives the loss, the norm and the flag. The results are
+copied to page-locked host memory behind the update, and read() waits on an event recorded after that copy, not
+for the device's whole queue. The training loop reads an iteration's results only after it has queued the next
+iteration, except where it logs, evaluates, saves or exits: so the GPU runs the next iteration while the host reads
+this one and prepares the batch after. (The step used to wait twice before the update, on the loss and on the
+norm, and the GPU idled while the host launched what followed each wait; until session 20 read() copied the results
+when it was called, behind the next iteration's work, and the GPU idled while the host prepared the batch after.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
 finite by themselves (fp16: loss-scale overflow; bf16/fp32: invalid norm), and `was_step_applied()` says so.
 """
 
@@ -70,12 +72,29 @@ class StepResult:
 
 @dataclass
 class QueuedStep:
-    """An iteration whose update is queued: its results on the device, read() waits for them (a host sync)."""
+    """An iteration whose update is queued; read() waits for its results (a host sync) and gives them."""
 
     values: torch.Tensor                    # fp64 [loss, loss not finite, update skipped, gradient norm]
-    loss_scale: torch.Tensor | None = None  # fp16: the loss scale after the step (a copy), else None
+    loss_scale: torch.Tensor | None = None  # fp16: the loss scale after the step, else None
+    copied: torch.cuda.Event | None = None  # on a GPU: recorded after values and loss_scale were copied to the host
+
+    @classmethod
+    def to_host(cls, values: torch.Tensor, loss_scale: torch.Tensor | None = None) -> QueuedStep:
+        """Device results copied to page-locked host memory behind the work queued so far, with an event after the
+        copies: read() then waits for this iteration only. (Read from the device, they would be copied when read()
+        is called, behind whatever was queued since: the next iteration, which the device would finish and then
+        idle while the host prepared the one after.) CPU tensors as they are."""
+        if values.device.type != "cuda":
+            return cls(values, loss_scale)
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (values, loss_scale)]
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(values.device))
+        return cls(*host, copied)
 
     def read(self) -> StepResult:
+        if self.copied is not None:
+            self.copied.synchronize()
         loss, loss_not_finite, skipped, grad_norm = self.values.tolist()
         scale = None if self.loss_scale is None else float(self.loss_scale)
         return StepResult(loss, not loss_not_finite, not skipped, grad_norm, scale)
@@ -153,9 +172,10 @@ class BuiltinDataParallel:
         # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
         self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
         values = torch.stack([loss, loss_not_finite.double(), skip.double(), grad_norm.double()])
-        # fp16: the scaler updates its scale tensor in place at every step; keep this step's (get_scale() would sync)
-        scale = self.scaler._get_scale_async().clone() if self.cfg.fp16 else None
-        return QueuedStep(values, scale)
+        # fp16 (a GPU): the scaler updates its scale tensor in place at every step; the copy to the host, queued now,
+        # takes this step's value (get_scale() would sync)
+        scale = self.scaler._get_scale_async() if self.cfg.fp16 else None
+        return QueuedStep.to_host(values, scale)
 
     def save(self, root: str, iteration: int, client_state: dict) -> None:
         """Every rank calls it; DP (and CP) rank 0 of each TP rank writes that rank's file."""
