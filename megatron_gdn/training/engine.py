@@ -33,8 +33,9 @@ for the device's whole queue. The training loop reads an iteration's results onl
 iteration, except where it logs, evaluates, saves or exits: so the GPU runs the next iteration while the host reads
 this one and prepares the batch after. (The step used to wait twice before the update, on the loss and on the
 norm, and the GPU idled while the host launched what followed each wait; until session 20 read() copied the results
-when it was called, behind the next iteration's work, and the GPU idled while the host prepared the batch after.) DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not
-finite by themselves (fp16: loss-scale overflow; bf16/fp32: invalid norm), and `was_step_applied()` says so.
+when it was called, behind the next iteration's work, and the GPU idled while the host prepared the batch after.)
+DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite by themselves (fp16: loss-scale overflow;
+bf16/fp32: invalid norm), and `was_step_applied()` says so.
 """
 
 from __future__ import annotations
