@@ -128,15 +128,18 @@ def synchronizing(caught) -> list[str]:
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
 
 
-def test_builtin_step_queues_without_waiting_and_reads_only_its_own_results():
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_builtin_step_queues_without_waiting_and_reads_only_its_own_results(precision):
     """The built-in engine queues the gradient reductions, the norm, the clipping, the AdamW update (which skips
-    itself on the device if the loss or the norm is not finite) and the copy of its results to the host without a
-    synchronising call (torch's sync debug mode flags none), and read() waits for that step only: work queued after
-    the step still runs when read() returns, as the next iteration does when the training loop reads this one. The
-    values read are the step's: its loss and the gradient norm computed beforehand."""
+    itself on the device if the loss or the norm is not finite; fp16: GradScaler's unscaling, overflow check and
+    scale update) and the copy of its results to the host without a synchronising call (torch's sync debug mode
+    flags none), and read() waits for that step only: work queued after the step still runs when read() returns, as
+    the next iteration does when the training loop reads this one. The values read are the step's: its loss, the
+    gradient norm computed beforehand (fp16: unscaled) and the loss scale after it, though the scaler's scale tensor
+    is changed in place after the step (as the next step's update does)."""
     import warnings
 
-    config, cfg = parse_args(flags(1, ["--bf16"]))
+    config, cfg = parse_args(flags(1, [precision]))
     groups, device, ds_config = pretrain_gdn.setup_run(config, cfg)
     try:
         _, train_data, _ = pretrain_gdn.build_datasets(cfg)
@@ -146,13 +149,16 @@ def test_builtin_step_queues_without_waiting_and_reads_only_its_own_results():
         pretrain_gdn.train_step(engine, data, cfg, device, groups)  # the first step creates AdamW's state
         loss = pretrain_gdn.forward_backward(engine, next(data), cfg, device, groups).detach().double()
         grads = [p.grad.double().norm() for p in engine.model.parameters() if p.grad is not None]
-        expected_loss, expected_norm = loss.item(), torch.stack(grads).norm().item()
+        scale = engine.scaler.get_scale() if cfg.fp16 else 1.0  # fp16: the gradients are those of the scaled loss
+        expected_loss, expected_norm = loss.item(), torch.stack(grads).norm().item() / scale
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 queued = engine.step(loss)
+                if cfg.fp16:  # the next step's scale update, in place
+                    engine.scaler._get_scale_async().mul_(2)
                 torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued after the step
                 later = torch.cuda.Event()
                 later.record()
@@ -166,5 +172,7 @@ def test_builtin_step_queues_without_waiting_and_reads_only_its_own_results():
         assert later_still_running, "read() waited for work queued after the step"
         assert step.applied and step.loss_is_finite, step
         assert step.loss == expected_loss and step.grad_norm == pytest.approx(expected_norm, rel=1e-5), step
+        # no overflow in this step: the scale stays (it grows only after 2000 clean steps)
+        assert step.loss_scale == (scale if cfg.fp16 else None), step
     finally:
         destroy_model_parallel()
