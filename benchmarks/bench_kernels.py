@@ -2,7 +2,8 @@
 
     python benchmarks/bench_kernels.py [--markdown FILE] [--shapes 0,1,2,3] [--no-decode] [--breakdown] [--profile]
 
-Times the forward and forward+backward of the chunked op at the four shapes of issue 4 and the decode step
+Times the forward and forward+backward of the chunked op at the four shapes of issue 4 (--shapes' default), at
+one layer of bench_train.py's `small` and `1.3b` (--shapes 4,5), and the decode step
 (one token from a cached state), median of triton.testing.do_bench, and prints a table with TFLOP/s and the
 speed-up over fla (when ``fla`` imports), plus the GPU name and the torch/triton versions. --markdown writes
 the same table as the "Kernels" section of docs/PERFORMANCE.md.
@@ -44,6 +45,9 @@ SHAPES = [  # (B, T, H, K, V): H q/k heads = value heads
     (8, 2048, 6, 256, 512),
     (1, 32768, 16, 128, 128),
     (16, 2048, 32, 128, 128),
+    # one layer of bench_train.py's presets at 4K context: `small` (batch 8) and `1.3b` (batch 4)
+    (8, 4096, 12, 64, 128),
+    (4, 4096, 6, 256, 512),
 ]
 DECODE = (64, 16, 128, 128)  # B, H, K = V, one token
 
