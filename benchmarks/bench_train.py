@@ -9,6 +9,8 @@ flash-linear-attention 0.6.0's GatedDeltaNetForCausalLM in a plain AdamW bf16 lo
     python benchmarks/bench_train.py --configs small --no-fla --cuda-graph      # ours with --cuda-graph
     python benchmarks/bench_train.py --configs small --no-fla --cuda-graph --profile prof --profile-steps 3
                                                                       # 3 steps back to back: idle GPU between them
+    python benchmarks/bench_train.py --configs small --cuda-graph --profile prof --profile-steps 3
+                                                                      # and prof/small-fla.txt: fla's GPU busy time
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
         python benchmarks/bench_train.py --configs 1.3b-256k --max-memory-gib 80   # does it fit an 80 GB GPU?
     python benchmarks/bench_train.py --tiny                            # CPU smoke run (tests/test_bench_smoke.py)
@@ -287,12 +289,12 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
     return result
 
 
-def write_profile(step: Callable[[], object], steps: int, device: torch.device, path: Path) -> None:
+def write_profile(step: Callable[[], object], steps: int, device: torch.device, path: Path, ours: bool = True) -> None:
     """torch.profiler's table of `steps` more steps, run back to back as the timed ones are, by kernel (or CPU op),
     sorted by self time: where a step's time goes; on a GPU preceded by the timeline's summary (gpu_timeline): how
     much of the time the GPU sat idle, and where (with several steps, also between them, as in the timed loop); then
-    the matrix products by shape (matmul_table) and the configuration the autotuner chose for each of our Triton
-    kernels (autotuned_configs)."""
+    the matrix products by shape (matmul_table) and, for ours, the configuration the autotuner chose for each of our
+    Triton kernels (autotuned_configs)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -306,7 +308,8 @@ def write_profile(step: Callable[[], object], steps: int, device: torch.device, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((gpu_timeline(kernels) if kernels else "") +
                     prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n\n" +
-                    matmul_table(prof.key_averages(group_by_input_shape=True), device) + "\n" + autotuned_configs())
+                    matmul_table(prof.key_averages(group_by_input_shape=True), device) + "\n" +
+                    (autotuned_configs() if ours else ""))
 
 
 def autotuned_configs() -> str:
@@ -406,8 +409,9 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     # The samples of ours' --mock-data (pretrain_gdn's default --seed 1234): a pure function of seed and index.
-    data = pretrain_gdn.batches(MockGPTDataset(case.batch * (args.warmup + args.steps) * args.micro_batches,
-                                               case.seq_length, case.vocab_size, seed=1234), 0, case.batch)
+    steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
+    data = pretrain_gdn.batches(MockGPTDataset(case.batch * steps * args.micro_batches, case.seq_length,
+                                               case.vocab_size, seed=1234), 0, case.batch)
 
     def step() -> torch.Tensor:  # nothing in it waits for the GPU
         for _ in range(args.micro_batches):  # gradient accumulation, as ours: each micro batch's mean loss / N
@@ -420,6 +424,8 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
 
     result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
         step, args.warmup, args.steps, device, f"{result.config} fla")
+    if args.profile:  # its GPU timeline's busy time per step: its step without waiting for its host
+        write_profile(step, args.profile_steps, device, Path(args.profile) / f"{result.config}-fla.txt", ours=False)
     return result
 
 
@@ -501,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                         "allocator) at this many GiB, e.g. 80 to check on a larger GPU what fits an 80 GB one: a run "
                         "over it is reported as OOM")
     parser.add_argument("--profile", help="write torch.profiler's per-kernel table of --profile-steps more steps of "
-                        "ours to PROFILE/<config>.txt")
+                        "ours to PROFILE/<config>.txt, and of fla's model to PROFILE/<config>-fla.txt")
     parser.add_argument("--profile-steps", type=int, default=1, help="steps in the profile, back to back as the "
                         "timed steps run: with more than one its GPU timeline also shows the idle time between steps")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
