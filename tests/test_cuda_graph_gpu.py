@@ -37,8 +37,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "
 def flags(micro_batches: int, precision: list[str], iters: int = 10, head_dim: int = 64) -> list[str]:
     return [*MODEL, "--head-dim", str(head_dim), "--mock-data", "--vocab-size", "512", "--seq-length", "256",
             "--micro-batch-size", "2", "--global-batch-size", str(2 * micro_batches), "--train-iters", str(iters),
-            "--lr", "3e-3",
-            "--lr-warmup-iters", "2", "--log-interval", "5", "--eval-interval", "1000", *precision]
+            "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "5", "--eval-interval", "1000", *precision]
 
 
 # Heads of 128: the chunk backward's d(q k^T) kernel runs on a side stream beside the reverse scan (K > 64), which
