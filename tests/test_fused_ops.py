@@ -349,15 +349,49 @@ def conv_l2norm_refusal() -> dict:
     return {"refused": math.inf}
 
 
+def ce_rows_in_blocks_errors() -> dict:
+    """The cross entropy's loop over blocks of a row (rows longer than ONE_TILE_MAX: a larger vocabulary than the
+    presets'), forced at a 50-word vocabulary in blocks of 16, as op_errors checks the one-tile path."""
+    from megatron_gdn.kernels import cross_entropy
+    saved = cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV
+    cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV = 0, 16
+    try:
+        return op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2), weight=randn(50, 24, seed=1),
+                         target=_targets(37, 50))
+    finally:
+        cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV = saved
+
+
+def sum_partials_errors() -> dict:
+    """kernels/partial_sums.sum_partials against torch's fp64 sum: more rows and columns than one program's tile
+    (32 x 128), a transposed 2-d output (the short convolution's weight gradient), no rows (zeros)."""
+    from megatron_gdn.kernels.partial_sums import sum_partials
+    errors = {}
+    for name, P, shape, transposed in (("rows_cols", 70, (300,), False), ("transposed", 33, (4, 150), True),
+                                       ("no_rows", 0, (7,), False)):
+        x = randn(P, *shape, scale=3.0)
+        out = torch.empty(shape[::-1]).t() if transposed else torch.empty(shape)
+        result = sum_partials(x, out)
+        if result.data_ptr() != out.data_ptr():
+            errors[name] = math.inf
+        elif P == 0:
+            errors[name] = float(result.abs().max())
+        else:
+            errors[name] = rel_rms(result, x.double().sum(0))
+    return errors
+
+
 EXTRA_CASES = {"conv_decode": conv_decode_errors, "model": model_errors, "ce_tensor_parallel_2_ranks":
                tensor_parallel_ce_errors, "shared_gradient": shared_gradient_errors,
                "conv_decode_l2norm": lambda: conv_decode_errors(D=48, head_dim=16),
-               "conv_l2norm_refusal": conv_l2norm_refusal}
+               "conv_l2norm_refusal": conv_l2norm_refusal, "ce_rows_in_blocks": ce_rows_in_blocks_errors,
+               "sum_partials": sum_partials_errors}
 ALL_CASES = {**CASES, **EXTRA_CASES}
 # Two interpreter workers (this CI machine has 2 cores); the gloo case starts two more processes, so it shares
 # a worker with the quick cases.
-SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", "conv_l2norm_refusal", *list(CASES)[::2]],
-          ["model", "conv_decode", "conv_decode_l2norm", *list(CASES)[1::2]]]
+SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", "conv_l2norm_refusal", "sum_partials",
+           *list(CASES)[::2]],
+          ["model", "conv_decode", "conv_decode_l2norm", "ce_rows_in_blocks", *list(CASES)[1::2]]]
 
 
 def _worker(names: list[str]) -> dict:

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .l2norm import l2norm_bwd, l2norm_fwd
+from .partial_sums import sum_partials
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
                            load_gates, load_rows, load_rows_t, side_stream, sm_count, softplus, store_rows,
                            transpose_via_scratch)
@@ -597,14 +598,14 @@ WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns)
 @triton.autotune(configs=configs(WY_CONFIGS), key=["H", "HV", "K", "V"], restore_value=["dk"])
 @triton.jit
 def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bias,
-                        dg, dbeta, dA_log, ddt_bias, dA_scratch, cu_seqlens, chunk_indices, ROWS,
+                        dg, dbeta, dgate, dA_scratch, cu_seqlens, chunk_indices, ROWS,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                         GATE_IN_KERNEL: tl.constexpr, BETA_SIGMOID: tl.constexpr, BETA_SCALE: tl.constexpr):
     """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
 
     Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
-    of dA_log and ddt_bias when the gate is fused. dA_scratch: one fp32 [BT, BT] tile per program
+    of dA_log and ddt_bias when the gate is fused (dgate, [chunks, 2, HV]: dA_log's, then ddt_bias's). dA_scratch: one fp32 [BT, BT] tile per program
     ([chunks, HV, BT, BT]), through which the gradient of A is transposed (transpose_via_scratch).
     """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -669,9 +670,9 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     if GATE_IN_KERNEL:
         b_x = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-        tl.store(dA_log + i_t * HV + i_hv, tl.sum(tl.where(m_t, -b_a * softplus(b_x) * b_dg, 0.)))
+        tl.store(dgate + i_t * 2 * HV + i_hv, tl.sum(tl.where(m_t, -b_a * softplus(b_x) * b_dg, 0.)))
         b_dg = tl.where(m_t, -b_a * tl.sigmoid(b_x) * b_dg, 0.)
-        tl.store(ddt_bias + i_t * HV + i_hv, tl.sum(b_dg))
+        tl.store(dgate + (i_t * 2 + 1) * HV + i_hv, tl.sum(b_dg))
     tl.store(dg + p_tok, b_dg.to(dg.dtype.element_ty), mask=m_t)
     if BETA_SIGMOID:
         b_dbeta = b_dbeta * b_beta * (1. - b_beta / BETA_SCALE)
@@ -886,17 +887,17 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     dv = torch.empty_like(v)
     dg = torch.empty(rows, HV, dtype=g.dtype, device=dev)
     dbeta = torch.empty(rows, HV, dtype=beta.dtype, device=dev)
-    dA_log = torch.empty(num_chunks, HV, dtype=torch.float32, device=dev) if gate else None
-    ddt_bias = torch.empty_like(dA_log) if gate else None
+    dgate = torch.empty(num_chunks, 2, HV, dtype=torch.float32, device=dev) if gate else G
     dA_scratch = torch.empty(num_chunks, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
     chunk_bwd_wy_kernel[(num_chunks, HV)](
         k, v, G, beta_f, Ai, dw, dvn, dk, dv, dG, g, A_log if gate else G, dt_bias if gate else G,
-        dg, dbeta, dA_log if gate else G, ddt_bias if gate else G, dA_scratch, cu_seqlens, chunk_indices, rows,
+        dg, dbeta, dgate, dA_scratch, cu_seqlens, chunk_indices, rows,
         H=H, HV=HV, K=K, V=V, BT=CHUNK, NK=NK, GATE_IN_KERNEL=gate, BETA_SIGMOID=beta_scale is not None,
         BETA_SCALE=beta_scale or 1.0)
+    dA_log = ddt_bias = None
     if gate:
-        dA_log = dA_log.sum(0).to(A_log.dtype)
-        ddt_bias = ddt_bias.sum(0).to(dt_bias.dtype)
+        dA_log, ddt_bias = sum_partials(dgate, torch.empty(2, HV, dtype=torch.float32, device=dev))
+        dA_log, ddt_bias = dA_log.to(A_log.dtype), ddt_bias.to(dt_bias.dtype)
     return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
 
 

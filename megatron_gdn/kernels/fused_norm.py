@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
 from .triton_utils import row_loop_programs
 
 # Rows per program such that a [rows, D] fp32 tile stays within this many elements (at least one row).
@@ -121,7 +122,7 @@ class RMSNormFunction(torch.autograd.Function):
                                      HAS_DH_OUT=dh_out is not None, STAGES=BWD_STAGES)
         x_dtype, residual_dtype = ctx.dtypes
         dresidual = None if residual_dtype is None else dh.to(residual_dtype).view(shape)
-        return dh.to(x_dtype).view(shape), dresidual, dweight.sum(0).to(weight.dtype), None, None
+        return dh.to(x_dtype).view(shape), dresidual, sum_partials(dweight, torch.empty_like(weight)), None, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

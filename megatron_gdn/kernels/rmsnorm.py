@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .partial_sums import sum_partials
 from .shared_gradient import SharedGradient, gradient_like
 from .triton_utils import row_loop_programs
 
@@ -118,7 +119,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         gated_rmsnorm_bwd_kernel[(grid,)](x, gate, weight, rstd, dy, dx, dgate, dweight, N, gate.stride(0),
                                           dgate.stride(0), H=gate.shape[1], D=D, BR=rows, BD=BD,
                                           STAGES=BWD_STAGES, num_warps=warps)
-        return dx.view(shape), dgate.view(shape), dweight.sum(0).to(weight.dtype), None, None
+        return dx.view(shape), dgate.view(shape), sum_partials(dweight, torch.empty_like(weight)), None, None
 
 
 def gated_rmsnorm_triton(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,

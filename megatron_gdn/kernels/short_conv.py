@@ -48,6 +48,7 @@ import triton.language as tl
 from . import CONV_L2NORM_HEAD_DIMS
 from .fused_reference import document_positions
 from .reference import L2NORM_EPS
+from .partial_sums import sum_partials
 from .shared_gradient import SharedGradient, gradient_like
 from .triton_utils import sm_count
 
@@ -331,8 +332,9 @@ class ShortConvFunction(torch.autograd.Function):
             L2NORM_EPS, D=D, W=W, R=R, C=C, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
             HAS_DOCS=pos is not None, L2NORM=ctx.head_dim is not None, UNROLL=BACKWARD.unroll,
             STAGES=BACKWARD.stages, num_warps=BACKWARD.warps)
-        dweight = dweight.sum(0).t().to(weight.dtype).reshape(D, 1, W)
-        return dx, dweight, None if bias is None else dbias.sum(0).to(bias.dtype), dpast, None, None, None
+        dweight = sum_partials(dweight, torch.empty(D, 1, W, dtype=weight.dtype, device=x.device).view(D, W).t())
+        dbias = None if bias is None else sum_partials(dbias, torch.empty_like(bias))
+        return dx, dweight.t().view(D, 1, W), dbias, dpast, None, None, None
 
 
 def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
