@@ -77,6 +77,26 @@ def launches(step) -> tuple[int, int]:
     return sum("LaunchKernel" in n for n in names), sum("GraphLaunch" in n for n in names)
 
 
+def test_weights_cast_by_the_optimizer_train_as_weights_cast_at_every_use(monkeypatch):
+    """The built-in engine's fused products keep their bf16 weights, which TritonAdamW's kernel updates with the
+    fp32 ones (models/fused_projection.py, compute_weight): training, eager and replayed, must be bit for bit what
+    casting every weight at every use gives, and the eager run must have cast once instead of at each of its 20
+    forwards (2 layers x 4 fused products: 8 casts a forward, each a torch.cat)."""
+    argv = flags(2, ["--bf16"])
+    with DispatchedOps() as dispatched:
+        kept = pretrain_gdn.train(*parse_args(argv))["losses"]
+    kept_cats = sum("aten.cat" in op for op in dispatched.ops)
+    graphed = pretrain_gdn.train(*parse_args(argv + ["--cuda-graph"]))["losses"]
+    from megatron_gdn.training import engine
+    monkeypatch.setattr(engine, "CAST_BY_OPTIMIZER", "not_read_by_compute_weight")  # the engine marks no weight
+    with DispatchedOps() as dispatched:
+        recast = pretrain_gdn.train(*parse_args(argv))["losses"]
+    recast_cats = sum("aten.cat" in op for op in dispatched.ops)
+    assert len(kept) == 10 and kept == recast, {it: (kept[it], recast[it]) for it in kept if kept[it] != recast[it]}
+    assert graphed == recast
+    assert recast_cats - kept_cats >= 19 * 8, (recast_cats, kept_cats)
+
+
 def test_replay_launches_nothing_from_the_host():
     """After the warm-up and the capture, a micro batch runs no Python forward or backward: the host dispatches one
     copy (the tokens) and launches the graph, without waiting for the GPU; a whole step launches a fraction of the

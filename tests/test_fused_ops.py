@@ -349,17 +349,56 @@ def conv_l2norm_refusal() -> dict:
     return {"refused": math.inf}
 
 
-def ce_rows_in_blocks_errors() -> dict:
-    """The cross entropy's loop over blocks of a row (rows longer than ONE_TILE_MAX: a larger vocabulary than the
-    presets'), forced at a 50-word vocabulary in blocks of 16, as op_errors checks the one-tile path."""
-    from megatron_gdn.kernels import cross_entropy
-    saved = cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV
-    cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV = 0, 16
-    try:
-        return op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2), weight=randn(50, 24, seed=1),
-                         target=_targets(37, 50))
-    finally:
-        cross_entropy.ONE_TILE_MAX, cross_entropy.MAX_BV = saved
+def cast_copy_errors() -> dict:
+    """The bf16 compute copy of fp32 weights marked CAST_BY_OPTIMIZER (models/fused_projection.compute_weight) under
+    bf16 autocast: kept while the weights are unchanged, overwritten by TritonAdamW's kernel as it updates them (in
+    the interpreter), cast again after torch writes a weight (an in-place op; torch's fused step, which bumps no
+    version itself). At every stage the product must equal F.linear on the weights cast then (the largest
+    difference, 0 when bitwise equal), and the copy must be the same buffer or a new one as said (0 when so)."""
+    from megatron_gdn.models.fused_projection import CAST_BY_OPTIMIZER, COMPUTE_COPY, fused_linear
+    from megatron_gdn.training.optimizer import TritonAdamW
+    weights = [torch.nn.Parameter(randn(24, 40, seed=1)), torch.nn.Parameter(randn(8, 40, seed=2))]
+    for w in weights:
+        setattr(w, CAST_BY_OPTIMIZER, True)
+    x = randn(5, 40, seed=3)
+    errors = {}
+
+    def product(stage: str) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fused_linear(x, weights, pad=8)
+        ref = F.linear(x.bfloat16(), torch.cat([w.detach() for w in weights]).bfloat16())
+        errors[stage] = float((y[:, :32].float() - ref.float()).abs().max()) + float(y[:, 32:].abs().max())
+        return weights[0]._cast_copy.buffer
+
+    def step(use_triton: bool, seed: int) -> None:
+        for i, w in enumerate(weights):
+            w.grad = randn(*w.shape, seed=seed + i)
+        TritonAdamW(weights, lr=0.1, use_triton=use_triton).step()
+
+    first = product("first")
+    errors["reused_unchanged"] = 0. if product("unchanged") is first else math.inf
+    step(True, 10)
+    errors["reused_after_kernel_step"] = 0. if product("after_kernel_step") is first else math.inf
+    with torch.no_grad():
+        weights[1].mul_(2.)
+    recast = product("after_in_place_op")
+    errors["recast_after_in_place_op"] = 0. if recast is not first else math.inf
+    step(False, 20)
+    errors["recast_after_torch_step"] = 0. if product("after_torch_step") is not recast else math.inf
+    # the kernel's rounding, bit for bit against torch's cast: ties (to even, both ways), the overflow to inf,
+    # subnormals; lr 0 rewrites the copy from unchanged weights
+    with torch.no_grad():
+        weights[1].view(-1)[:8] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.4e38, -3.4e38,
+                                                1e-40, -3e-39, 0.])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_linear(x, weights, pad=8)  # a new copy, for these weights
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    TritonAdamW(weights, lr=0.0, use_triton=True).step()
+    copy = getattr(weights[1], COMPUTE_COPY)
+    errors["rounding_bits_differ"] = float((copy.view(torch.int16) != weights[1].detach().bfloat16().view(
+        torch.int16)).sum())
+    return errors
 
 
 def sum_partials_errors() -> dict:
@@ -367,7 +406,7 @@ def sum_partials_errors() -> dict:
     (32 x 128), a transposed 2-d output (the short convolution's weight gradient), no rows (zeros)."""
     from megatron_gdn.kernels.partial_sums import sum_partials
     errors = {}
-    for name, P, shape, transposed in (("rows_cols", 70, (300,), False), ("transposed", 33, (4, 150), True),
+    for name, P, shape, transposed in (("rows_cols", 600, (300,), False), ("transposed", 33, (4, 150), True),
                                        ("no_rows", 0, (7,), False)):
         x = randn(P, *shape, scale=3.0)
         out = torch.empty(shape[::-1]).t() if transposed else torch.empty(shape)
@@ -384,14 +423,14 @@ def sum_partials_errors() -> dict:
 EXTRA_CASES = {"conv_decode": conv_decode_errors, "model": model_errors, "ce_tensor_parallel_2_ranks":
                tensor_parallel_ce_errors, "shared_gradient": shared_gradient_errors,
                "conv_decode_l2norm": lambda: conv_decode_errors(D=48, head_dim=16),
-               "conv_l2norm_refusal": conv_l2norm_refusal, "ce_rows_in_blocks": ce_rows_in_blocks_errors,
-               "sum_partials": sum_partials_errors}
+               "conv_l2norm_refusal": conv_l2norm_refusal,
+               "sum_partials": sum_partials_errors, "cast_copy": cast_copy_errors}
 ALL_CASES = {**CASES, **EXTRA_CASES}
 # Two interpreter workers (this CI machine has 2 cores); the gloo case starts two more processes, so it shares
 # a worker with the quick cases.
 SHARES = [["ce_tensor_parallel_2_ranks", "shared_gradient", "conv_l2norm_refusal", "sum_partials",
            *list(CASES)[::2]],
-          ["model", "conv_decode", "conv_decode_l2norm", "ce_rows_in_blocks", *list(CASES)[1::2]]]
+          ["model", "conv_decode", "conv_decode_l2norm", "cast_copy", *list(CASES)[1::2]]]
 
 
 def _worker(names: list[str]) -> dict:
@@ -590,6 +629,24 @@ def test_triton_adamw_gpu():
     misaligned = torch.nn.Parameter(torch.zeros(33, device="cuda")[1:])  # 4 bytes past an aligned address
     misaligned.grad = torch.ones_like(misaligned)
     assert not TritonAdamW([misaligned], lr=1e-3)._takes_triton()  # torch's step, not a misaligned vector access
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_fused_ops_gradients_take_the_fused_adamw_kernel_gpu():
+    """Every parameter gradient of a model with the fused ops is one that TritonAdamW's kernel takes (fp32,
+    contiguous, 16-byte aligned). With 6 value heads (the 1.3b preset's) dt_bias's gradient once came out 24 bytes
+    into the tensor that holds dA_log's too, and every step fell back to torch's fused AdamW (13.4 ms of a 1.3b step
+    on an H200)."""
+    from megatron_gdn.training.optimizer import TritonAdamW
+    config = GatedDeltaNetConfig(hidden_size=384, num_hidden_layers=1, num_heads=6, head_dim=64, vocab_size=512)
+    model = GatedDeltaNetForCausalLM(config).cuda()
+    ids = torch.randint(0, 512, (2, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = lm_head_cross_entropy(model.lm_head, model(ids, return_hidden=True).last_hidden_state, ids)
+    loss.backward()
+    assert TritonAdamW(model.parameters(), lr=1e-3)._takes_triton(), [
+        (n, p.grad.dtype, p.grad.data_ptr() % 16) for n, p in model.named_parameters()]
 
 
 @pytest.mark.gpu

@@ -8,7 +8,9 @@ the divided gradient back too (4), which nothing reads. This kernel reads 16 and
 Each program updates BLOCK elements of one parameter. The parameters' addresses come from int64 tables (one per
 tensor kind), the program's parameter and first element from a block table built once per parameter list. The
 math is torch's fused AdamW's (decoupled weight decay, bias corrections from each parameter's own step count,
-found_inf skipping the update, grad_scale dividing the gradient); fp32 throughout.
+found_inf skipping the update, grad_scale dividing the gradient); fp32 throughout. A parameter may have a bf16
+compute copy (models/fused_projection.py, compute_weight), which the kernel overwrites with the updated weight, so
+that the forward need not cast it again: 2 bytes a parameter written here for 6 read and written there.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ BLOCK = 2048
 
 
 @triton.jit
-def update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, o, numel, step, grad_scale, lr, beta1, beta2, eps, weight_decay,
-                 HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    """AdamW on the elements o of one parameter; MASKED: some of o lie past its numel elements."""
+def to_bf16_rtne(x):
+    """fp32 x rounded to the nearest bf16, ties to even, as torch's cast rounds (bit for bit): by integer arithmetic
+    on its bits, as the compiled .to(tl.bfloat16) rounds too, because Triton's interpreter truncates there."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # +-inf stay +-inf; a NaN could carry into the sign: kept apart
+    return tl.where(x == x, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(tl.bfloat16))
+
+
+@triton.jit
+def update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, c_addr, o, numel, step, grad_scale, lr, beta1, beta2, eps,
+                 weight_decay, HAS_GRAD_SCALE: tl.constexpr, HAS_COPIES: tl.constexpr, MASKED: tl.constexpr):
+    """AdamW on the elements o of one parameter; MASKED: some of o lie past its numel elements. HAS_COPIES: where
+    c_addr is not 0, the updated weight is also stored there in bf16 (its compute copy)."""
     m = (o < numel) if MASKED else None
     other = 0. if MASKED else None
     b_p = tl.load(p_ptr + o, mask=m, other=other)
@@ -42,12 +54,17 @@ def update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, o, numel, step, grad_scale, lr, b
     tl.store(p_ptr + o, b_p, mask=m)
     tl.store(m1_ptr + o, b_m1, mask=m)
     tl.store(m2_ptr + o, b_m2, mask=m)
+    if HAS_COPIES:
+        if c_addr != 0:
+            c_ptr = tl.multiple_of(c_addr.to(tl.pointer_type(tl.bfloat16)), 16)
+            tl.store(c_ptr + o, to_bf16_rtne(b_p), mask=m)
 
 
 @triton.jit
 def adamw_kernel(block_param, block_start, param_addrs, grad_addrs, exp_avg_addrs, exp_avg_sq_addrs, step_addrs,
-                 numels, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay, HAS_GRAD_SCALE: tl.constexpr,
-                 HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+                 copy_addrs, numels, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay,
+                 HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_COPIES: tl.constexpr,
+                 BLOCK: tl.constexpr):
     i_b = tl.program_id(0)
     i_p = tl.load(block_param + i_b)
     start = tl.multiple_of(tl.load(block_start + i_b), BLOCK)
@@ -63,12 +80,13 @@ def adamw_kernel(block_param, block_start, param_addrs, grad_addrs, exp_avg_addr
     m1_ptr = tl.multiple_of(tl.load(exp_avg_addrs + i_p).to(tl.pointer_type(tl.float32)), 16)
     m2_ptr = tl.multiple_of(tl.load(exp_avg_sq_addrs + i_p).to(tl.pointer_type(tl.float32)), 16)
     step = tl.load(tl.load(step_addrs + i_p).to(tl.pointer_type(tl.float32)))
+    c_addr = tl.load(copy_addrs + i_p) if HAS_COPIES else 0
     if start + BLOCK <= numel:  # a whole block: unmasked (a mask against a size read from memory splits accesses)
-        update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, o, numel, step, grad_scale, lr, beta1, beta2, eps, weight_decay,
-                     HAS_GRAD_SCALE, False)
+        update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, c_addr, o, numel, step, grad_scale, lr, beta1, beta2, eps,
+                     weight_decay, HAS_GRAD_SCALE, HAS_COPIES, False)
     else:
-        update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, o, numel, step, grad_scale, lr, beta1, beta2, eps, weight_decay,
-                     HAS_GRAD_SCALE, True)
+        update_block(p_ptr, g_ptr, m1_ptr, m2_ptr, c_addr, o, numel, step, grad_scale, lr, beta1, beta2, eps,
+                     weight_decay, HAS_GRAD_SCALE, HAS_COPIES, True)
 
 
 def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -77,15 +95,17 @@ def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
 
-def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' addresses, an int64 table on their device."""
-    return to_device(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), tensors[0].device)
+def addresses(tensors: list[torch.Tensor | None], device: torch.device | None = None) -> torch.Tensor:
+    """The tensors' addresses (0 for None), an int64 table on their device (or the given one)."""
+    device = device or tensors[0].device
+    return to_device(torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64), device)
 
 
 def group_tables(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                 steps: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                 steps: list[torch.Tensor], copies: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
     """What adamw_step reads besides the gradients: the parameter of each BLOCK-element block and the block's first
-    element, the addresses of the parameters, moments and step counts, and the parameters' sizes."""
+    element, the addresses of the parameters, moments, step counts and bf16 compute copies (None: the parameter
+    has none; all None: no table), and the parameters' sizes."""
     device = params[0].device
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     counts = (numels + BLOCK - 1) // BLOCK
@@ -93,17 +113,19 @@ def group_tables(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_a
     first_block = torch.cumsum(counts, 0) - counts  # each parameter's first block
     block_start = (torch.arange(len(block_param), dtype=torch.int64) - first_block[block_param.long()]) * BLOCK
     return (to_device(block_param, device), to_device(block_start, device), addresses(params), addresses(exp_avgs),
-            addresses(exp_avg_sqs), addresses(steps), to_device(numels, device))
+            addresses(exp_avg_sqs), addresses(steps),
+            None if all(c is None for c in copies) else addresses(copies, device), to_device(numels, device))
 
 
 def adamw_step(tables: tuple[torch.Tensor, ...], grads: torch.Tensor, lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None):
     """One update of a group: tables from group_tables, grads the gradients' addresses (addresses). The step counts
     are the caller's to advance."""
-    block_param, block_start, params, exp_avgs, exp_avg_sqs, steps, numels = tables
+    block_param, block_start, params, exp_avgs, exp_avg_sqs, steps, copies, numels = tables
     unused = numels  # a pointer argument the kernel does not read when its flag is off
     adamw_kernel[(len(block_param),)](
-        block_param, block_start, params, grads, exp_avgs, exp_avg_sqs, steps, numels,
-        grad_scale if grad_scale is not None else unused, found_inf if found_inf is not None else unused,
-        lr, beta1, beta2, eps, weight_decay, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK)
+        block_param, block_start, params, grads, exp_avgs, exp_avg_sqs, steps,
+        copies if copies is not None else unused, numels, grad_scale if grad_scale is not None else unused,
+        found_inf if found_inf is not None else unused, lr, beta1, beta2, eps, weight_decay,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, HAS_COPIES=copies is not None,
+        BLOCK=BLOCK)

@@ -896,7 +896,10 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
         BETA_SCALE=beta_scale or 1.0)
     dA_log = ddt_bias = None
     if gate:
-        dA_log, ddt_bias = sum_partials(dgate, torch.empty(2, HV, dtype=torch.float32, device=dev))
+        # rows 16 bytes apart: the fused AdamW kernel takes 16-byte aligned gradients (the optimizer falls back to
+        # torch's slower fused step for any other)
+        sums = torch.empty(2, triton.cdiv(HV, 4) * 4, dtype=torch.float32, device=dev)[:, :HV]
+        dA_log, ddt_bias = sum_partials(dgate, sums)
         dA_log, ddt_bias = dA_log.to(A_log.dtype), ddt_bias.to(dt_bias.dtype)
     return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
 

@@ -13,8 +13,7 @@ processed in chunks; per chunk:
 
 With the whole vocabulary on this rank (no all-reduce between the two passes) one kernel, ce_loss_grad_kernel,
 makes both passes over each row: the second reads the row its program has just read (likely still in L2), where
-two kernels read every chunk's logits from memory twice; a row of up to ONE_TILE_MAX logits (a 32000-word
-vocabulary's) is read once, as one tile of registers. With the fp32-accumulating product below, a `small` batch's
+two kernels read every chunk's logits from memory twice. With the fp32-accumulating product below, a `small` batch's
 lm head and loss (fwd+bwd) went from 10.15 to 9.5-9.6 ms on an H100 (docs/PERFORMANCE.md, session 11).
 
 So the gradients are computed in the forward and backward only multiplies them by the (scalar) grad_output:
@@ -37,10 +36,6 @@ from . import fp32_products_of_bf16
 
 # Logit elements per chunk (2^27: 256 MB in bf16; 4194 tokens of a 32000-word vocabulary).
 CHUNK_ELEMENTS = 2 ** 27
-# Rows of up to ONE_TILE_MAX logits are one tile of ce_loss_grad_kernel, ONE_TILE_WARPS warps (64 fp32 registers a
-# thread at 32768): read once, where a loop over MAX_BV blocks reads each row twice (the second time mostly from L2).
-# Longer rows, and the tensor-parallel kernels, loop.
-ONE_TILE_MAX, ONE_TILE_WARPS = 32768, 16
 MAX_BV = 4096
 
 
@@ -90,30 +85,17 @@ def ce_grad_kernel(logits, target, lse, row_scale, V, vocab_start, BV: tl.conste
 
 
 @triton.jit
-def ce_loss_grad_kernel(logits, target, loss, row_scale, V, BV: tl.constexpr, GRAD: tl.constexpr,
-                        ONE_TILE: tl.constexpr):
+def ce_loss_grad_kernel(logits, target, loss, row_scale, V, BV: tl.constexpr, GRAD: tl.constexpr):
     """The whole vocabulary on this rank: per row, the loss log sum exp - target logit and (GRAD) the row
-    overwritten by its gradient, as ce_stats_kernel and ce_grad_kernel compute them. ONE_TILE (V <= BV): the row
-    is one register tile, loaded once."""
+    overwritten by its gradient, as ce_stats_kernel and ce_grad_kernel compute them."""
     i_r = tl.program_id(0).to(tl.int64)
     p_row = logits + i_r * V
     i_v = tl.load(target + i_r)
-    if ONE_TILE:
-        o_v = tl.arange(0, BV)
-        b_l = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
-        b_m = tl.max(b_l, axis=0)
-        b_z = tl.sum(tl.where(o_v == i_v, b_l, 0.), axis=0)  # 0 for an ignored target (outside [0, V))
-        b_lse = b_m + tl.log(tl.sum(tl.exp(b_l - b_m), axis=0))
-        tl.store(loss + i_r, b_lse - b_z)
-        if GRAD:
-            b_g = tl.exp(b_l - b_lse) - (o_v == i_v).to(tl.float32)
-            tl.store(p_row + o_v, (b_g * tl.load(row_scale + i_r)).to(p_row.dtype.element_ty), mask=o_v < V)
-    else:
-        b_m, b_s, b_z = row_stats(p_row, i_v, V, BV)
-        b_lse = b_m + tl.log(b_s)
-        tl.store(loss + i_r, b_lse - b_z)
-        if GRAD:
-            store_row_gradient(p_row, i_v, b_lse, tl.load(row_scale + i_r), V, BV)
+    b_m, b_s, b_z = row_stats(p_row, i_v, V, BV)
+    b_lse = b_m + tl.log(b_s)
+    tl.store(loss + i_r, b_lse - b_z)
+    if GRAD:
+        store_row_gradient(p_row, i_v, b_lse, tl.load(row_scale + i_r), V, BV)
 
 
 def _log_sum_exp_and_target(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group: ProcessGroup,
@@ -156,11 +138,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 h = hidden[c0:c1].to(dtype)
                 logits = h @ w.t()  # [n, V]
                 if group is None:
-                    one_tile = V <= ONE_TILE_MAX
                     ce_loss_grad_kernel[(c1 - c0,)](logits, target[c0:c1], losses[c0:c1], row_scale[c0:c1], V,
-                                                    BV=triton.next_power_of_2(V) if one_tile else BV,
-                                                    GRAD=grad_hidden or grad_weight, ONE_TILE=one_tile,
-                                                    num_warps=ONE_TILE_WARPS if one_tile else 4)
+                                                    BV=BV, GRAD=grad_hidden or grad_weight)
                 else:
                     lse, target_logit = _log_sum_exp_and_target(logits, target[c0:c1], vocab_start, group, BV)
                     losses[c0:c1] = lse - target_logit

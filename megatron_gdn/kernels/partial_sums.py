@@ -15,18 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-# A program sums BLOCK_COLS columns over all rows, BLOCK_ROWS rows a step: [32, 128] fp32 tiles, 32 registers a
-# thread at 4 warps.
-BLOCK_ROWS, BLOCK_COLS = 32, 128
+# A program sums BLOCK_COLS columns over all rows, BLOCK_ROWS rows a step, WARPS warps, the loads of STAGES steps in
+# flight.
+BLOCK_ROWS, BLOCK_COLS, WARPS, STAGES = 256, 32, 8, 2
 
 
 @triton.jit
-def sum_partials_kernel(x, out, P, M, C, stride_r, stride_c, BP: tl.constexpr, BM: tl.constexpr):
+def sum_partials_kernel(x, out, P, M, C, stride_r, stride_c, BP: tl.constexpr, BM: tl.constexpr,
+                        STAGES: tl.constexpr):
     """out[m // C, m % C] (at strides stride_r, stride_c) = sum_p x[p, m], for x a contiguous [P, M]."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_m = o_m < M
     b_s = tl.zeros([BM], dtype=tl.float32)
-    for p0 in range(0, P, BP):
+    for p0 in tl.range(0, P, BP, num_stages=STAGES):
         o_p = p0 + tl.arange(0, BP)
         b_x = tl.load(x + o_p[:, None].to(tl.int64) * M + o_m[None, :], mask=(o_p < P)[:, None] & m_m[None, :],
                       other=0.)
@@ -44,5 +45,6 @@ def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     C = out.shape[-1]
     stride_r, stride_c = (out.stride(0), out.stride(1)) if out.dim() == 2 else (0, out.stride(0))
     sum_partials_kernel[(triton.cdiv(M, BLOCK_COLS),)](partials, out, partials.shape[0], M, max(C, 1), stride_r,
-                                                       stride_c, BP=BLOCK_ROWS, BM=BLOCK_COLS)
+                                                       stride_c, BP=BLOCK_ROWS, BM=BLOCK_COLS, STAGES=STAGES,
+                                                       num_warps=WARPS)
     return out

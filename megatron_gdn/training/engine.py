@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import TrainingConfig
-from ..models.fused_projection import ACCUMULATE_IN_PRODUCT
+from ..models.fused_projection import ACCUMULATE_IN_PRODUCT, CAST_BY_OPTIMIZER
 from ..parallel.grads import (all_reduce_found_inf, clip_divisor, clip_grad_norm, finalize_model_grads,
                               global_grad_norm)
 from ..parallel.mpu import ModelParallelUnit, mark_tensor_parallel_parameters
@@ -125,8 +125,11 @@ class BuiltinDataParallel:
         self.cfg, self.groups = cfg, groups
         # This engine reads the gradients only from .grad, after backward: the plain projections' weight-gradient
         # products may add each micro batch's gradient into .grad themselves (models/fused_projection.py).
+        # Its optimizer (TritonAdamW) also keeps the bf16 copies of the weights that the fused products cast
+        # current, so that the forward reuses them instead of casting every weight for every micro batch.
         for param in model.parameters():
             setattr(param, ACCUMULATE_IN_PRODUCT, not cfg.no_gradient_accumulation_fusion)
+            setattr(param, CAST_BY_OPTIMIZER, True)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                          cfg.adam_eps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.fused_projection import COMPUTE_COPY
+
 # Parameters that are never decayed besides vectors: the GDN decay parameters are vectors too, but
 # they are named here so that the rule survives any future change of their shape.
 NO_DECAY_NAMES = ("A_log", "dt_bias")
@@ -35,7 +37,11 @@ class TritonAdamW(torch.optim.AdamW):
     Same state (step, exp_avg, exp_avg_sq per parameter, created as torch's fused AdamW creates them) and state_dict,
     so checkpoints go both ways; it honours found_inf and grad_scale as torch's fused step does (the attributes
     the engine and GradScaler set). use_triton: None decides by the above, True forces the kernel (the CPU tests
-    run it in Triton's interpreter)."""
+    run it in Triton's interpreter).
+
+    A parameter with a bf16 compute copy (models/fused_projection.py, COMPUTE_COPY) gets it overwritten by the
+    kernel with the updated weight; torch's step does not update it, so there the parameter's version is bumped and
+    the forward casts the weight again."""
 
     def __init__(self, params, use_triton: bool | None = None, **kwargs):
         super().__init__(params, fused=True, **kwargs)
@@ -57,7 +63,14 @@ class TritonAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None or not self._takes_triton():
-            return super().step(closure)
+            result = super().step(closure)
+            # torch's fused step writes the weights without bumping their versions: bumped here, so that the
+            # compute copies it did not update are cast again (models/fused_projection.py, compute_weight)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if getattr(p, COMPUTE_COPY, None) is not None:
+                        torch.autograd.graph.increment_version(p)
+            return result
         from ..kernels import adamw
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         grad_scale = grad_scale.float() if grad_scale is not None else None  # the kernel divides in fp32
@@ -73,11 +86,12 @@ class TritonAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
             steps = [s["step"] for s in states]
-            key = tuple((p.numel(), *(t.data_ptr() for t in (p, s["exp_avg"], s["exp_avg_sq"], s["step"])))
-                        for p, s in zip(params, states))
-            if self._tables.get(index, (None,))[0] != key:  # new parameters or state (a load): new tables
+            copies = [compute_copy(p) for p in params]
+            key = tuple((p.numel(), *(t.data_ptr() for t in (p, s["exp_avg"], s["exp_avg_sq"], s["step"])),
+                         c.data_ptr() if c is not None else 0) for p, s, c in zip(params, states, copies))
+            if self._tables.get(index, (None,))[0] != key:  # new parameters, state (a load) or copies: new tables
                 self._tables[index] = (key, adamw.group_tables(params, [s["exp_avg"] for s in states],
-                                                               [s["exp_avg_sq"] for s in states], steps))
+                                                               [s["exp_avg_sq"] for s in states], steps, copies))
             grad_key = tuple(p.grad.data_ptr() for p in params)  # new when the gradients were set to None
             if self._grad_tables.get(index, (None,))[0] != grad_key:
                 self._grad_tables[index] = (grad_key, adamw.addresses([p.grad for p in params]))
@@ -88,6 +102,18 @@ class TritonAdamW(torch.optim.AdamW):
             if found_inf is not None:  # a skipped step does not count (torch's fused AdamW undoes it the same way)
                 torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
         return None
+
+
+def compute_copy(p: torch.Tensor) -> torch.Tensor | None:
+    """p's bf16 compute copy for the kernel to write (COMPUTE_COPY), if it has a usable one: as many elements, 16-byte
+    aligned. One it cannot write is made stale (p's version bumped), so the forward casts p again."""
+    copy = getattr(p, COMPUTE_COPY, None)
+    if copy is None:
+        return None
+    if copy.dtype == torch.bfloat16 and copy.is_contiguous() and copy.numel() == p.numel() and copy.data_ptr() % 16 == 0:
+        return copy
+    torch.autograd.graph.increment_version(p)
+    return None
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
