@@ -3,9 +3,9 @@ the gate's dA_log and ddt_bias), in Triton.
 
 Each backward kernel that produces a parameter's gradient keeps one partial sum per program ([P, ...] fp32) and
 the sum over P finishes it. torch's sum did that with a memset of its output (or of its reduction semaphores) and a
-reduce kernel; in a CUDA graph each memset node left the GPU idle for about 6 us before the next kernel, and a
-`small` step ran 97 of these sums (H200, session 22 profile: 0.63 ms of reduce kernels, about 0.6 ms of such gaps).
-This kernel writes every output element once, in the gradient's dtype and layout: no memset, no cast, no copy.
+reduce kernel, 5.1-5.4 us a call in a CUDA graph, and a `small` step runs 97 of these sums, a `1.3b` step 127.
+This kernel writes every output element once, in the gradient's dtype and layout (no memset, and no cast or
+transposing copy after it), 2.0-2.5 us a call (BLOCK_ROWS below).
 Its order of summation is fixed (tiles of rows, then across the tile), so results repeat run to run.
 """
 
@@ -16,8 +16,12 @@ import triton
 import triton.language as tl
 
 # A program sums BLOCK_COLS columns over all rows, BLOCK_ROWS rows a step, WARPS warps, the loads of STAGES steps in
-# flight.
-BLOCK_ROWS, BLOCK_COLS, WARPS, STAGES = 256, 32, 8, 2
+# flight. One step covers the partials of every call in the presets (264 rows for the norms: 2 programs a SM; 256 for
+# the short convolution; 512 chunks for the gate). 200 calls in a CUDA graph on an H200 (session 22,
+# gpu/probe22_sums.py), us a call, torch's sum(0) against (512, 16, 8, 1): [264, 768] 5.13 / 2.04, [264, 128]
+# 5.19 / 1.95, [256, 3072] 5.22 / 2.46, [512, 24] 2.88 / 2.03, [264, 2048] 5.38 / 2.23; (256, 32, 8, 2) took 22.7
+# at [512, 24], (32, 128, 4, 1) about 10 everywhere (a chain of dependent loads in one program).
+BLOCK_ROWS, BLOCK_COLS, WARPS, STAGES = 512, 16, 8, 1
 
 
 @triton.jit
