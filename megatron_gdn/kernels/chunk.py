@@ -605,8 +605,9 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     """Per chunk and head: back through w = Ai (beta gamma k), u = Ai (beta v) and Ai = (I + A)^-1.
 
     Adds to dk, writes dv, dbeta and dg (the reverse within-chunk cumsum of dG), and per-chunk partial sums
-    of dA_log and ddt_bias when the gate is fused (dgate, [chunks, 2, HV]: dA_log's, then ddt_bias's). dA_scratch: one fp32 [BT, BT] tile per program
-    ([chunks, HV, BT, BT]), through which the gradient of A is transposed (transpose_via_scratch).
+    of dA_log and ddt_bias when the gate is fused (dgate, [chunks, 2, HV]: dA_log's, then ddt_bias's).
+    dA_scratch: one fp32 [BT, BT] tile per program ([chunks, HV, BT, BT]), through which the gradient of A is
+    transposed (transpose_via_scratch).
     """
     i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)

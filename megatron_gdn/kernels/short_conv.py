@@ -332,9 +332,10 @@ class ShortConvFunction(torch.autograd.Function):
             L2NORM_EPS, D=D, W=W, R=R, C=C, HAS_PAST=past is not None, HAS_BIAS=bias is not None,
             HAS_DOCS=pos is not None, L2NORM=ctx.head_dim is not None, UNROLL=BACKWARD.unroll,
             STAGES=BACKWARD.stages, num_warps=BACKWARD.warps)
-        dweight = sum_partials(dweight, torch.empty(D, 1, W, dtype=weight.dtype, device=x.device).view(D, W).t())
+        dweight_sum = torch.empty(D, 1, W, dtype=weight.dtype, device=x.device)
+        sum_partials(dweight, dweight_sum.view(D, W).t())  # the partials are [W, D] per strip
         dbias = None if bias is None else sum_partials(dbias, torch.empty_like(bias))
-        return dx, dweight.t().view(D, 1, W), dbias, dpast, None, None, None
+        return dx, dweight_sum, dbias, dpast, None, None, None
 
 
 def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -110,7 +110,8 @@ def compute_copy(p: torch.Tensor) -> torch.Tensor | None:
     copy = getattr(p, COMPUTE_COPY, None)
     if copy is None:
         return None
-    if copy.dtype == torch.bfloat16 and copy.is_contiguous() and copy.numel() == p.numel() and copy.data_ptr() % 16 == 0:
+    if (copy.dtype == torch.bfloat16 and copy.is_contiguous() and copy.numel() == p.numel()
+            and copy.data_ptr() % 16 == 0):
         return copy
     torch.autograd.graph.increment_version(p)
     return None
