@@ -42,8 +42,8 @@ import triton.language as tl
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .partial_sums import sum_partials
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, side_stream, sm_count, softplus, store_rows,
-                           transpose_via_scratch)
+                           load_gates, load_rows, load_rows_t, sigmoid, side_stream, sm_count, softplus,
+                           store_rows, transpose_via_scratch)
 
 # Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
 # inverted by substitution (SUB_CHUNK - 1 sequential steps, each two reductions over the tile), then merged
@@ -104,7 +104,7 @@ def gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV: tl.constexpr, BB: 
         b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
     b_beta = tl.load(beta + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
     if BETA_SIGMOID:
-        b_beta = tl.where(m_t, BETA_SCALE * tl.sigmoid(b_beta), 0.)
+        b_beta = tl.where(m_t, BETA_SCALE * sigmoid(b_beta), 0.)
     return b_g, b_beta
 
 
@@ -672,7 +672,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_x = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
         tl.store(dgate + i_t * 2 * HV + i_hv, tl.sum(tl.where(m_t, -b_a * softplus(b_x) * b_dg, 0.)))
-        b_dg = tl.where(m_t, -b_a * tl.sigmoid(b_x) * b_dg, 0.)
+        b_dg = tl.where(m_t, -b_a * sigmoid(b_x) * b_dg, 0.)
         tl.store(dgate + (i_t * 2 + 1) * HV + i_hv, tl.sum(b_dg))
     tl.store(dg + p_tok, b_dg.to(dg.dtype.element_ty), mask=m_t)
     if BETA_SIGMOID:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import sigmoid
+
 BLOCK = 1024
 
 
@@ -22,7 +24,7 @@ def swiglu_fwd_kernel(x, y, N, I: tl.constexpr, BLOCK: tl.constexpr):
     p = o + (o // I) * I  # gate's place in x's rows of 2 I; up is I further
     b_g = tl.load(x + p, mask=m, other=0.).to(tl.float32)  # [BLOCK]
     b_u = tl.load(x + p + I, mask=m, other=0.).to(tl.float32)
-    tl.store(y + o, (b_g * tl.sigmoid(b_g) * b_u).to(y.dtype.element_ty), mask=m)
+    tl.store(y + o, (b_g * sigmoid(b_g) * b_u).to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -33,7 +35,7 @@ def swiglu_bwd_kernel(x, dy, dx, N, I: tl.constexpr, BLOCK: tl.constexpr):
     b_g = tl.load(x + p, mask=m, other=0.).to(tl.float32)  # [BLOCK]
     b_u = tl.load(x + p + I, mask=m, other=0.).to(tl.float32)
     b_dy = tl.load(dy + o, mask=m, other=0.).to(tl.float32)
-    b_s = tl.sigmoid(b_g)
+    b_s = sigmoid(b_g)
     tl.store(dx + p, (b_dy * b_u * b_s * (1. + b_g * (1. - b_s))).to(dx.dtype.element_ty), mask=m)
     tl.store(dx + p + I, (b_dy * b_g * b_s).to(dx.dtype.element_ty), mask=m)
 

@@ -20,7 +20,7 @@ def l2norm_fwd_kernel(x, y, rstd, N, eps, D: tl.constexpr, BR: tl.constexpr, BD:
     o_d = tl.arange(0, BD)
     m = (i_r < N)[:, None] & (o_d < D)[None, :]
     b_x = tl.load(x + i_r[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)  # [BR, BD]
-    b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) + eps)
+    b_rstd = tl.math.rsqrt(tl.sum(b_x * b_x, axis=1) + eps)
     tl.store(y + i_r[:, None] * D + o_d[None, :], (b_x * b_rstd[:, None]).to(y.dtype.element_ty), mask=m)
     tl.store(rstd + i_r, b_rstd, mask=i_r < N)
 

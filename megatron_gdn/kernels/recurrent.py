@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .chunk import load_state, scan_coords
 from .reference import L2NORM_EPS
-from .triton_utils import configs, cu_seqlens_int32, softplus
+from .triton_utils import configs, cu_seqlens_int32, sigmoid, softplus
 
 
 @triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw)
@@ -47,7 +47,7 @@ def fused_recurrent_fwd_kernel(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, cu_s
         if GATE_IN_KERNEL:
             b_g = -b_a * softplus(b_g + b_dt)
         if BETA_SIGMOID:
-            b_beta = BETA_SCALE * tl.sigmoid(b_beta)
+            b_beta = BETA_SCALE * sigmoid(b_beta)
         b_S = b_S * tl.exp(b_g)
         b_vn = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))  # [BV]
         b_S = b_S + b_k[:, None] * b_vn[None, :]

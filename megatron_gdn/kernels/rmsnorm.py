@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .partial_sums import sum_partials
 from .shared_gradient import SharedGradient, gradient_like
-from .triton_utils import row_loop_programs
+from .triton_utils import row_loop_programs, sigmoid
 
 ROWS_PER_PROGRAM = 16  # the forward's
 # The backward's programs loop over row blocks as fused_norm's do (its BWD_PROGRAMS_PER_SM says why). Kernel +
@@ -51,7 +51,7 @@ def gated_rmsnorm_fwd_kernel(x, gate, weight, y, rstd, N, eps, SG, H: tl.constex
     b_z = tl.load(gate + gate_offsets(i_r, o_d, SG, H, D), mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)
     b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
-    b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * tl.sigmoid(b_z))
+    b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * sigmoid(b_z))
     tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
     tl.store(rstd + i_r, b_rstd, mask=i_r < N)
 
@@ -74,7 +74,7 @@ def gated_rmsnorm_bwd_kernel(x, gate, weight, rstd, dy, dx, dgate, dweight, N, S
         b_dy = tl.load(dy + p, mask=m, other=0.).to(tl.float32)
         b_rstd = tl.load(rstd + i_r, mask=i_r < N, other=0.)
         b_n = b_x * b_rstd[:, None]  # the normalised x
-        b_sig = tl.sigmoid(b_z)
+        b_sig = sigmoid(b_z)
         b_dn = b_dy * b_z * b_sig  # d(n * w)
         b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
         tl.store(dgate + gate_offsets(i_r, o_d, SDG, H, D), b_dz.to(dgate.dtype.element_ty), mask=m)

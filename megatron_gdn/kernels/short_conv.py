@@ -28,7 +28,9 @@ channels) took 63.6 us forward and 129.2 us backward, against 74.8 and 181.6 (dp
 kernels before, which loaded the W shifted row blocks of a [rows, W, channels] tile (the overlapping rows cache
 hits) and stored dpre for a second backward kernel (10 bytes a token and channel); `small`'s q with its norm
 (8 x 4096, heads of 64) 38.1 + 84.3 against 42.7 + 101.7. Not unrolled, the same walk was slower than those
-(1.3b v: 109 / 152 us). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the
+(1.3b v: 109 / 152 us). Session 23 (same card and method): with the fast sigmoid, inputs converted to fp32 once
+as they enter the window, and 8 channels a thread, 1.3b v 56.9 forward and 100.2 backward, 1.3b q (heads of 256)
+32.9 + 79.4 against 38.7 + 113.1 (details in docs/PERFORMANCE.md). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the
 cached inputs.
 
 The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The kernels do it
@@ -50,7 +52,7 @@ from .fused_reference import document_positions
 from .reference import L2NORM_EPS
 from .partial_sums import sum_partials
 from .shared_gradient import SharedGradient, gradient_like
-from .triton_utils import sm_count
+from .triton_utils import sigmoid, sm_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +68,14 @@ class Launch:
     stages: int = 3
 
 
-# The fastest of a sweep on an H200 (session 17: 4 or 8 channels a thread, 1 / 2 / 4 warps, unrolled 1 / 2 / 4
-# times, 8 or 16 programs per SM, 3 stages, at the two presets' q, k and v). The backward holds three windows of W
-# rows (x, dpre, the weight gradient's sums), so half the forward's channels a thread. The unrolling pays only
-# with the stages: unrolled without them, the walks took as long as not unrolled (1.3b v: 108.9 / 181.1 us).
-FORWARD, BACKWARD = Launch(8, 1, 4, 16), Launch(4, 1, 4, 8)
+# The fastest of sweeps on an H200 (session 17: 4 or 8 channels a thread, 1 / 2 / 4 warps, unrolled 1 / 2 / 4
+# times, 8 or 16 programs per SM, 3 stages, at the two presets' q, k and v; session 23, gpu/probe23_conv.py, after
+# the fast sigmoid and the fp32 windows cut the backward's instructions from 47 to 39 an element: 1 to 16 channels
+# a thread, 4 to 32 programs per SM). The walks are bound by issuing instructions (one warp a program, about 12 a
+# SM), so 8 channels a thread pay in the backward too: its per-row work (addresses, row conditions) spreads over
+# twice the channels, 32 instructions an element. The unrolling pays only with the stages: unrolled without them,
+# the walks took as long as not unrolled (1.3b v: 108.9 / 181.1 us).
+FORWARD, BACKWARD = Launch(8, 1, 4, 8), Launch(8, 1, 4, 16)
 STRIP_ROWS, MIN_STRIP_ROWS = 1024, 64
 STEP_CHANNELS = 128  # decoding: channels per program
 
@@ -112,11 +117,11 @@ def weight_columns(weight, o_d, m_d, W: tl.constexpr):
 
 
 @triton.jit
-def zero_window(R: tl.constexpr, C: tl.constexpr, W: tl.constexpr, dtype: tl.constexpr):
-    """A window of W zero [R, C] tiles (the rows before a walk's first load)."""
+def zero_window(R: tl.constexpr, C: tl.constexpr, W: tl.constexpr):
+    """A window of W zero fp32 [R, C] tiles (the rows before a walk's first load)."""
     zs = ()
     for c in tl.static_range(W):
-        zs = zs + (tl.zeros([R, C], dtype),)
+        zs = zs + (tl.zeros([R, C], tl.float32),)
     return zs
 
 
@@ -129,13 +134,13 @@ def where_row(m_d, cond):
 
 @triton.jit
 def load_row(x, past, i_b, r, o_d, m_d, T, SX, D: tl.constexpr, W: tl.constexpr, HAS_PAST: tl.constexpr):
-    """Input row r of sequence i_b, in x's dtype (the windows hold it so; products with the fp32 weights are
-    fp32): x's (rows SX elements apart) for 0 <= r < T, past's for -(W - 1) <= r < 0 (zeros without past), zeros
+    """Input row r of sequence i_b in fp32 (converted once as it enters a window, not at each of its W uses
+    there): x's (rows SX elements apart) for 0 <= r < T, past's for -(W - 1) <= r < 0 (zeros without past), zeros
     elsewhere."""
-    b_x = tl.load(x + (i_b * T + r) * SX + o_d, mask=where_row(m_d, (r >= 0) & (r < T)), other=0.)
+    b_x = tl.load(x + (i_b * T + r) * SX + o_d, mask=where_row(m_d, (r >= 0) & (r < T)), other=0.).to(tl.float32)
     if HAS_PAST:  # one of the two is zero: the sum is exact
         b_x += tl.load(past + (i_b * (W - 1) + r + W - 1) * D + o_d, mask=where_row(m_d, (r < 0) & (r >= 1 - W)),
-                       other=0.).to(b_x.dtype)
+                       other=0.).to(tl.float32)
     return b_x
 
 
@@ -163,8 +168,8 @@ def row_position(pos, t, T, HAS_DOCS: tl.constexpr):
 
 @triton.jit
 def head_rstd(b_y, eps):
-    """[R] 1 / sqrt(sum(y^2) + eps) over each row of an [R, head dim] tile: kernels/l2norm.py's rule."""
-    return 1. / tl.sqrt(tl.sum(b_y * b_y, axis=1) + eps)
+    """[R] rsqrt(sum(y^2) + eps) over each row of an [R, head dim] tile: kernels/l2norm.py's rule."""
+    return tl.math.rsqrt(tl.sum(b_y * b_y, axis=1) + eps)
 
 
 @triton.jit
@@ -190,12 +195,12 @@ def short_conv_fwd_kernel(x, past, weight, bias, pos, y, T, SX, S, eps, D: tl.co
     """Rows lo..hi-1 of a strip of S, last first (the first W - 1 steps only fill the window). L2NORM: each row
     of the [R, C] tile is one head, L2-normalised."""
     i_s, i_b, o_d, m_d, ws, b_bias, lo, hi = program_strip(weight, bias, T, S, D, W, R, C, HAS_BIAS)
-    xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
+    xs = zero_window(R, C, W)  # xs[c]: x[t - (W - 1 - c)]
     for i in tl.range(hi + W - 1 - lo, num_stages=STAGES, loop_unroll_factor=UNROLL):
         t = hi + W - 2 - i
         xs = (load_row(x, past, i_b, t - (W - 1), o_d, m_d, T, SX, D, W, HAS_PAST),) + xs[:W - 1]
         b_a = preactivation(xs, ws, b_bias, row_position(pos, t, T, HAS_DOCS), W, HAS_DOCS)
-        b_y = b_a * tl.sigmoid(b_a)
+        b_y = b_a * sigmoid(b_a)
         if L2NORM:
             b_y = b_y * head_rstd(b_y, eps)[:, None]
         tl.store(y + (i_b * T + t) * D + o_d, b_y.to(y.dtype.element_ty), mask=where_row(m_d, t < hi))
@@ -208,18 +213,19 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
                           L2NORM: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
     """The backward of rows lo..hi-1 of a strip of S, last first (the module docstring). L2NORM: dy is the
     gradient of the normalised output n = silu(a) rstd and goes back through the norm first,
-    d silu(a) = (dy - n (dy . n)) rstd. The walk starts at row hi + 2 W - 3: the window's dpre rows hi..hi+W-2
-    (the next strip's) need x rows up to hi + W - 2, loaded W - 1 steps before their own."""
+    d silu(a) = (dy - n (dy . n)) rstd, computed as rstd dy - rstd^3 (dy . y) y with y = silu(a) (fewer
+    operations, and the two sums over the head side by side). The walk starts at row hi + 2 W - 3: the window's
+    dpre rows hi..hi+W-2 (the next strip's) need x rows up to hi + W - 2, loaded W - 1 steps before their own."""
     i_s, i_b, o_d, m_d, ws, b_bias, lo, hi = program_strip(weight, bias, T, S, D, W, R, C, HAS_BIAS)
     first = hi + 2 * W - 3
     last = lo
     if HAS_PAST:
         last = tl.where(i_s == 0, 1 - W, lo)
-    xs = zero_window(R, C, W, x.dtype.element_ty)  # xs[c]: x[t - (W - 1 - c)]
-    es = zero_window(R, C, W, tl.float32)          # es[c]: dpre[t + W - 1 - c]
-    dws = zero_window(R, C, W, tl.float32)         # dws[c]: the strip's sum for weight[:, c]'s gradient
+    xs = zero_window(R, C, W)   # xs[c]: x[t - (W - 1 - c)]
+    es = zero_window(R, C, W)   # es[c]: dpre[t + W - 1 - c]
+    dws = zero_window(R, C, W)  # dws[c]: the strip's sum for weight[:, c]'s gradient
     b_db = tl.zeros([R, C], tl.float32)
-    ps = ()                                        # ps[c]: the document position of row t + W - 1 - c
+    ps = ()                     # ps[c]: the document position of row t + W - 1 - c
     if HAS_DOCS:
         for c in tl.static_range(W):
             ps = ps + (tl.full([], 0, tl.int32),)
@@ -230,12 +236,12 @@ def short_conv_bwd_kernel(x, past, weight, bias, pos, dy, dx, dpast, dweight, db
         b_a = preactivation(xs, ws, b_bias, p, W, HAS_DOCS)
         b_dy = tl.load(dy + (i_b * T + t) * D + o_d, mask=where_row(m_d, (t >= 0) & (t < T)),
                        other=0.).to(tl.float32)
-        b_s = tl.sigmoid(b_a)
+        b_s = sigmoid(b_a)
         if L2NORM:
             b_y = b_a * b_s
             b_rstd = head_rstd(b_y, eps)
-            b_n = b_y * b_rstd[:, None]
-            b_dy = (b_dy - b_n * tl.sum(b_dy * b_n, axis=1)[:, None]) * b_rstd[:, None]
+            b_dot = tl.sum(b_dy * b_y, axis=1)  # beside rstd's sum: the two reductions overlap
+            b_dy = b_dy * b_rstd[:, None] - (b_rstd * b_rstd * b_rstd * b_dot)[:, None] * b_y
         b_dpre = b_dy * b_s * (1. + b_a * (1. - b_s))  # silu'(a); zero outside [0, T)
         b_own = tl.where((t >= lo) & (t < hi), b_dpre, 0.)
         new_dws = ()
@@ -285,7 +291,7 @@ def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr
     b_acc += b_x.to(tl.float32) * tl.load(weight + o_d * W + W - 1, mask=m_d, other=0.).to(tl.float32)
     if W > 1:
         tl.store(new_state + (i_b * (W - 1) + W - 2) * D + o_d, b_x.to(new_state.dtype.element_ty), mask=m_d)
-    tl.store(y + i_b * D + o_d, (b_acc * tl.sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
+    tl.store(y + i_b * D + o_d, (b_acc * sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
 
 
 def grid_of(B: int, T: int, D: int, head_dim: int | None, launch: Launch, device: torch.device) -> tuple[int, ...]:
