@@ -1,5 +1,6 @@
 """--cuda-graph without a GPU: the flag parses, what cannot be captured is refused at start-up with its reason, and
-the built-in engine keeps the gradient tensors that a graph accumulates into. The graph itself is tested on a GPU
+the built-in engine keeps the gradient tensors that a graph accumulates into (and, with one micro batch a step,
+leaves those that the fused products overwrite unzeroed). The graph itself is tested on a GPU
 (tests/test_cuda_graph_gpu.py)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 import pretrain_gdn
 from megatron_gdn.config import parse_args
+from megatron_gdn.models.fused_projection import overwritten_by_product
 from megatron_gdn.parallel import destroy_model_parallel
 from megatron_gdn.training.cuda_graph import CudaGraphStep
 
@@ -81,3 +83,44 @@ def test_engine_zeroes_the_same_gradient_tensors():
                 assert all(a is None for a in after)
         finally:
             destroy_model_parallel()
+
+
+def test_one_micro_batch_a_step_overwrites_the_products_gradients():
+    """With one micro batch a step under --cuda-graph, the fused products write their weights' gradients over the
+    last step's, and the engine zeroes only the other gradients: three steps train bit for bit as the engine
+    without the flag does (which frees every gradient and lets the products write new ones). The gradients the
+    products overwrite are checked to be left as the last backward wrote them, the others zeroed."""
+    flags = [*FLAGS[:FLAGS.index("--global-batch-size")], "--global-batch-size", "2", "--train-iters", "3",
+             "--clip-grad", "0", "--log-interval", "1"]  # unclipped: the update leaves the gradients as written
+    trained = {}
+    for graphed in (False, True):
+        # fp32, where the products on a CPU write the weights' gradients (from bf16 operands only on GPUs): the
+        # flag itself is refused in fp32 (not tried under capture), so the engine is given it directly
+        config, cfg = parse_args(flags)
+        cfg.cuda_graph = graphed
+        groups, _ = pretrain_gdn.setup_parallel(config, cfg, torch.device("cpu"))
+        torch.manual_seed(cfg.seed)  # the same initial weights in both
+        try:
+            engine, _ = pretrain_gdn.build_engine(dataclasses.replace(config, vocab_size=128), cfg, groups,
+                                                  torch.device("cpu"), None)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                tokens = torch.randint(0, 128, (2, 33), generator=generator)
+                pretrain_gdn.forward_backward(engine, {"tokens": tokens}, cfg, torch.device("cpu"), groups)
+                written = {name: p.grad.clone() for name, p in engine.model.named_parameters()}
+                assert engine.step(torch.tensor(1.0, dtype=torch.float64)).read().applied
+            params = dict(engine.model.named_parameters())
+            trained[graphed] = {name: p.detach().clone() for name, p in params.items()}
+            if graphed:
+                overwritten = {name for name, p in params.items() if overwritten_by_product(p)}
+                assert any("mlp" in name for name in overwritten) and any("attn" in name for name in overwritten)
+                assert "model.embeddings.weight" not in overwritten  # not a product's weight
+                for name, p in params.items():
+                    expected = written[name] if name in overwritten else torch.zeros_like(p)
+                    assert torch.equal(p.grad, expected), name
+            else:
+                assert all(p.grad is None for p in params.values())
+        finally:
+            destroy_model_parallel()
+    assert trained[False].keys() == trained[True].keys()
+    assert all(torch.equal(trained[False][name], trained[True][name]) for name in trained[False])

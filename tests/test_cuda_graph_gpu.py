@@ -9,7 +9,8 @@ Why the losses must be bit for bit equal: the first 2 iterations run eagerly in 
 graph replays the kernels the eager path launches, in the same order, with the same Triton configurations (the
 two runs share the process, hence its autotuning results), on the same data. The differences are ones that do
 not change a value: autocast casts each weight at each use instead of caching the copy (a cast is deterministic),
-and the first micro batch's gradient is added to zeros instead of being taken as it is (0 + g == g).
+and with several micro batches a step the first one's gradient is added to zeros instead of being taken as it is
+(0 + g == g; with one, the fused products write theirs over the last step's, as eager writes a new one).
 """
 
 from __future__ import annotations

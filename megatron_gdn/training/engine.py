@@ -51,7 +51,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import TrainingConfig
-from ..models.fused_projection import ACCUMULATE_IN_PRODUCT, CAST_BY_OPTIMIZER
+from ..models.fused_projection import (ACCUMULATE_IN_PRODUCT, CAST_BY_OPTIMIZER, OVERWRITE_IN_PRODUCT,
+                                       overwritten_by_product)
 from ..parallel.grads import (all_reduce_found_inf, clip_divisor, clip_grad_norm, finalize_model_grads,
                               global_grad_norm)
 from ..parallel.mpu import ModelParallelUnit, mark_tensor_parallel_parameters
@@ -127,13 +128,17 @@ class BuiltinDataParallel:
         # products may add each micro batch's gradient into .grad themselves (models/fused_projection.py).
         # Its optimizer (TritonAdamW) also keeps the bf16 copies of the weights that the fused products cast
         # current, so that the forward reuses them instead of casting every weight for every micro batch.
+        # Under --cuda-graph the gradients stay allocated between steps (the graph writes them); with one micro batch
+        # a step the products may write theirs over the last step's, which then need no zeroing.
+        self.num_micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
+        overwrite = cfg.cuda_graph and self.num_micro_batches == 1
         for param in model.parameters():
             setattr(param, ACCUMULATE_IN_PRODUCT, not cfg.no_gradient_accumulation_fusion)
+            setattr(param, OVERWRITE_IN_PRODUCT, overwrite)
             setattr(param, CAST_BY_OPTIMIZER, True)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                          cfg.adam_eps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
-        self.num_micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * groups.data_parallel_size)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -173,8 +178,12 @@ class BuiltinDataParallel:
             self.optimizer.step()
             del self.optimizer.found_inf, self.optimizer.grad_scale
         self.scaler.update()
-        # --cuda-graph: the captured backward accumulates into these very tensors (training/cuda_graph.py)
-        self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graph)
+        if self.cfg.cuda_graph:  # the captured backward writes into these very tensors (training/cuda_graph.py)
+            stale = [p.grad for p in self.model.parameters() if p.grad is not None and not overwritten_by_product(p)]
+            if stale:
+                torch._foreach_zero_(stale)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         values = torch.stack([loss, loss_not_finite.double(), skip.double(), grad_norm.double()])
         # fp16 (a GPU): the scaler updates its scale tensor in place at every step; the copy to the host, queued now,
         # takes this step's value (get_scale() would sync)
