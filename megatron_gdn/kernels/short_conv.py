@@ -30,8 +30,8 @@ hits) and stored dpre for a second backward kernel (10 bytes a token and channel
 (8 x 4096, heads of 64) 38.1 + 84.3 against 42.7 + 101.7. Not unrolled, the same walk was slower than those
 (1.3b v: 109 / 152 us). Session 23 (same card and method): with the fast sigmoid, inputs converted to fp32 once
 as they enter the window, and 8 channels a thread, 1.3b v 56.9 forward and 100.2 backward, 1.3b q (heads of 256)
-32.9 + 79.4 against 38.7 + 113.1 (details in docs/PERFORMANCE.md). Decoding one token has its own kernel (short_conv_silu_step), which also shifts the
-cached inputs.
+32.9 + 79.4 against 38.7 + 113.1 (details in docs/PERFORMANCE.md). Decoding one token has its own kernel
+(short_conv_silu_step), which also shifts the cached inputs.
 
 The GDN layer's q and k are L2-normalised per head after the convolution (l2norm_head_dim). The kernels do it
 themselves with blocks of whole heads (an [R, head dim] tile, R heads): the forward normalises the fp32 silu
