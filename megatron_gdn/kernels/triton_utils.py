@@ -166,6 +166,7 @@ def softplus(x):
     return tl.where(x > 20., x, tl.log(1. + tl.exp(tl.minimum(x, 20.))))
 
 
+# INTERPRET for @triton.jit code, which reads module globals only as constexprs: libdevice exists compiled only.
 COMPILED = tl.constexpr(not INTERPRET)
 
 
