@@ -42,7 +42,7 @@ import triton.language as tl
 from .l2norm import l2norm_bwd, l2norm_fwd
 from .partial_sums import sum_partials
 from .triton_utils import (CHUNK, INTERPRET, chunk_coords, chunk_tables, configs, cu_seqlens_int32,
-                           load_gates, load_rows, load_rows_t, sigmoid, side_stream, sm_count, softplus,
+                           exp, load_gates, load_rows, load_rows_t, sigmoid, side_stream, sm_count, softplus,
                            store_rows, transpose_via_scratch)
 
 # Sub-block of the triangular inverse of each 16-row diagonal block (chunk_intra_kernel): diagonal sub-blocks are
@@ -101,7 +101,7 @@ def gate_and_beta(g, beta, A_log, dt_bias, t1, eos, i_hv, HV: tl.constexpr, BB: 
     b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
     if GATE_IN_KERNEL:
         b_x = b_g + tl.load(dt_bias + i_hv).to(tl.float32)
-        b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
+        b_g = tl.where(m_t, -exp(tl.load(A_log + i_hv).to(tl.float32)) * softplus(b_x), 0.)
     b_beta = tl.load(beta + o_t * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
     if BETA_SIGMOID:
         b_beta = tl.where(m_t, BETA_SCALE * sigmoid(b_beta), 0.)
@@ -122,8 +122,8 @@ def decayed_block(b_kk, b_Gi, b_Gj, b_beta, DIAGONAL: tl.constexpr, BB: tl.const
     if DIAGONAL:
         o = tl.arange(0, BB)
         m = o[:, None] > o[None, :]
-        return tl.where(m, b_kk * tl.exp(tl.where(m, b_Gi[:, None] - b_Gj[None, :], 0.)) * b_beta[:, None], 0.)
-    return b_kk * tl.exp(b_Gi[:, None] - b_Gj[None, :]) * b_beta[:, None]
+        return tl.where(m, b_kk * exp(tl.where(m, b_Gi[:, None] - b_Gj[None, :], 0.)) * b_beta[:, None], 0.)
+    return b_kk * exp(b_Gi[:, None] - b_Gj[None, :]) * b_beta[:, None]
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def decayed_causal(b_x, b_G, scale, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
     else:
         m = o_t[:, None] >= o_t[None, :]
         b_d = b_G[:, None] - b_G[None, :]
-    return tl.where(m, b_x * tl.exp(tl.where(m, b_d, 0.)), 0.) * scale
+    return tl.where(m, b_x * exp(tl.where(m, b_d, 0.)), 0.) * scale
 
 
 @triton.jit
@@ -361,7 +361,7 @@ def chunk_scan_fwd_kernel(q, k, Ai, beta, u, G, Aqk, h0, o, ht, h, vn, cu_seqlen
             tl.store(h + ((c0 + i_c) * HV + i_hv) * K * V + p_s, b_S.to(h.dtype.element_ty), mask=m_s)
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
         b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
-        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * tl.exp(b_G)
+        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * exp(b_G)
         # vn = u - w S, with w S = Ai (beta gamma (k S))
         b_wS = tl.dot(load_rows(Ai, t0, eos, i_hv, HV, BT, o_t, BT), (tl.dot(b_k, b_S.to(DT)) * b_bg[:, None]).to(DT))
         b_vn = load_rows(u, t0, eos, i_hv, HV, V, o_v, BT).to(tl.float32) - b_wS  # [BT, BV]
@@ -370,10 +370,10 @@ def chunk_scan_fwd_kernel(q, k, Ai, beta, u, G, Aqk, h0, o, ht, h, vn, cu_seqlen
         if STORE_O:
             b_q = load_rows(q, t0, eos, i_h, H, K, o_k, BT)
             b_Aqk = load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT)
-            b_o = tl.dot(b_q, b_S.to(DT)) * (scale * tl.exp(b_G))[:, None] + tl.dot(b_Aqk, b_vn.to(DT))
+            b_o = tl.dot(b_q, b_S.to(DT)) * (scale * exp(b_G))[:, None] + tl.dot(b_Aqk, b_vn.to(DT))
             store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
-        b_vn = b_vn * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
-        b_S = b_S * tl.exp(b_Glast) + tl.dot(tl.trans(b_k), b_vn.to(DT))  # a loaded tile's transpose
+        b_vn = b_vn * exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+        b_S = b_S * exp(b_Glast) + tl.dot(tl.trans(b_k), b_vn.to(DT))  # a loaded tile's transpose
     if STORE_HT:
         tl.store(ht + (i_n * HV + i_hv) * K * V + p_s, b_S, mask=m_s)
 
@@ -410,7 +410,7 @@ def chunk_o_kernel(q, h, vn, G, Aqk, o, cu_seqlens, chunk_indices, scale,
         b_S = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
         b_o += tl.dot(load_rows(q, t0, eos, i_h, H, K, o_k, BT), b_S)
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
-    b_o = b_o * (scale * tl.exp(b_G))[:, None] \
+    b_o = b_o * (scale * exp(b_G))[:, None] \
         + tl.dot(load_rows(Aqk, t0, eos, i_hv, HV, BT, o_t, BT), load_rows(vn, t0, eos, i_hv, HV, V, o_v, BT))
     store_rows(o, b_o, t0, eos, i_hv, HV, V, o_v, BT)
 
@@ -439,13 +439,13 @@ def chunk_scan_bwd_kernel(q, k, Ai, beta, G, Aqk, do, dht, dh0, dh, dvn, cu_seql
         b_AqkT = load_rows_t(Aqk, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
         b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)  # [BT, BK]
         b_dvn = tl.dot(b_AqkT, b_do) \
-            + tl.dot(b_k, b_dS.to(DT)) * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+            + tl.dot(b_k, b_dS.to(DT)) * exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
         store_rows(dvn, b_dvn, t0, eos, i_hv, HV, V, o_v, BT)
         # w^T dvn = k^T (beta gamma (Ai^T dvn))
-        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * tl.exp(b_G)
+        b_bg = tl.load(beta + (t0 + o_t) * HV + i_hv, mask=m_t, other=0.) * exp(b_G)
         b_x = tl.dot(load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT), b_dvn.to(DT)) * b_bg[:, None]  # [BT, BV]
-        b_qt = load_rows_t(q, t0, eos, i_h, H, K, o_k, BT) * (scale * tl.exp(b_G))[None, :]  # [BK, BT]
-        b_dS = b_dS * tl.exp(b_Glast) + tl.dot(b_qt.to(DT), b_do.to(DT)) - tl.dot(tl.trans(b_k), b_x.to(DT))
+        b_qt = load_rows_t(q, t0, eos, i_h, H, K, o_k, BT) * (scale * exp(b_G))[None, :]  # [BK, BT]
+        b_dS = b_dS * exp(b_Glast) + tl.dot(b_qt.to(DT), b_do.to(DT)) - tl.dot(tl.trans(b_k), b_x.to(DT))
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv) * K * V + p_s, b_dS, mask=m_s)
 
@@ -557,11 +557,11 @@ def dqkw_kernel(q, k, vn, G, h, dh, do, dvn, dqk, dq, dk, dw, dG, cu_seqlens, ch
     b_k = load_rows(k, t0, eos, i_h, H, K, o_k, BT)
     b_G, b_Glast = load_gates(G, t0, eos, i_hv, HV, BT)
     i_last = tl.minimum(eos - t0, BT) - 1
-    b_dq = b_dq * (scale * tl.exp(b_G))[:, None]
-    b_dk = b_dk * tl.exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
+    b_dq = b_dq * (scale * exp(b_G))[:, None]
+    b_dk = b_dk * exp(tl.where(m_t, b_Glast - b_G, 0.))[:, None]
     b_sk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
     b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - b_sk
-    b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + tl.exp(b_Glast) * tl.sum(b_dgl), 0.)
+    b_dG += tl.where(o_t == i_last, tl.sum(b_sk) + exp(b_Glast) * tl.sum(b_dgl), 0.)
     # d(q k^T) of the intra-chunk attention (decayed_causal, as chunk_bwd_dqk_intra_kernel stores it), and its transpose
     if INTRA:
         b_dsg = decayed_causal(b_ds, b_G, scale, BT, False)
@@ -621,7 +621,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     b_AiT = load_rows_t(Ai, t0, eos, i_hv, HV, BT, o_t, BT)  # [BT, BT]
     b_G, _ = load_gates(G, t0, eos, i_hv, HV, BT)
     b_beta = tl.load(beta + p_tok, mask=m_t, other=0.)
-    b_gamma = tl.exp(b_G)
+    b_gamma = exp(b_G)
     b_bg = b_beta * b_gamma
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)  # dL/dAi
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -645,7 +645,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
         b_kk += tl.dot(b_k, b_kt)
     # dA = -Ai^T dAi Ai^T on the strict lower triangle
     b_dA = -tl.dot(tl.dot(b_AiT, b_dT.to(DT)).to(DT), b_AiT)
-    b_dA = tl.where(r > c, b_dA * tl.exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
+    b_dA = tl.where(r > c, b_dA * exp(tl.where(r > c, b_G[:, None] - b_G[None, :], 0.)), 0.)
     b_dAb = b_dA * b_beta[:, None]  # d(k_i . k_j) from A_ij, i > j
     # d(k k^T) takes both orientations (k_i . k_j = k_j . k_i). The transpose is added in fp32 before the one
     # rounding of the product that takes it, so the scratch tile holds fp32.
@@ -670,7 +670,7 @@ def chunk_bwd_wy_kernel(k, v, G, beta, Ai, dw, dvn, dk, dv, dG, g, A_log, dt_bia
     b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG  # sum over the rows at and after each row
     if GATE_IN_KERNEL:
         b_x = tl.load(g + p_tok, mask=m_t, other=0.).to(tl.float32) + tl.load(dt_bias + i_hv).to(tl.float32)
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        b_a = exp(tl.load(A_log + i_hv).to(tl.float32))
         tl.store(dgate + i_t * 2 * HV + i_hv, tl.sum(tl.where(m_t, -b_a * softplus(b_x) * b_dg, 0.)))
         b_dg = tl.where(m_t, -b_a * sigmoid(b_x) * b_dg, 0.)
         tl.store(dgate + (i_t * 2 + 1) * HV + i_hv, tl.sum(b_dg))

@@ -33,6 +33,7 @@ import triton.language as tl
 from torch.distributed import ProcessGroup
 
 from . import fp32_products_of_bf16
+from .triton_utils import exp
 
 # Logit elements per chunk (2^27: 256 MB in bf16; 4194 tokens of a 32000-word vocabulary).
 CHUNK_ELEMENTS = 2 ** 27
@@ -49,7 +50,7 @@ def row_stats(p_row, i_v, V, BV: tl.constexpr):
         o_v = v0 + tl.arange(0, BV)
         b_l = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32)  # [BV]
         b_m_new = tl.maximum(b_m, tl.max(b_l, axis=0))
-        b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_l - b_m_new), axis=0)
+        b_s = b_s * exp(b_m - b_m_new) + tl.sum(exp(b_l - b_m_new), axis=0)
         b_m = b_m_new
     b_z = tl.load(p_row + i_v, mask=(i_v >= 0) & (i_v < V), other=0.).to(tl.float32)
     return b_m, b_s, b_z
@@ -61,7 +62,7 @@ def store_row_gradient(p_row, i_v, b_lse, b_c, V, BV: tl.constexpr):
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         b_l = tl.load(p_row + o_v, mask=o_v < V, other=0.).to(tl.float32)  # [BV]
-        b_g = tl.exp(b_l - b_lse) - (o_v == i_v).to(tl.float32)
+        b_g = exp(b_l - b_lse) - (o_v == i_v).to(tl.float32)
         tl.store(p_row + o_v, (b_g * b_c).to(p_row.dtype.element_ty), mask=o_v < V)
 
 

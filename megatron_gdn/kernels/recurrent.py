@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .chunk import load_state, scan_coords
 from .reference import L2NORM_EPS
-from .triton_utils import configs, cu_seqlens_int32, sigmoid, softplus
+from .triton_utils import configs, cu_seqlens_int32, exp, sigmoid, softplus
 
 
 @triton.autotune(configs=configs([triton.Config({"BV": bv}, num_warps=nw)
@@ -33,7 +33,7 @@ def fused_recurrent_fwd_kernel(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, cu_s
     o_k = tl.arange(0, BK)
     m_k, m_v = o_k < K, o_v < V
     if GATE_IN_KERNEL:
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        b_a = exp(tl.load(A_log + i_hv).to(tl.float32))
         b_dt = tl.load(dt_bias + i_hv).to(tl.float32)
     for t in range(bos, eos):
         b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)  # [BK]
@@ -48,7 +48,7 @@ def fused_recurrent_fwd_kernel(q, k, v, g, beta, A_log, dt_bias, h0, o, ht, cu_s
             b_g = -b_a * softplus(b_g + b_dt)
         if BETA_SIGMOID:
             b_beta = BETA_SCALE * sigmoid(b_beta)
-        b_S = b_S * tl.exp(b_g)
+        b_S = b_S * exp(b_g)
         b_vn = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))  # [BV]
         b_S = b_S + b_k[:, None] * b_vn[None, :]
         b_o = tl.sum(b_S * b_q[:, None], axis=0) * scale

@@ -160,14 +160,27 @@ def load_gates(G, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr):
     return tl.where(t0 + o_t < eos, b_G, b_Glast), b_Glast
 
 
+# INTERPRET for @triton.jit code, which reads module globals only as constexprs: libdevice exists compiled only.
+COMPILED = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def exp(x):
+    """e^x of fp32 x as tl.exp compiles it (ex2.approx of x log2(e)), without the range check and fix-ups around
+    it for results below 2^-126 (3 of its 5 instructions an element): libdevice's fast form, which flushes those
+    subnormal results to zero; every other result is the same. Compiled for sm_90 (Triton 3.9, session 23) the
+    chunk kernels' code shrinks by 4-10% (chunk_intra), 6-13% (chunk_bwd_wy) and 7-19% (dqkw) at heads of 64.
+    Triton's interpreter has no libdevice: there it is tl.exp."""
+    if COMPILED:
+        return libdevice.fast_expf(x)
+    else:
+        return tl.exp(x)
+
+
 @triton.jit
 def softplus(x):
     # log(1 + e^x), linear above 20 like torch.nn.functional.softplus (its exp would overflow).
-    return tl.where(x > 20., x, tl.log(1. + tl.exp(tl.minimum(x, 20.))))
-
-
-# INTERPRET for @triton.jit code, which reads module globals only as constexprs: libdevice exists compiled only.
-COMPILED = tl.constexpr(not INTERPRET)
+    return tl.where(x > 20., x, tl.log(1. + exp(tl.minimum(x, 20.))))
 
 
 @triton.jit
@@ -178,6 +191,6 @@ def sigmoid(x):
     convolution's backward that was 6 of its 47 instructions an element (SASS for sm_90). The fast forms err by
     about 2 ulp. Triton's interpreter has no libdevice: there it is tl.sigmoid."""
     if COMPILED:
-        return libdevice.fast_dividef(1., 1. + libdevice.fast_expf(-x))
+        return libdevice.fast_dividef(1., 1. + exp(-x))
     else:
         return tl.sigmoid(x)
