@@ -169,8 +169,9 @@ def exp(x):
     """e^x of fp32 x as tl.exp compiles it (ex2.approx of x log2(e)), without the range check and fix-ups around
     it for results below 2^-126 (3 of its 5 instructions an element): libdevice's fast form, which flushes those
     subnormal results to zero; every other result is the same. Compiled for sm_90 (Triton 3.9, session 23) the
-    chunk kernels' code shrinks by 4-10% (chunk_intra), 6-13% (chunk_bwd_wy) and 7-19% (dqkw) at heads of 64.
-    Triton's interpreter has no libdevice: there it is tl.exp."""
+    chunk kernels' code shrinks by 4-10% (chunk_intra), 6-13% (chunk_bwd_wy) and 7-19% (dqkw) at heads of 64;
+    fla 0.6.0's compiled chunk kernels (the H200's Triton cache) have no such checks either. Triton's interpreter
+    has no libdevice: there it is tl.exp."""
     if COMPILED:
         return libdevice.fast_expf(x)
     else:
