@@ -137,8 +137,12 @@ def store_block(Ai, b_X, t0, eos, i_hv, HV: tl.constexpr, BT: tl.constexpr, i: t
 # column blocks of u and Aqk's products. The inverse's [16, 16] tiles are replicated across warps, so more warps
 # barely lower the registers per thread (bf16, K = 128: 247 at 2 warps, 248 at 4, 192 at 8, no spills, before w, u
 # and Aqk moved into this kernel; kernel_resources.py), while 2 warps let several programs share an SM. The
-# separate w / u kernel took 64-wide blocks at 8 warps on an H200, 32-wide at 8 or 4 elsewhere.
-INTRA_CONFIGS = [triton.Config({"BW": bw}, num_warps=nw) for bw, nw in ((32, 4), (64, 8), (32, 8), (32, 2))]
+# separate w / u kernel took 64-wide blocks at 8 warps on an H200, 32-wide at 8 or 4 elsewhere. Fewer warps kept
+# winning, so session 24 offered one and 64-wide blocks at two (H200, bf16, the kernel alone, as the model calls it):
+# at the small preset (B8 T4096 H12 K64 V128) 32-wide at 1 warp takes 196 us where the best before, 32-wide at 2,
+# took 256; at 1.3b (B4 T4096 H6 K256 V512) 64-wide at 2 warps 121 us against 140.
+INTRA_CONFIGS = [triton.Config({"BW": bw}, num_warps=nw)
+                 for bw, nw in ((32, 4), (64, 8), (32, 8), (32, 2), (32, 1), (64, 2))]
 
 
 @triton.autotune(configs=configs(INTRA_CONFIGS),
@@ -590,8 +594,10 @@ chunk_bwd_dqkw_wide_kernel = triton.autotune(configs=configs(DQKW_WIDE_CONFIGS),
 # 32-wide 195 registers and 32 / 45 KB shared at 2 / 3 stages, 64-wide 2 stages 254 and 56 KB), so one's loads
 # overlap the other's products (32-wide at 8 warps takes 234 registers: not a candidate). The first config is the
 # interpreter's (fp32 tests). fp32 inputs at 64-wide blocks take 254 registers at K = V = 64; the autotuner measures.
+# 64-wide at 4 warps and 3 stages (session 24): 275 us at the 1.3b preset against 303 for the best before (H200,
+# bf16, the kernel alone); at small 397 against 386 for 32-wide at 4 warps and 3 stages, which stays its choice.
 WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns)
-              for b, nw, ns in ((32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 4, 2))]
+              for b, nw, ns in ((32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 4, 2), (64, 4, 3))]
 
 
 # dk arrives holding dqkw's part and leaves with wy's added: the autotuner restores it between its timed runs.
