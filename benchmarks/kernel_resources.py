@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -91,7 +92,7 @@ def chunk_runs(dtype: str) -> list:
     fails when every config of that shape is over."""
     base = dict(H=4, HV=8, K=128, V=128, BT=64)
     gate = dict(GATE_IN_KERNEL=True, BETA_SIGMOID=True, BETA_SCALE=1.0)
-    precision = "tf32" if dtype == "fp32" else "ieee"  # chunk.merge_precision
+    precision = C.merge_precision(torch.float32 if dtype == "fp32" else torch.bfloat16)  # as chunk._intra launches
     runs = [(f"intra BW={cfg.kwargs['BW']}", C.chunk_intra_kernel, dict(base, BC=C.SUB_CHUNK, BK=64,
                                                                        PRECISION=precision, **gate, **cfg.kwargs),
              cfg.num_warps, 3) for cfg in C.INTRA_CONFIGS]
