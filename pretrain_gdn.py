@@ -44,6 +44,7 @@ from megatron_gdn.config import TrainingConfig, parse_args
 from megatron_gdn.data.mock_dataset import MockGPTDataset
 from megatron_gdn.data.sampler import MegatronPretrainingSampler, collate, to_device
 from megatron_gdn.data.tokenizer import padded_vocab_size
+from megatron_gdn.kernels.tuned_configs import agree_on_tuned_configs, install_tuned_configs, tuned_configs
 from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from megatron_gdn.parallel import (ParallelGroups, all_reduce_scalar, barrier, check_tensor_parallel_config, get_rank,
                                    get_world_size, initialize_distributed, initialize_model_parallel, is_rank_zero,
@@ -396,6 +397,8 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             check_model_config(state.get("model_config", {}), model_config.to_dict(), cfg.load,
                                saved_tensor_parallel_size(cfg.load, state["iteration"]), tp)
             engine.load_state(state, load_optimizer)
+            # the kernels the saving run ran, without autotuning (kernels/tuned_configs.py)
+            print_rank_0(install_tuned_configs(state.get("kernel_configs"), device))
             if not cfg.finetune:
                 iteration = state["iteration"]
                 consumed_samples = state["consumed_train_samples"]
@@ -419,7 +422,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
             "consumed_train_samples": consumed_samples, "skipped_iterations": skipped_iterations,
             "args": dataclasses.asdict(cfg), "model_config": model_config.to_dict(),
             "true_vocab_size": true_vocab_size, "tensor_model_parallel_size": tp,
-            "rng_tracker_states": rng_tracker.get_states()})
+            "rng_tracker_states": rng_tracker.get_states(), "kernel_configs": tuned_configs(device)})
         print_rank_0(f"saved checkpoint at iteration {at_iteration} to {cfg.save} ({time.time() - t0:.1f}s)")
 
     tensorboard = TensorBoardLogger(cfg.tensorboard_dir if is_rank_zero() else None)
@@ -464,11 +467,16 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
     # prepares the next batch and launches its first kernels. So an iteration is read once the next one is
     # queued, and at once only where the loop needs it (a log line, evaluation, a checkpoint, the exit).
     pending: tuple[int, int, QueuedStep] | None = None  # (iteration, consumed samples, its queued step)
+    start_iteration = iteration
     while iteration < cfg.train_iters:
         lr = schedule.lr(iteration)
         engine.set_lr(lr)
         queued = train_step(engine, data, cfg, device, groups,
                             inject_nan=iteration + 1 in cfg.inject_nan_at and get_rank() == 0, graph=graph)
+        if iteration == start_iteration:
+            # The kernels autotuned in this first iteration, rank by rank: from here on every rank runs rank 0's
+            # choices (before a CUDA graph is captured), which is also what a checkpoint saves.
+            agree_on_tuned_configs(device, groups.host_group)
         iteration += 1
         consumed_samples += cfg.global_batch_size
         reason = None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: ten
+# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: eleven
 # pytest processes side by side, since compiling and autotuning the Triton kernels keeps the CPU busier than the
 # GPU. Each writes its log under $OUT (default gpu-test-logs/) and stops after LIMIT seconds (default 600), so a run
 # cut by time still leaves the log of what passed; a line per process says how it ended. The kernel tests are split
@@ -37,6 +37,7 @@ run bf16_cases_1 $kernels -k "bf16_within_budget and ($first_half)" &
 run bf16_cases_2 $kernels -k "bf16_within_budget and not ($first_half)" &
 run kernels_rest $kernels -k "not every_autotuned and not bf16_within_budget" &
 run fused_ops tests/test_fused_ops.py tests/test_cuda_graph_gpu.py tests/test_model.py &
+run resume tests/test_resume_gpu.py &
 # -s: its progress lines (fla compiling and autotuning its kernels for two dtypes takes minutes) reach the log
 run hf_fla -s tests/test_hf_fla_gpu.py &
 failed=0

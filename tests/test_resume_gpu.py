@@ -1,0 +1,88 @@
+"""On a GPU: a resumed run runs the kernels the saving run's autotuning chose (kernels/tuned_configs.py), so it is
+bit-identical to the uninterrupted run whatever its own autotuning would have chosen.
+
+    pytest -m gpu tests/test_resume_gpu.py
+
+A new process times the autotuned kernels' candidates again, and candidates within noise of each other can change
+places; some compute other bits. The test plants other choices before each resume (every kernel's choice moved
+`shift` places along its candidates, for every shift, so that each candidate of each kernel the run used is planted
+once), resumes, and asks for the uninterrupted run's losses: the checkpoint's choices must have replaced the
+planted ones. The control resumes with the same planted choices and the checkpoint's left out: with heads of 64 on
+an H200 (session 25) the choices moved by one candidate gave a loss 2.4e-6 off at the third resumed iteration.
+Its assertion is that some shift changes the losses, without which this test could not tell installed choices
+from planted ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import pretrain_gdn
+from megatron_gdn.config import parse_args
+from megatron_gdn.training.checkpointing import checkpoint_file
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU (and Triton compiling, not interpreting)")]
+
+# Two blocks of 2 heads of 64 (the `small` preset's head size), 256 tokens per sample.
+MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "2", "--head-dim", "64"]
+
+
+def flags(*extra: str) -> list[str]:
+    return [*MODEL, "--mock-data", "--vocab-size", "512", "--seq-length", "256", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--train-iters", "6", "--lr", "3e-3", "--lr-warmup-iters", "2",
+            "--log-interval", "1", "--eval-interval", "1000", "--bf16", *extra]
+
+
+def runnable(tuner) -> list:
+    """The candidates the autotuner ran for its (one) key: one that needs more shared memory than the GPU has is
+    timed inf, and planting it would fail the launch."""
+    timings = {str(config): t for config, t in (getattr(tuner, "configs_timings", None) or {}).items()}
+    return [c for c in tuner.configs if all(map(math.isfinite, torch.tensor(timings.get(str(c), 0.0)).view(-1)))]
+
+
+def test_resumed_run_runs_the_saving_runs_kernels(tmp_path, monkeypatch):
+    from triton.runtime.autotuner import Autotuner
+
+    from megatron_gdn.kernels import chunk
+    save = str(tmp_path / "checkpoints")
+    full = pretrain_gdn.train(*parse_args(flags("--save", save, "--save-interval", "3")))["losses"]
+    tuners = {name: t for name, t in vars(chunk).items() if isinstance(t, Autotuner) and t.cache}
+    assert {"chunk_bwd_wy_kernel", "chunk_bwd_dqkw_kernel", "chunk_intra_kernel"} <= set(tuners)
+    chosen = {name: dict(t.cache) for name, t in tuners.items()}
+    saved = torch.load(checkpoint_file(save, 3), weights_only=True)["kernel_configs"]
+    assert saved["device"] == torch.cuda.get_device_name()
+    assert all(f"chunk.{name}" in saved["kernels"] for name in tuners)
+    expected = {it: full[it] for it in (4, 5, 6)}
+
+    ran = {name: runnable(tuner) for name, tuner in tuners.items()}
+
+    def plant(shift: int) -> None:
+        for name, tuner in tuners.items():
+            for key, config in chosen[name].items():
+                tuner.cache[key] = ran[name][(ran[name].index(config) + shift) % len(ran[name])]
+
+    def resume() -> dict[int, float]:
+        return pretrain_gdn.train(*parse_args(flags("--load", save, "--ckpt-step", "3")))["losses"]
+
+    controls = {}
+    try:
+        for shift in range(1, max(len(candidates) for candidates in ran.values())):
+            plant(shift)
+            assert resume() == expected, shift
+            assert {name: dict(t.cache) for name, t in tuners.items()} == chosen, shift
+            plant(shift)
+            with monkeypatch.context() as patch:
+                patch.setattr(pretrain_gdn, "install_tuned_configs", lambda *args: "left out (the control)")
+                controls[shift] = resume()
+    finally:
+        for name, tuner in tuners.items():
+            tuner.cache.update(chosen[name])
+    assert any(losses != expected for losses in controls.values()), (
+        "every planted choice gave the uninterrupted run's losses: this test cannot tell the checkpoint's choices "
+        f"from planted ones on this GPU ({controls})")
