@@ -525,6 +525,7 @@ def train(model_config: GatedDeltaNetConfig, cfg: TrainingConfig, exit_request: 
 
         if valid_data is not None and iteration % cfg.eval_interval == 0:
             val = evaluate(engine.model, valid_data, cfg, device, autocast_dtype, groups)
+            agree_on_tuned_configs(device, groups.host_group)  # evaluation's own kernels (a forward without grad)
             print_rank_0(format_validation_line(iteration, val))
             tensorboard.log({"lm loss validation": val, "lm loss validation ppl": math.exp(min(20.0, val))},
                             iteration, consumed_samples)

@@ -10,7 +10,8 @@ So a resumed run was bit-identical only when its own autotuning happened to choo
 ranks of one run could each run other configurations. Here:
 
 - after the first iteration every rank takes rank 0's choices (agree_on_tuned_configs, before a CUDA graph is
-  captured), so all ranks run the same kernels from the second iteration on;
+  captured), so all ranks run the same kernels from the second iteration on; again after each evaluation, whose
+  forward without gradients runs kernels of its own;
 - a checkpoint holds the choices (tuned_configs) and resuming installs them (install_tuned_configs) before the
   first call, which then runs without autotuning: the saving run's kernels, and a faster start.
 
