@@ -18,6 +18,8 @@ import triton.language as tl
 from test_tensor_parallel import run_distributed
 from test_training import flags, run_train
 
+import pretrain_gdn
+from megatron_gdn.config import parse_args
 from megatron_gdn.kernels import tuned_configs as tc
 from megatron_gdn.training.checkpointing import checkpoint_file
 
@@ -98,6 +100,31 @@ def _agree_case() -> None:
 
 def test_ranks_take_rank_0s_choices():
     run_distributed(2, _agree_case)
+
+
+def _data_parallel_training_case() -> None:
+    """Each rank's planted kernel chose its own configuration before training, and another at the first
+    evaluation (as a forward without gradients tunes kernels of its own): afterwards both ranks run rank 0's."""
+    rank = dist.get_rank()
+    module = types.ModuleType("megatron_gdn.kernels.toy_for_test")
+    module.toy_kernel = tuner = toy_autotuner()
+    sys.modules[module.__name__] = module
+    tuner.cache[KEY] = tuner.configs[rank]
+    evaluate, at_evaluation = pretrain_gdn.evaluate, []
+
+    def evaluate_and_tune(*args, **kwargs):
+        at_evaluation.append(tuner.cache[KEY])
+        tuner.cache.setdefault(OTHER_KEY, tuner.configs[2 - rank])
+        return evaluate(*args, **kwargs)
+
+    pretrain_gdn.evaluate = evaluate_and_tune
+    pretrain_gdn.train(*parse_args(flags("--eval-interval", "2", "--eval-iters", "1", iters=3)))
+    assert at_evaluation == [tuner.configs[0]], ("not agreed after the first iteration", rank)
+    assert tuner.cache == {KEY: tuner.configs[0], OTHER_KEY: tuner.configs[2]}, (rank, tuner.cache)
+
+
+def test_data_parallel_ranks_run_rank_0s_choices_after_the_first_iteration_and_evaluation():
+    run_distributed(2, _data_parallel_training_case)
 
 
 @pytest.fixture
