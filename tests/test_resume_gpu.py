@@ -6,11 +6,12 @@ bit-identical to the uninterrupted run whatever its own autotuning would have ch
 A new process times the autotuned kernels' candidates again, and candidates within noise of each other can change
 places; some compute other bits. The test plants other choices before each resume (every kernel's choice moved
 `shift` places along its candidates, for every shift, so that each candidate of each kernel the run used is planted
-once), resumes, and asks for the uninterrupted run's losses: the checkpoint's choices must have replaced the
-planted ones. The control resumes with the same planted choices and the checkpoint's left out: with heads of 64 on
-an H200 (session 25) the choices moved by one candidate gave a loss 2.4e-6 off at the third resumed iteration.
-Its assertion is that some shift changes the losses, without which this test could not tell installed choices
-from planted ones.
+once), resumes, and asks for the uninterrupted run's losses and its weights and optimizer state at the end, bit
+for bit: the checkpoint's choices must have replaced the planted ones. The control resumes with the same planted
+choices and the checkpoint's left out; its assertion is that some shift changes the trained state, without which
+this test could not tell installed choices from planted ones. The weights are the sensitive witness: on an H200
+(session 26) no planted choice changed this model's losses, every digit of them, while in session 25 a larger
+version of it saw a loss 2.4e-6 off at the third resumed iteration.
 """
 
 from __future__ import annotations
@@ -46,6 +47,29 @@ def runnable(tuner) -> list:
     return [c for c in tuner.configs if all(map(math.isfinite, timings.get(str(c), [0.0])))]
 
 
+def trained_state(root, iteration: int = 6) -> list[torch.Tensor]:
+    """The weights and the optimizer's state of the checkpoint saved at `iteration`, flattened in a fixed order."""
+    state = torch.load(checkpoint_file(root, iteration), weights_only=True)
+    tensors = []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk([state["model"], state["optimizer"]])
+    return tensors
+
+
+def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_resumed_run_runs_the_saving_runs_kernels(tmp_path, monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
@@ -59,6 +83,7 @@ def test_resumed_run_runs_the_saving_runs_kernels(tmp_path, monkeypatch):
     assert saved["device"] == torch.cuda.get_device_name()
     assert all(f"chunk.{name}" in saved["kernels"] for name in tuners)
     expected = {it: full[it] for it in (4, 5, 6)}
+    expected_state = trained_state(save)
 
     ran = {name: runnable(tuner) for name, tuner in tuners.items()}
 
@@ -67,22 +92,26 @@ def test_resumed_run_runs_the_saving_runs_kernels(tmp_path, monkeypatch):
             for key, config in chosen[name].items():
                 tuner.cache[key] = ran[name][(ran[name].index(config) + shift) % len(ran[name])]
 
-    def resume() -> dict[int, float]:
-        return pretrain_gdn.train(*parse_args(flags("--load", save, "--ckpt-step", "3")))["losses"]
+    def resume(name: str) -> tuple[dict[int, float], list[torch.Tensor]]:
+        root = str(tmp_path / name)
+        losses = pretrain_gdn.train(*parse_args(flags("--load", save, "--ckpt-step", "3", "--save", root)))["losses"]
+        return losses, trained_state(root)
 
     controls = {}
     try:
         for shift in range(1, max(len(candidates) for candidates in ran.values())):
             plant(shift)
-            assert resume() == expected, shift
+            losses, state = resume(f"installed{shift}")
+            assert losses == expected and same_bits(state, expected_state), shift
             assert {name: dict(t.cache) for name, t in tuners.items()} == chosen, shift
             plant(shift)
             with monkeypatch.context() as patch:
                 patch.setattr(pretrain_gdn, "install_tuned_configs", lambda *args: "left out (the control)")
-                controls[shift] = resume()
+                losses, state = resume(f"planted{shift}")
+            controls[shift] = losses != expected or not same_bits(state, expected_state)
     finally:
         for name, tuner in tuners.items():
             tuner.cache.update(chosen[name])
-    assert any(losses != expected for losses in controls.values()), (
-        "every planted choice gave the uninterrupted run's losses: this test cannot tell the checkpoint's choices "
-        f"from planted ones on this GPU ({controls})")
+    assert any(controls.values()), (
+        "every planted choice gave the uninterrupted run's losses, weights and optimizer state: this test cannot tell "
+        f"the checkpoint's choices from planted ones on this GPU (shifts {sorted(controls)})")
