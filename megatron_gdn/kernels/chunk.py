@@ -486,9 +486,11 @@ DQKW_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
 # blocks take four, each reading the chunk's do, vn and dvn tiles ([64, V] each, 192 KB at V = 512) once more. The
 # kernel alone at B4 T4096 H6 K256 V512 (H200, bf16, session 15, each config forced alone): (64, 8, 3) 480 us against
 # 529 for the best 64-wide one (64, 4, 2); (32, 4, 3) 517, (32, 8, 3) 586. (64, 4, 2) is left out: at 128-wide
-# blocks it computed dq, dk and dG wrong (2e-2 relative; docs/KERNELS.md, "Miscompiles seen on the card").
+# blocks it computed dq, dk and dG wrong (2e-2 relative; docs/KERNELS.md, "Miscompiles seen on the card"); so is
+# (32, 4, 3): at the 1.3b preset its dk and dg bits changed from run to run (H200, session 26, 2 of 5 runs; as wy's
+# 32-wide 4-warp builds, WY_CONFIGS).
 DQKW_WIDE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                     for bv, nw, ns in ((64, 8, 3), (32, 4, 3), (32, 8, 3))]
+                     for bv, nw, ns in ((64, 8, 3), (32, 8, 3))]
 
 
 def dqkw_block_k(K: int, element_size: int) -> int:
@@ -590,14 +592,17 @@ chunk_bwd_dqkw_wide_kernel = triton.autotune(configs=configs(DQKW_WIDE_CONFIGS),
 
 # wy was the backward's slowest kernel against fla's (H100, B16 T2048 H32 K128 V128: 1.99 ms against 1.04 for fla's
 # counterpart) at 64-wide blocks, 8 warps, 196 registers: one program per SM, whose loads, products and barrier run
-# one after another. The 4-warp configs fit two programs per SM (kernel_resources.py, sm_90a bf16, K = V = 128:
-# 32-wide 195 registers and 32 / 45 KB shared at 2 / 3 stages, 64-wide 2 stages 254 and 56 KB), so one's loads
-# overlap the other's products (32-wide at 8 warps takes 234 registers: not a candidate). The first config is the
-# interpreter's (fp32 tests). fp32 inputs at 64-wide blocks take 254 registers at K = V = 64; the autotuner measures.
-# 64-wide at 4 warps and 3 stages (session 24): 275 us at the 1.3b preset against 303 for the best before (H200,
-# bf16, the kernel alone); at small 397 against 386 for 32-wide at 4 warps and 3 stages, which stays its choice.
+# one after another. At 4 warps two programs share an SM (kernel_resources.py, sm_90a bf16, K = V = 128: 64-wide at
+# 2 stages 254 registers and 56 KB shared), so one's loads overlap the other's products. 64-wide at 4 warps and 3
+# stages (session 24): 275 us at the 1.3b preset against 303 for the best before (H200, bf16, the kernel alone).
+# No 32-wide blocks: at 4 warps (2 or 3 stages) their build gave other dg and dbeta bits from run to run at the small
+# preset (H200, Triton 3.6, session 26: in 1-275 of 32768 rows, 13 of 14 runs; dk and dv equal; the 64-wide builds
+# the same bits in 27 of 27), a race in the compiled code, since no kernel here uses atomics. They were small's
+# choice, 386 us against 397 for 64-wide at 4 warps and 3 stages (session 24): 0.13 ms of a step.
+# test_every_autotuned_configuration_same_bits_run_to_run guards it. The first config is the interpreter's (fp32
+# tests); fp32 inputs at 64-wide blocks take 254 registers at K = V = 64.
 WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns)
-              for b, nw, ns in ((32, 4, 3), (32, 4, 2), (64, 8, 3), (64, 4, 2), (64, 4, 3))]
+              for b, nw, ns in ((64, 4, 3), (64, 4, 2), (64, 8, 3))]
 
 
 # dk arrives holding dqkw's part and leaves with wy's added: the autotuner restores it between its timed runs.
