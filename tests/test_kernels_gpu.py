@@ -189,7 +189,7 @@ def test_same_inputs_same_outputs(K):
 
 # One layer of each preset at full size (4096 tokens a sequence, gate and beta fused): a race that touches a few
 # programs in a run shows only on grids of thousands. wy's 32-wide candidates (since removed) gave other dg and dbeta
-# bits from run to run at `small` on an H200 (session 26: in 1-275 of 32768 rows, in 12 of 14 runs after the first).
+# bits from run to run at `small` on an H200 (session 26: in 1-275 of 32768 rows, in 21 of 28 runs after the first).
 PRESET_LAYERS = {"small": dict(B=8, T=4096, H=12, HV=12, K=64, V=128, gate=True, beta_logits=True),
                  "1.3b": dict(B=4, T=4096, H=6, HV=6, K=256, V=512, gate=True, beta_logits=True)}
 RUNS = 6

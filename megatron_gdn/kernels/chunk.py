@@ -596,7 +596,7 @@ chunk_bwd_dqkw_wide_kernel = triton.autotune(configs=configs(DQKW_WIDE_CONFIGS),
 # 2 stages 254 registers and 56 KB shared), so one's loads overlap the other's products. 64-wide at 4 warps and 3
 # stages (session 24): 275 us at the 1.3b preset against 303 for the best before (H200, bf16, the kernel alone).
 # No 32-wide blocks: at 4 warps (2 or 3 stages) their build gave other dg and dbeta bits from run to run at the small
-# preset (H200, Triton 3.6, session 26: in 1-275 of 32768 rows, 13 of 14 runs; dk and dv equal; the 64-wide builds
+# preset (H200, Triton 3.6, session 26: in 1-275 of 32768 rows, 21 of 28 runs; dk and dv equal; the 64-wide builds
 # the same bits in 27 of 27), a race in the compiled code, since no kernel here uses atomics. They were small's
 # choice, 386 us against 397 for 64-wide at 4 warps and 3 stages (session 24): 0.13 ms of a step.
 # test_every_autotuned_configuration_same_bits_run_to_run guards it. The first config is the interpreter's (fp32
