@@ -124,7 +124,8 @@ def test_two_runs_of_the_small_preset_give_the_same_bits(tmp_path):
     """The `small` preset at full size (8 sequences of 4096 tokens, vocabulary 32000), two iterations, twice in one
     process with the same seed: the same losses, weights and optimizer state, bit for bit. The second run keeps the
     first's autotuned choices, so only a kernel whose bits change from run to run can separate them (wy's 32-wide
-    builds did, at this size only: tests/test_kernels_gpu.py checks the chunk kernels alone)."""
+    builds did at full-size layers, never at the kernel tests' small shapes; tests/test_kernels_gpu.py checks the
+    chunk kernels alone at such layers)."""
     def run(name: str) -> tuple[dict[int, float], list[torch.Tensor]]:
         root = str(tmp_path / name)
         losses = pretrain_gdn.train(*parse_args([
