@@ -187,24 +187,26 @@ def test_same_inputs_same_outputs(K):
         assert torch.equal(a, b)
 
 
-# One layer of each preset at full size (4096 tokens a sequence, gate and beta fused): a race that touches a few
+# One layer of each preset at full size (4096 tokens a sequence, gate and beta fused), and one with heads of 128 (the
+# backward's third path: 64-wide K blocks of dqkw with dqk_intra beside the reverse scan): a race that touches a few
 # programs in a run shows only on grids of thousands. wy's 32-wide candidates (since removed) gave other dg and dbeta
 # bits from run to run at `small` on an H200 (session 26: in 1-275 of 32768 rows, in 21 of 28 runs after the first).
-PRESET_LAYERS = {"small": dict(B=8, T=4096, H=12, HV=12, K=64, V=128, gate=True, beta_logits=True),
+FULL_SIZE_LAYERS = {"small": dict(B=8, T=4096, H=12, HV=12, K=64, V=128, gate=True, beta_logits=True),
+                 "heads_of_128": dict(B=4, T=4096, H=16, HV=16, K=128, V=256, gate=True, beta_logits=True),
                  "1.3b": dict(B=4, T=4096, H=6, HV=6, K=256, V=512, gate=True, beta_logits=True)}
 RUNS = 6
 
 
 @pytest.mark.parametrize("kernel", AUTOTUNED)
 def test_every_autotuned_configuration_same_bits_run_to_run(kernel, monkeypatch):
-    """Each configuration of each autotuned kernel, forced alone, at one layer of each preset: RUNS runs of the
+    """Each configuration of each autotuned kernel, forced alone, at the FULL_SIZE_LAYERS: RUNS runs of the
     forward and backward on the same inputs give the first run's bits in every output and gradient. No kernel uses
     atomics, so a difference is a race in the compiled code; a resumed or repeated run would not reproduce."""
     from triton.runtime.errors import OutOfResources
 
     from megatron_gdn.kernels import chunk
     tuner = getattr(chunk, kernel)
-    inputs = {name: make_inputs(**case, **BF16) for name, case in PRESET_LAYERS.items()}
+    inputs = {name: make_inputs(**case, **BF16) for name, case in FULL_SIZE_LAYERS.items()}
     ran, differ = 0, []
     for config in list(tuner.configs):
         monkeypatch.setattr(tuner, "configs", [config])  # one configuration: the autotuner runs it unbenchmarked
