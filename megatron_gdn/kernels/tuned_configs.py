@@ -1,11 +1,11 @@
 """The autotuned kernels' chosen configurations: read, agreed between ranks, saved in checkpoints and restored.
 
 Triton's autotuner times a kernel's candidate configurations at its first call for each key (the shape values and
-dtypes it is keyed on) and keeps the fastest in its `cache`. Candidates whose times are close (wy's two best at
-the `small` preset differ by 3%, dqkw's by 1.5%) can change places from one process to the next, and candidates
-can compute other bits: a tl.sum over 32-wide blocks and then across them adds in another order than over 64-wide
-ones (wy's and dqkw's row sums over V blocks). On an H200 (session 25, heads of 64) a run resumed with each chunk
-kernel's choice moved to its next candidate was 2.4e-6 off the uninterrupted run's loss at its third iteration.
+dtypes it is keyed on) and keeps the fastest in its `cache`. Candidates whose times are close (dqkw's two best at
+the `small` preset differ by 1.5%) can change places from one process to the next, and candidates can compute
+other bits, each the same in every run: a row sum over 32-wide V blocks and then across them adds in another order
+than over 64-wide ones. On an H200 (session 26) dqkw's (BV 32, 4 warps) gives other gate gradients than its
+(64, 8 warps) at heads of 64, wy's (64, 8 warps) other beta gradients than its (64, 4 warps) at the 1.3b layer.
 So a resumed run was bit-identical only when its own autotuning happened to choose as the saving run had, and the
 ranks of one run could each run other configurations. Here:
 
