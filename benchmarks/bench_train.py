@@ -34,8 +34,8 @@ whole run (weights, optimizer state and the step), reset between runs. MFU is gi
 (megatron_gdn/training/flops.py, docs/PERFORMANCE.md "FLOPs model and MFU") and by 6 x parameters per token (the
 convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
 of GPU memory is reported as OOM and the next one starts after its memory is freed. The last column is the GPU's
-mean SM clock, power draw and utilization over the timed steps (nvidia-smi; the header gives its maximum clock and
-power limit): a GPU at its power limit lowers its clocks, so step times from two machines compare only at like
+mean SM clock, power draw (power.draw.instant where nvidia-smi has it) and utilization over the timed steps
+(nvidia-smi; the header gives its maximum clock and power limit): a GPU at its power limit lowers its clocks, so step times from two machines compare only at like
 clocks, and one under 100% busy waited for the host, whose speed then sets the step's.
 
 Under torchrun every rank runs ours with its own micro batch (global batch = batch x ranks, no accumulation) and rank
@@ -140,7 +140,9 @@ class GpuSampler:
     100% the GPU waited for the host: a step that launches its kernels one by one from Python is then as fast as
     the host's CPU, and runs slower on a slower or busier host (fla's `small` step took 102.9 ms in session 18 and
     114.7 and 147.3 ms in session 20, at higher clocks; 66% busy in the last). Read it as a comparison, not an exact
-    share: a sample near the window's edges may count time outside it."""
+    share: a sample near the window's edges may count time outside it. The power is power.draw.instant where
+    nvidia-smi reports it: power.draw trails by about a second, so over a short window it read 540 W for a `small`
+    step that drew about 700 (session 27)."""
 
     def __init__(self, command: list[str] | None):
         self.command, self.process, self.samples = command, None, []
@@ -158,22 +160,33 @@ class GpuSampler:
         return ["nvidia-smi", f"--id={uuid}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
 
     @staticmethod
+    def read_numbers(query: list[str] | None) -> list[float] | None:
+        """The numbers one run of this query prints ("1980, 700.00"), or None where it fails or prints others
+        ("[N/A]": a field this GPU does not report)."""
+        if query is None:
+            return None
+        try:
+            out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
+            return [float(x) for x in out.split(",")]
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    @staticmethod
     def command_for(device: torch.device, interval_ms: int = 100) -> list[str] | None:
-        query = GpuSampler.query(device, "clocks.sm,power.draw,utilization.gpu")
+        # power.draw is a trailing average over about a second on the lent H200s (driver 580): through the first
+        # second of a `small` run it climbed from 160 to 650 W while power.draw.instant read 700-790 (session 27).
+        instant = GpuSampler.read_numbers(GpuSampler.query(device, "power.draw.instant")) is not None
+        query = GpuSampler.query(device, f"clocks.sm,{'power.draw.instant' if instant else 'power.draw'},"
+                                         "utilization.gpu")
         return query + [f"-lms={interval_ms}"] if query else None
 
     @staticmethod
     def limits(device: torch.device) -> str | None:
         """'max SM clock 1980 MHz, power limit 700 W', or None where nvidia-smi cannot say."""
-        query = GpuSampler.query(device, "clocks.max.sm,power.limit")
-        if query is None:
+        numbers = GpuSampler.read_numbers(GpuSampler.query(device, "clocks.max.sm,power.limit"))
+        if numbers is None or len(numbers) != 2:
             return None
-        try:
-            clock, power = (float(x) for x in subprocess.run(query, capture_output=True, text=True, timeout=30,
-                                                             check=True).stdout.split(","))
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-        return f"max SM clock {clock:.0f} MHz, power limit {power:.0f} W"
+        return f"max SM clock {numbers[0]:.0f} MHz, power limit {numbers[1]:.0f} W"
 
     def __enter__(self) -> GpuSampler:
         if self.command:

@@ -147,3 +147,18 @@ def test_gpu_sampler_averages_nvidia_smi_samples():
         assert sampler.means() == (None, None, None)
     import torch
     assert GpuSampler.command_for(torch.device("cpu")) is None and GpuSampler.limits(torch.device("cpu")) is None
+
+
+def test_gpu_sampler_reads_a_query_only_where_it_prints_numbers():
+    """The check that picks power.draw.instant (and reads the header's limits): numbers where the query prints them,
+    None where the field is not reported ([N/A]), the query fails or nvidia-smi is missing."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import GpuSampler
+
+    def printing(text: str) -> list[str]:
+        return [sys.executable, "-c", f"print({text!r})"]
+
+    assert GpuSampler.read_numbers(printing("1980, 700.00")) == [1980.0, 700.0]
+    assert GpuSampler.read_numbers(printing("612.35")) == [612.35]
+    for query in (printing("[N/A]"), [sys.executable, "-c", "import sys; sys.exit(6)"], ["no-such-nvidia-smi"], None):
+        assert GpuSampler.read_numbers(query) is None
