@@ -43,7 +43,7 @@ F32 = {"G", "beta_out", "g", "beta", "A_log", "dt_bias", "h0", "ht", "dht", "dh0
 INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets", "pos", "block_param"}
 # adamw's tables: block starts, the parameters' sizes, and their tensors' addresses
 INT64 = {"target", "block_start", "numels", "param_addrs", "grad_addrs", "exp_avg_addrs", "exp_avg_sq_addrs",
-         "step_addrs"}
+         "step_addrs", "copy_addrs"}
 SCALARS = {"scale": "fp32", "eps": "fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "weight_decay": "fp32",
            "NSEQ": "i32", "ROWS": "i32", "N": "i32", "T": "i32", "NT": "i32",
            "NS": "i32", "NB": "i32", "S": "i32", "SX": "i32", "SDX": "i32", "SG": "i32", "SDG": "i32", "V": "i32",
@@ -166,7 +166,9 @@ def fused_runs(dtype: str) -> list:
         runs += [(f"ce stats BV={BV}", cross_entropy.ce_stats_kernel, dict(BV=BV), 4, 3),
                  (f"ce grad BV={BV}", cross_entropy.ce_grad_kernel, dict(BV=BV), 4, 3),
                  (f"ce loss+grad BV={BV}", cross_entropy.ce_loss_grad_kernel, dict(BV=BV, GRAD=True), 4, 3)]
-    runs.append(("adamw", adamw.adamw_kernel, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, BLOCK=adamw.BLOCK), 4, 3))
+    for copies in (False, True):  # the bf16 compute copies written beside the fp32 weights, or none
+        runs.append((f"adamw copies={copies}", adamw.adamw_kernel,
+                     dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_COPIES=copies, BLOCK=adamw.BLOCK), 4, 3))
     fr = dict(H=4, HV=8, USE_H0=True, STORE_HT=True, L2NORM=True, GATE_IN_KERNEL=True, BETA_SIGMOID=True,
               BETA_SCALE=1.0)
     for K, V in ((128, 128), (256, 512)):  # head dims (256, 512: the 1.3b preset)
