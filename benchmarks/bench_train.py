@@ -220,12 +220,12 @@ class GpuSampler:
         return tuple(sum(column) / len(column) for column in zip(*self.samples))
 
 
-def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device,
-                 label: str = "") -> tuple[float, tuple[float | None, float | None, float | None]]:
+def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: torch.device, label: str = "",
+                 sample: bool = True) -> tuple[float, tuple[float | None, float | None, float | None]]:
     """Run warm-up steps, each timed between synchronisations, then `steps` steps back to back with a
     synchronisation only before and after them, as a training loop runs them (neither side reads a result before the
     next step is queued); the mean step in ms, and the GPU's mean SM clock, power and utilization over those steps
-    (GpuSampler).
+    (GpuSampler; sample=False: not sampled, all None).
     Each warm-up step's time goes to stderr: the first ones compile and autotune Triton kernels, which at new shapes
     can take minutes (fla's model at the 1.3b shapes gave no result within 270 s on an H100), and a log cut short by
     a time limit then still says where the time went. Without a label nothing is printed (the other ranks)."""
@@ -238,7 +238,7 @@ def mean_step_ms(step: Callable[[], object], warmup: int, steps: int, device: to
             print(f"{label}: warm-up step {i + 1}/{warmup} took {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
     synchronize(device)
-    with GpuSampler(GpuSampler.command_for(device)) as sampler:
+    with GpuSampler(GpuSampler.command_for(device) if sample else None) as sampler:
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -296,7 +296,7 @@ def run_ours(case: Case, args: argparse.Namespace, result: Result) -> Result:
 
     label = f"{result.config} ours" if get_rank() == 0 else ""
     result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
-        step, args.warmup, args.steps, device, label)
+        step, args.warmup, args.steps, device, label, sample=not args.no_sampling)
     if args.profile and get_rank() == 0:
         write_profile(step, args.profile_steps, device, Path(args.profile) / f"{result.config}.txt")
     return result
@@ -436,7 +436,7 @@ def run_fla(case: Case, args: argparse.Namespace, result: Result, fla) -> Result
         return loss.detach()
 
     result.step_ms, (result.sm_clock_mhz, result.power_w, result.busy_pct) = mean_step_ms(
-        step, args.warmup, args.steps, device, f"{result.config} fla")
+        step, args.warmup, args.steps, device, f"{result.config} fla", sample=not args.no_sampling)
     if args.profile:  # its GPU timeline's busy time per step: its step without waiting for its host
         write_profile(step, args.profile_steps, device, Path(args.profile) / f"{result.config}-fla.txt", ours=False)
     return result
@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ours through DeepSpeed ZeRO (as pretrain_gdn.py --zero-stage)")
     parser.add_argument("--cuda-graph", action="store_true", help="ours replays each micro batch's forward and "
                         "backward as a CUDA graph (as pretrain_gdn.py --cuda-graph; GPU, built-in engine)")
+    parser.add_argument("--no-sampling", action="store_true", help="no nvidia-smi beside the timed steps (the last "
+                        "column stays empty): to check that its queries, ten a second, do not slow the step")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the results to this file (benchmarks/bench_dp_scaling.sh reads it)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny model, a few steps, no fla")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,23 @@ def test_gpu_sampler_reads_a_query_only_where_it_prints_numbers():
     assert GpuSampler.read_numbers(printing("612.35")) == [612.35]
     for query in (printing("[N/A]"), [sys.executable, "-c", "import sys; sys.exit(6)"], ["no-such-nvidia-smi"], None):
         assert GpuSampler.read_numbers(query) is None
+
+
+def test_mean_step_samples_the_gpu_only_when_asked(monkeypatch):
+    """--no-sampling: the timed steps run without nvidia-smi beside them (its clock, power and utilization None);
+    otherwise the sampler's means come back with the step time."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+    import torch
+    printer = ["sh", "-c", "echo '1500, 600.5, 100'"]  # prints within the timed steps' 0.6 s
+    monkeypatch.setattr(bench_train.GpuSampler, "command_for", staticmethod(lambda device: printer))
+    steps = []
+
+    def step() -> None:
+        steps.append(1)
+        time.sleep(0.2)
+
+    for sample, expected in ((True, (1500.0, 600.5, 100.0)), (False, (None, None, None))):
+        ms, means = bench_train.mean_step_ms(step, 1, 3, torch.device("cpu"), sample=sample)
+        assert ms >= 200 and means == expected
+    assert len(steps) == 8  # 1 warm-up and 3 timed steps, twice
