@@ -35,8 +35,9 @@ whole run (weights, optimizer state and the step), reset between runs. MFU is gi
 convention of the issue's fla numbers); both count model FLOPs, so recomputation lowers them. A run that runs out
 of GPU memory is reported as OOM and the next one starts after its memory is freed. The last column is the GPU's
 mean SM clock, power draw (power.draw.instant where nvidia-smi has it) and utilization over the timed steps
-(nvidia-smi; the header gives its maximum clock and power limit): a GPU at its power limit lowers its clocks, so step times from two machines compare only at like
-clocks, and one under 100% busy waited for the host, whose speed then sets the step's.
+(nvidia-smi; the header gives its maximum clock and power limit): a GPU at its power limit lowers its clocks, so
+step times from two machines compare only at like clocks, and one under 100% busy waited for the host, whose speed
+then sets the step's.
 
 Under torchrun every rank runs ours with its own micro batch (global batch = batch x ranks, no accumulation) and rank
 0 prints tokens/s per GPU; fla's loop is single-GPU, so it runs only without torchrun.

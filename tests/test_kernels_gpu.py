@@ -192,8 +192,8 @@ def test_same_inputs_same_outputs(K):
 # programs in a run shows only on grids of thousands. wy's 32-wide candidates (since removed) gave other dg and dbeta
 # bits from run to run at `small` on an H200 (session 26: in 1-275 of 32768 rows, in 21 of 28 runs after the first).
 FULL_SIZE_LAYERS = {"small": dict(B=8, T=4096, H=12, HV=12, K=64, V=128, gate=True, beta_logits=True),
-                 "heads_of_128": dict(B=4, T=4096, H=16, HV=16, K=128, V=256, gate=True, beta_logits=True),
-                 "1.3b": dict(B=4, T=4096, H=6, HV=6, K=256, V=512, gate=True, beta_logits=True)}
+                    "heads_of_128": dict(B=4, T=4096, H=16, HV=16, K=128, V=256, gate=True, beta_logits=True),
+                    "1.3b": dict(B=4, T=4096, H=6, HV=6, K=256, V=512, gate=True, beta_logits=True)}
 RUNS = 6
 
 
