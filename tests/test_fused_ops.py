@@ -139,7 +139,7 @@ def adamw_errors(shapes: list[tuple], steps: list[tuple], device: str = "cpu", *
 
 
 CASES = {
-    # sizes across the kernel's 2048-element blocks; a plain step, one with a grad_scale, one skipped by found_inf
+    # sizes across the kernel's 1024-element blocks; a plain step, one with a grad_scale, one skipped by found_inf
     "adamw": lambda: adamw_errors([(3, 700), (5000,), (1,), (64, 65)], [(None, 0.0), (2.5, 0.0), (None, 1.0)],
                                   use_triton=True),
     # [N, D] rows not a multiple of the rows per program, D not a power of two, both outputs in the loss
