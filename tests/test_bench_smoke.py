@@ -68,6 +68,23 @@ def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
     assert [(r.split(" | ")[1], r.split(" | ")[3]) for r in rows] == [(op, p) for op in ops for p in ("fwd", "fwd+bwd")]
 
 
+
+def test_bench_adamw_tiny_times_both_optimizers(tmp_path):
+    """benchmarks/bench_adamw.py's CPU smoke mode runs our kernel (Triton's interpreter) and torch's fused AdamW on
+    every parameter of the tiny model, built on the meta device and allocated by the script, and writes the table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_adamw import TINY
+    from megatron_gdn.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    parameters = sum(p.numel() for p in GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**TINY)).parameters())
+    markdown = tmp_path / "adamw.md"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "benchmarks/bench_adamw.py", "--tiny", "--blocks", "1024",
+                          "--markdown", str(markdown)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith("| tiny |")]
+    assert [(r[1], r[2]) for r in rows] == [(f"{parameters:,}", "ours, BLOCK 1024"), (f"{parameters:,}", "torch fused")]
+    assert all(float(r[3]) > 0 for r in rows)
+
 def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
     """bench_train --profile's GPU timeline: busy time is the union of the kernels' intervals (overlapping kernels
     counted once), idle time the rest of the span, gaps listed largest first with the kernels around them."""
