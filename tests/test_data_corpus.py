@@ -100,6 +100,24 @@ def test_iter_texts_names_file_and_line_of_bad_input(tmp_path, line, message):
         list(iter_texts([str(path)], ["text"]))
 
 
+
+def test_demo_corpus_reads_no_installed_package_as_the_standard_library(tmp_path, monkeypatch):
+    """In a venv the interpreter's own site-packages lies inside the stdlib root but is not the venv's purelib: its
+    packages must not pass for the standard library (the corpus would change with what is installed there), and
+    --site-packages reads the environment's packages (purelib) under their own label."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import build_demo_corpus
+    stdlib, venv = tmp_path / "lib" / "python3.11", tmp_path / "venv" / "site-packages"
+    for path in (stdlib / "os.py", stdlib / "json" / "decoder.py", stdlib / "site-packages" / "sympy" / "core.py",
+                 stdlib / "dist-packages" / "numpy" / "core.py", venv / "torch" / "nn.py"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x = 1\n")
+    paths = {"stdlib": str(stdlib), "purelib": str(venv), "platlib": str(venv)}
+    monkeypatch.setattr(build_demo_corpus.sysconfig, "get_paths", lambda: paths)
+    assert [name for _, name in build_demo_corpus.source_files(False)] == ["stdlib/os.py", "stdlib/json/decoder.py"]
+    assert [name for _, name in build_demo_corpus.source_files(True)] == [
+        "stdlib/os.py", "stdlib/json/decoder.py", "site-packages/torch/nn.py"]
+
 def test_demo_corpus_from_the_standard_library(tmp_path):
     out = tmp_path / "demo.jsonl"
     result = run_tool("build_demo_corpus.py", "--output", str(out), "--max-mb", "0.5")

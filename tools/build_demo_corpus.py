@@ -37,15 +37,21 @@ class CorpusConfig:
 
 def source_files(site_packages: bool) -> list[tuple[str, str]]:
     """(path, name shown in the corpus) of every .py file of the standard library (and site-packages)."""
-    stdlib = sysconfig.get_paths()["stdlib"]
+    paths = sysconfig.get_paths()
+    stdlib = paths["stdlib"]
     roots = [("stdlib", stdlib)]
     if site_packages:
-        roots.append(("site-packages", sysconfig.get_paths()["purelib"]))
-    skip = {os.path.realpath(path) for path in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+        roots.append(("site-packages", paths["purelib"]))
+    # The stdlib root holds the interpreter's own site-packages, which is the environment's only outside a venv:
+    # inside one, purelib is the venv's and the interpreter's packages would pass for the standard library, so the
+    # corpus would change with whatever is installed there (the quickstart's validation loss went from 4.45 to 5.13
+    # on a machine whose interpreter had sympy and others; session 28). Packages are read only when asked for,
+    # from purelib, under their own label.
+    skip = {os.path.realpath(paths[key]) for key in ("purelib", "platlib")}
+    skip |= {os.path.realpath(os.path.join(stdlib, name)) for name in ("site-packages", "dist-packages")}
     files = []
     for label, root in roots:
         for directory, subdirectories, names in os.walk(root):
-            # The stdlib root contains site-packages; it is only read when asked for, under its own label.
             subdirectories[:] = sorted(
                 d for d in subdirectories
                 if d != "__pycache__" and (label != "stdlib" or os.path.realpath(os.path.join(directory, d)) not in skip)
