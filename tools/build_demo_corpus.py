@@ -53,9 +53,8 @@ def source_files(site_packages: bool) -> list[tuple[str, str]]:
     for label, root in roots:
         for directory, subdirectories, names in os.walk(root):
             subdirectories[:] = sorted(
-                d for d in subdirectories
-                if d != "__pycache__" and (label != "stdlib" or os.path.realpath(os.path.join(directory, d)) not in skip)
-            )
+                d for d in subdirectories if d != "__pycache__"
+                and (label != "stdlib" or os.path.realpath(os.path.join(directory, d)) not in skip))
             for name in sorted(names):
                 if name.endswith(".py"):
                     path = os.path.join(directory, name)
