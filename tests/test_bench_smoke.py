@@ -68,7 +68,6 @@ def test_bench_fused_ops_tiny_runs_every_op(tmp_path):
     assert [(r.split(" | ")[1], r.split(" | ")[3]) for r in rows] == [(op, p) for op in ops for p in ("fwd", "fwd+bwd")]
 
 
-
 def test_bench_adamw_tiny_times_both_optimizers(tmp_path):
     """benchmarks/bench_adamw.py's CPU smoke mode runs our kernel (Triton's interpreter) and torch's fused AdamW on
     every parameter of the tiny model, built on the meta device and allocated by the script, and writes the table."""
@@ -84,6 +83,7 @@ def test_bench_adamw_tiny_times_both_optimizers(tmp_path):
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith("| tiny |")]
     assert [(r[1], r[2]) for r in rows] == [(f"{parameters:,}", "ours, BLOCK 1024"), (f"{parameters:,}", "torch fused")]
     assert all(float(r[3]) > 0 for r in rows)
+
 
 def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
     """bench_train --profile's GPU timeline: busy time is the union of the kernels' intervals (overlapping kernels

@@ -100,7 +100,6 @@ def test_iter_texts_names_file_and_line_of_bad_input(tmp_path, line, message):
         list(iter_texts([str(path)], ["text"]))
 
 
-
 def test_demo_corpus_reads_no_installed_package_as_the_standard_library(tmp_path, monkeypatch):
     """In a venv the interpreter's own site-packages lies inside the stdlib root but is not the venv's purelib: its
     packages must not pass for the standard library (the corpus would change with what is installed there), and
@@ -117,6 +116,7 @@ def test_demo_corpus_reads_no_installed_package_as_the_standard_library(tmp_path
     assert [name for _, name in build_demo_corpus.source_files(False)] == ["stdlib/os.py", "stdlib/json/decoder.py"]
     assert [name for _, name in build_demo_corpus.source_files(True)] == [
         "stdlib/os.py", "stdlib/json/decoder.py", "site-packages/torch/nn.py"]
+
 
 def test_demo_corpus_from_the_standard_library(tmp_path):
     out = tmp_path / "demo.jsonl"

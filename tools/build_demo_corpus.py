@@ -44,9 +44,9 @@ def source_files(site_packages: bool) -> list[tuple[str, str]]:
         roots.append(("site-packages", paths["purelib"]))
     # The stdlib root holds the interpreter's own site-packages, which is the environment's only outside a venv:
     # inside one, purelib is the venv's and the interpreter's packages would pass for the standard library, so the
-    # corpus would change with whatever is installed there (the quickstart's validation loss went from 4.45 to 5.13
-    # on a machine whose interpreter had sympy and others; session 28). Packages are read only when asked for,
-    # from purelib, under their own label.
+    # corpus would change with whatever is installed there (the quickstart's validation loss moved from 4.45 to 5.13
+    # between two machines, the second's interpreter holding sympy and others; session 28). Packages are read only
+    # when asked for, from purelib, under their own label.
     skip = {os.path.realpath(paths[key]) for key in ("purelib", "platlib")}
     skip |= {os.path.realpath(os.path.join(stdlib, name)) for name in ("site-packages", "dist-packages")}
     files = []
