@@ -5,15 +5,15 @@ AdamW on a preset's parameters, side by side in one process, and how far each is
     python benchmarks/bench_adamw.py --configs 1.3b --blocks 2048,1024,512     # our kernel at other program sizes
     TRITON_INTERPRET=1 python benchmarks/bench_adamw.py --tiny                  # CPU smoke run (test_bench_smoke.py)
 
-The parameters are the preset's (vocab 32000) in fp32, with random gradients; each step is the built-in engine's:
-a clip divisor as grad_scale and a found_inf of 0, the optimizer in two groups (decayed, not). With --copies (the
-default) every 2-D weight has a bf16 compute copy, which our kernel writes as it updates the weight, as it does
-for the built-in engine's fused-product weights; torch's step writes none (the engine then casts them in the next
-forward: not counted here). Time: the GPU time of a step, the summed durations of its kernels under torch.profiler
-(bench_fused_ops.measure), after an untimed step that compiles the kernel and creates the state. Floor: what a step
-cannot avoid moving, 16 bytes read and 12 written a parameter (weight, gradient, two moments) and 2 written a
-copied one, at the card's device-to-device copy bandwidth. torch's step also writes the divided gradient back (4
-bytes a parameter more, read by nothing: kernels/adamw.py).
+The parameters are the preset's (the default vocabulary, 32000) in fp32, with random gradients; each step is the
+built-in engine's: a clip divisor as grad_scale and a found_inf of 0, the optimizer in two groups (decayed, not).
+With --copies (the default) every 2-D weight has a bf16 compute copy, which our kernel writes as it updates the
+weight, as it does for the built-in engine's fused-product weights; torch's step writes none (the engine then casts
+them in the next forward: not counted here). Time: the GPU time of a step, the summed durations of its kernels under
+torch.profiler (bench_fused_ops.measure), after an untimed step that compiles the kernel and creates the state.
+Floor: what a step cannot avoid moving, 16 bytes read and 12 written a parameter (weight, gradient, two moments) and
+2 written a copied one, at the card's device-to-device copy bandwidth. torch's step also writes the divided gradient
+back (4 bytes a parameter more, read by nothing: kernels/adamw.py).
 
 --blocks times our kernel at other program sizes (kernels/adamw.BLOCK): session 28 chose 1024 so, on an H200
 (9.92 against 11.60 ms for 2048 at `1.3b`, docs/PERFORMANCE.md).
@@ -34,10 +34,8 @@ from megatron_gdn.models import MODEL_PRESETS, GatedDeltaNetConfig, GatedDeltaNe
 from megatron_gdn.models.fused_projection import COMPUTE_COPY  # noqa: E402
 from megatron_gdn.training.optimizer import TritonAdamW, parameter_groups  # noqa: E402
 
-from bench_fused_ops import copy_bandwidth, measure  # noqa: E402  (this folder)
+from bench_fused_ops import TINY, copy_bandwidth, measure  # noqa: E402  (this folder)
 
-VOCAB_SIZE = 32000
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=16)
 HYPER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     header += f"; bf16 copies of the 2-D weights: {'yes' if args.copies else 'no'}"
     print(header, flush=True)
     configs = {"tiny": GatedDeltaNetConfig(**TINY)} if args.tiny else {
-        name: GatedDeltaNetConfig(**{**MODEL_PRESETS[name], "vocab_size": VOCAB_SIZE})
+        name: GatedDeltaNetConfig(**MODEL_PRESETS[name])
         for name in args.configs.split(",")}
 
     lines = [header, "", "| config | parameters | optimizer | ms a step | floor (ms) | / floor |",
