@@ -21,7 +21,8 @@ HV x Dv value heads):
     rms_norm + residual   fwd x, residual -> y, h (4 N h)          bwd dy, dh, h -> dx (4 N h)
     swiglu                fwd [gate | up] -> y (3 N I)             bwd dy, [gate | up] -> [dgate | dup] (5 N I)
     short conv + SiLU     fwd x -> y (2 N D)                       bwd dy, x -> dx (3 N D)
-                          (x: the value slice of a fused [q | k | v | a | b | g] projection, as in the model)
+                          (x: the value slice of a fused [q | k | v | a | b | g] projection, as in the model, its
+                          width padded to ROW_ALIGNMENT so that every row starts 16-byte aligned)
     gated RMSNorm         fwd o, gate -> y (3 N HV Dv)             bwd dy, o, gate -> do, dgate (5 N HV Dv)
 """
 
@@ -42,6 +43,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gdn.kernels import gated_rmsnorm, rms_norm, short_conv_silu, swiglu  # noqa: E402
 from megatron_gdn.models import MODEL_PRESETS, GatedDeltaNetConfig  # noqa: E402
+from megatron_gdn.models.fused_projection import ROW_ALIGNMENT  # noqa: E402
 from megatron_gdn.parallel import fused_linear_cross_entropy  # noqa: E402
 
 from gpu_kernels import kernel_times  # noqa: E402  (this folder, the script's own)
@@ -78,7 +80,8 @@ def make_ops(config: GatedDeltaNetConfig, tokens: int, seqlen: int, device: str,
     x, residual, norm_w = randn(N, h), randn(N, h), 1 + randn(h, act=False, scale=0.1)
     gate_up = randn(N, 2 * I, scale=3)
     key_dim = config.num_heads * config.head_dim
-    projection = randn(B, seqlen, 2 * key_dim + 2 * value_dim + 2 * config.num_v_heads)
+    width = 2 * key_dim + 2 * value_dim + 2 * config.num_v_heads
+    projection = randn(B, seqlen, width - width % -ROW_ALIGNMENT)  # padded as the model's (fused_projections)
     conv_x = projection[..., 2 * key_dim:2 * key_dim + value_dim].detach().requires_grad_()  # a strided leaf
     conv_w = randn(value_dim, 1, config.conv_size, act=False, scale=0.5)
     q_x = projection[..., :key_dim].detach().requires_grad_()  # q's slice, L2-normalised per head by the conv
