@@ -166,14 +166,14 @@ CASES = {
     "conv_varlen_negative_start": lambda: op_errors(
         _conv(torch.tensor([-2, 5, 6, 20, 21, 40])), x=randn(1, 33, 40), weight=randn(40, 1, 4, seed=1),
         bias=randn(40, seed=2), past=randn(1, 3, 40, seed=3)),
-    # two strips of 64 rows and two blocks of channels backward (128 each), documents ending on either side of
-    # the strip boundary and of the window's W - 1 rows around it
+    # three strips of 34 rows and two blocks of 256 channels (the second partial), documents ending on either side
+    # of the boundary at row 68 and of the window's W - 1 rows around it
     "conv_varlen_blocks": lambda: op_errors(
-        _conv(torch.tensor([-1, 14, 16, 62, 63, 66, 130])), x=randn(1, 100, 140), weight=randn(140, 1, 4, seed=1),
-        bias=randn(140, seed=2), past=randn(1, 3, 140, seed=3)),
-    # eighteen strips (64 rows each: strip_rows for so small a grid), documents crossing the strip boundaries
+        _conv(torch.tensor([-1, 14, 16, 66, 67, 70, 130])), x=randn(1, 100, 300), weight=randn(300, 1, 4, seed=1),
+        bias=randn(300, seed=2), past=randn(1, 3, 300, seed=3)),
+    # 34 strips (33 rows each: strip_rows for so small a grid), documents ending around three of their boundaries
     "conv_varlen_strips": lambda: op_errors(
-        _conv(torch.tensor([-2, 300, 510, 511, 513, 1023, 1025, 1100])), x=randn(1, 1100, 20),
+        _conv(torch.tensor([-2, 300, 526, 527, 529, 1023, 1025, 1100])), x=randn(1, 1100, 20),
         weight=randn(20, 1, 4, seed=1), bias=randn(20, seed=2), past=randn(1, 3, 20, seed=3)),
     "conv_varlen_W8_length1_first": lambda: op_errors(
         _conv(torch.tensor([0, 1, 10, 33])), x=randn(1, 33, 24), weight=randn(24, 1, 8, seed=1)),
@@ -196,7 +196,7 @@ CASES = {
                                             past=randn(1, 3, 64, seed=3)),
     "conv_l2norm_column_slice": lambda: op_errors(_conv_slice(64, 64, l2norm_head_dim=32), x=randn(2, 21, 200),
                                                   weight=randn(64, 1, 4, seed=1)),
-    # a head of 256 (the 1.3b preset's), one head a program, over ten strips
+    # a head of 256 (the 1.3b preset's), one head a program, over eighteen strips
     "conv_l2norm_K256_strips": lambda: op_errors(_conv(l2norm_head_dim=256), x=randn(1, 600, 256),
                                                  weight=randn(256, 1, 4, seed=1)),
     "ce_mean_chunked": lambda: op_errors(_ce("mean", chunk_size=10), hidden=randn(37, 24, scale=2),
@@ -506,14 +506,18 @@ def test_kernel_arguments_keep_clear_of_the_launchers_names():
     assert not any(checked.values()), {k: v for k, v in checked.items() if v}
 
 
-def test_conv_strips_leave_enough_programs_per_sm():
-    """strip_rows halves a strip from STRIP_ROWS (1024) while the grid has fewer than programs_per_sm programs per
-    SM, never below MIN_STRIP_ROWS (64): the 1.3b preset's v backward (4 sequences x 24 blocks of 128 channels)
-    gets 768 programs at 512 rows, 1536 at 256, for 8 x 132."""
+def test_conv_strips_fill_whole_waves():
+    """strip_rows takes the strips with the fewest row steps, waves x (rows + overlap). The 1.3b preset's q backward
+    (4 sequences x 6 blocks, 8 programs per SM of 132, overlap 6): one wave of 44 strips of 94 rows (100 steps),
+    where 88 strips of 47 rows take two (106) and 132 of 32 three (114). A batch wider than a wave (64 sequences x
+    24 blocks): 3 waves of 2 strips of 2048 rows (6162 steps) against 2 of whole sequences (8204). Strips of 32 rows
+    at least, one for a short or empty sequence."""
     from megatron_gdn.kernels.short_conv import strip_rows
-    assert strip_rows(4, 4096, 24, 132, 8) == 256
-    assert strip_rows(64, 4096, 24, 132, 8) == 1024
-    assert strip_rows(1, 1100, 1, 132, 8) == 64
+    assert strip_rows(4, 4096, 6, 132, 8, 6) == 94
+    assert strip_rows(64, 4096, 24, 132, 8, 6) == 2048
+    assert strip_rows(1, 1100, 1, 132, 8, 6) == 33
+    assert strip_rows(1, 20, 1, 132, 8, 6) == 20
+    assert strip_rows(2, 0, 1, 132, 8, 6) == 1
 
 
 def test_return_hidden_gives_the_lm_head_input():

@@ -20,8 +20,11 @@ ROWS_PER_PROGRAM = 16  # the forward's
 # The backward's programs loop over row blocks as fused_norm's do (its BWD_PROGRAMS_PER_SM says why). Kernel +
 # sum on an H200 (session 18, gpu-side probe, bf16, the gate a column slice): `1.3b` (16384 tokens x 6 heads of
 # 512) 227.9 -> 200.5 us, `small` (32768 x 12 heads of 128) 212.4 -> 192.6; with 1 or 2 stages 2% faster at
-# `small` (188.3, 189.3) and 5-10% slower at `1.3b` (220.4, 210.0); fewer programs a SM were slower at `small`.
-BWD_PROGRAMS_PER_SM, BWD_STAGES = 8, 3
+# `small` (188.3, 189.3) and 5-10% slower at `1.3b` (220.4, 210.0). Session 29 (docs/PERFORMANCE.md, forward +
+# backward + sum): 3 programs a SM instead of 8, `small` 218.3 -> 199.6 us, `1.3b` 217.1 -> 214.1 (2, 4, 6 and 12
+# no faster): at `1.3b` the kernel's 157 registers a thread (4 warps) leave room for 3 programs on an SM (ncu), so 8
+# a SM ran as 2.67 waves, the last two thirds full.
+BWD_PROGRAMS_PER_SM, BWD_STAGES = 3, 3
 
 
 def bwd_tiles(D: int) -> tuple[int, int, int]:

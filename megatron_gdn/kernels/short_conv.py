@@ -57,8 +57,8 @@ from .triton_utils import sigmoid, sm_count
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """How a kernel's programs are cut: channels_per_thread x 32 x warps channels each, strips of rows short
-    enough for programs_per_sm programs per SM (strip_rows), and the walk's loop unrolled `unroll` times and
+    """How a kernel's programs are cut: channels_per_thread x 32 x warps channels each, strips of rows for whole
+    waves of programs_per_sm programs on every SM (strip_rows), and the walk's loop unrolled `unroll` times and
     software-pipelined in `stages` stages (tl.range)."""
 
     channels_per_thread: int
@@ -69,25 +69,37 @@ class Launch:
 
 
 # The fastest of sweeps on an H200 (session 17: 4 or 8 channels a thread, 1 / 2 / 4 warps, unrolled 1 / 2 / 4
-# times, 8 or 16 programs per SM, 3 stages, at the two presets' q, k and v; session 23, gpu/probe23_conv.py, after
-# the fast sigmoid and the fp32 windows cut the backward's instructions from 47 to 39 an element: 1 to 16 channels
-# a thread, 4 to 32 programs per SM). The walks are bound by issuing instructions (one warp a program, about 12 a
-# SM), so 8 channels a thread pay in the backward too: its per-row work (addresses, row conditions) spreads over
-# twice the channels, 32 instructions an element. The unrolling pays only with the stages: unrolled without them,
-# the walks took as long as not unrolled (1.3b v: 108.9 / 181.1 us).
-FORWARD, BACKWARD = Launch(8, 1, 4, 8), Launch(8, 1, 4, 16)
-STRIP_ROWS, MIN_STRIP_ROWS = 1024, 64
+# times, 3 stages, at the two presets' q, k and v; session 23, gpu/probe23_conv.py, after the fast sigmoid and the
+# fp32 windows cut the backward's instructions from 47 to 39 an element: 1 to 16 channels a thread). The walks are
+# bound by issuing instructions and by latency (one warp a program), so 8 channels a thread pay in the backward too:
+# its per-row work (addresses, row conditions) spreads over twice the channels, 32 instructions an element. The
+# unrolling pays only with the stages: unrolled without them, the walks took as long as not unrolled (1.3b v:
+# 108.9 / 181.1 us).
+# programs_per_sm is a wave: the backward's 228-239 registers a thread leave room for 8 one-warp programs on an SM
+# (ncu, Triton 3.6, session 29), the forward's 96 for 20, of which waves of 12 ran fastest. Before, strips were
+# halved down to 64 rows until the grid had 16 backward programs per SM: the 1.3b q backward (4 x 4096 rows, 6
+# blocks) got 1536 programs for 1056 places, 1.45 waves, and took 84 us where one wave of 94-row strips takes 58.
+# Forward and backward, kernel times summed by torch.profiler (docs/PERFORMANCE.md, session 29): 1.3b q 117.2 ->
+# 91.8 us, v 162.3 -> 141.1; small q 109.4 -> 92.5, v 162.2 -> 145.4.
+FORWARD, BACKWARD = Launch(8, 1, 4, 12), Launch(8, 1, 4, 8)
+STRIP_WAVES, MIN_STRIP_ROWS = 8, 32
 STEP_CHANNELS = 128  # decoding: channels per program
 
 
-def strip_rows(B: int, T: int, channel_blocks: int, sms: int, programs_per_sm: int) -> int:
-    """Rows of a program's strip: STRIP_ROWS, halved (down to MIN_STRIP_ROWS) while the grid would have fewer than
-    programs_per_sm programs per SM. A program walks its strip one row at a time, so the memory is kept busy by
-    many programs; a longer strip repeats fewer window rows (W - 1 forward, 2 W - 2 backward)."""
-    strip = STRIP_ROWS
-    while strip > MIN_STRIP_ROWS and B * triton.cdiv(T, strip) * channel_blocks < programs_per_sm * sms:
-        strip //= 2
-    return strip
+def strip_rows(B: int, T: int, channel_blocks: int, sms: int, programs_per_sm: int, overlap: int) -> int:
+    """Rows of a program's strip. Every program walks its strip one row at a time, so the walks take about
+    waves x (rows + overlap) row steps: a wave is programs_per_sm programs on every SM, and overlap the rows a strip
+    reads besides its own (the window's fill: W - 1 forward, 2 W - 2 backward). Of the strip counts that fill 1 to
+    STRIP_WAVES waves, the one with the fewest steps; strips of MIN_STRIP_ROWS rows at least (fewer when T is)."""
+    programs = B * channel_blocks  # per strip of each sequence
+    slots = programs_per_sm * sms
+    best = None
+    for waves in range(1, STRIP_WAVES + 1):
+        rows = max(1, triton.cdiv(T, max(1, min(waves * slots // programs, T // MIN_STRIP_ROWS))))
+        steps = triton.cdiv(programs * triton.cdiv(T, rows), slots) * (rows + overlap)
+        if best is None or steps < best[0]:
+            best = (steps, rows)
+    return best[1]
 
 
 def channel_block(D: int, head_dim: int | None, launch: Launch) -> tuple[int, int]:
@@ -294,11 +306,12 @@ def short_conv_step_kernel(x, state, weight, bias, y, new_state, D: tl.constexpr
     tl.store(y + i_b * D + o_d, (b_acc * sigmoid(b_acc)).to(y.dtype.element_ty), mask=m_d)
 
 
-def grid_of(B: int, T: int, D: int, head_dim: int | None, launch: Launch, device: torch.device) -> tuple[int, ...]:
-    """(R, C, strip rows S, strips NS, channel blocks) of a launch."""
+def grid_of(B: int, T: int, D: int, head_dim: int | None, launch: Launch, overlap: int,
+            device: torch.device) -> tuple[int, ...]:
+    """(R, C, strip rows S, strips NS, channel blocks) of a launch whose strips read overlap rows more."""
     R, C = channel_block(D, head_dim, launch)
     blocks = triton.cdiv(D, R * C)
-    S = strip_rows(B, T, blocks, sm_count(device), launch.programs_per_sm)
+    S = strip_rows(B, T, blocks, sm_count(device), launch.programs_per_sm, overlap)
     return R, C, S, max(1, triton.cdiv(T, S)), blocks  # T = 0: one strip still writes past's gradient (zeros)
 
 
@@ -312,7 +325,7 @@ class ShortConvFunction(torch.autograd.Function):
         weight = weight.reshape(D, W).contiguous()
         past = None if past is None else past.contiguous()
         y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
-        R, C, S, NS, blocks = grid_of(B, T, D, head_dim, FORWARD, x.device)
+        R, C, S, NS, blocks = grid_of(B, T, D, head_dim, FORWARD, W - 1, x.device)
         short_conv_fwd_kernel[(NS, blocks, B)](
             x, past, weight, bias, pos, y, T, x.stride(1), S, L2NORM_EPS, D=D, W=W, R=R, C=C,
             HAS_PAST=past is not None, HAS_BIAS=bias is not None, HAS_DOCS=pos is not None,
@@ -330,7 +343,7 @@ class ShortConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = gradient_like(x, ctx.shared_gradient)
         dpast = None if past is None else torch.empty_like(past)
-        R, C, S, NS, blocks = grid_of(B, T, D, ctx.head_dim, BACKWARD, x.device)
+        R, C, S, NS, blocks = grid_of(B, T, D, ctx.head_dim, BACKWARD, 2 * (W - 1), x.device)
         dweight = torch.empty(B * NS, W, D, dtype=torch.float32, device=x.device)
         dbias = None if bias is None else torch.empty(B * NS, D, dtype=torch.float32, device=x.device)
         short_conv_bwd_kernel[(NS, blocks, B)](
