@@ -76,9 +76,10 @@ class Launch:
 # unrolling pays only with the stages: unrolled without them, the walks took as long as not unrolled (1.3b v:
 # 108.9 / 181.1 us).
 # programs_per_sm is a wave: the backward's 228-239 registers a thread leave room for 8 one-warp programs on an SM
-# (ncu, Triton 3.6, session 29), the forward's 96 for 20, of which waves of 12 ran fastest. Before, strips were
-# halved down to 64 rows until the grid had 16 backward programs per SM: the 1.3b q backward (4 x 4096 rows, 6
-# blocks) got 1536 programs for 1056 places, 1.45 waves, and took 84 us where one wave of 94-row strips takes 58.
+# (ncu, Triton 3.6, session 29), the forward's 96 for 20; forward waves of 12 ran v fastest (56.0 us at 1.3b; 61.1
+# at 16, 61.9 at 20) and q within 1.4 us of waves of 16. Before, strips were halved down to 64 rows until the grid
+# had 16 backward programs per SM: the 1.3b q backward (4 x 4096 rows, 6 blocks) got 1536 programs for 1056
+# places, 1.45 waves, and took 84 us where one wave of 94-row strips takes 58.
 # Forward and backward, kernel times summed by torch.profiler (docs/PERFORMANCE.md, session 29): 1.3b q 117.2 ->
 # 91.8 us, v 162.3 -> 141.1; small q 109.4 -> 92.5, v 162.2 -> 145.4.
 FORWARD, BACKWARD = Launch(8, 1, 4, 12), Launch(8, 1, 4, 8)
