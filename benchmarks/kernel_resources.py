@@ -6,9 +6,12 @@
 
 Registers, register spills and shared memory per kernel and launch configuration: the block sizes, warps and
 stages each wrapper chooses, at the sizes the model uses (hidden sizes, conv widths, vocabulary slices, head
-dims). A row marked OVER needs more shared memory than a Hopper block may have (227 KB), which raises
-OutOfResources at launch; a row marked FAILED did not compile. Spills (local memory traffic) made the per-chunk
-kernels slow on the H200 (docs/PERFORMANCE.md, "Kernels"); check this after changing a kernel's tiles or warps.
+dims); and how many programs of it an SM holds at once (programs_per_sm), against which a launch's grid is so
+many waves: a grid of 1.45 waves leaves most SMs idle in its second (the reverse scan at `1.3b`, and before session
+29 the short convolution's q backward there, whose launch asked for 16 programs an SM where 8 fit). A row marked
+OVER needs more shared memory than a Hopper block may have (227 KB), which raises OutOfResources at launch; a row
+marked FAILED did not compile. Spills (local memory traffic) made the per-chunk kernels slow on the H200
+(docs/PERFORMANCE.md, "Kernels"); check this after changing a kernel's tiles or warps.
 Kernels are compiled as a launch compiles them: pointers 16-byte aligned and the launch's num_stages (an
 earlier version of this script had neither, so Triton did not pipeline loads through shared memory and the
 report missed most of it: 40 KB for dqkw where the H200 refused 304 KB). fp16 compiles like bf16. Uses
@@ -50,6 +53,17 @@ SCALARS = {"scale": "fp32", "eps": "fp32", "lr": "fp32", "beta1": "fp32", "beta2
            "vocab_start": "i32"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+# An sm_90 SM: a register file in 4 partitions of 16384 (a warp takes its threads' registers, rounded up to 8 a
+# thread, in one partition), 228 KB of shared memory with 1 KB more taken for each block, 64 warps, 32 blocks.
+PARTITIONS, PARTITION_REGISTERS, SM_SHARED, BLOCK_SHARED_RESERVE, SM_WARPS, SM_BLOCKS = 4, 16384, 233472, 1024, 64, 32
+
+
+def programs_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    """Programs (blocks) of num_warps warps that an sm_90 SM holds at once, by their registers a thread and shared
+    memory a block. Nsight Compute's block limits agreed on the nine kernels it read on an H200 (session 29)."""
+    warps = PARTITIONS * (PARTITION_REGISTERS // (-(-registers // 8) * 8 * 32))
+    return min(warps // num_warps, SM_SHARED // (shared + BLOCK_SHARED_RESERVE), SM_WARPS // num_warps, SM_BLOCKS)
+
 
 
 def arg_type(name: str, dtype: str) -> str:
@@ -82,8 +96,11 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
     if not regs:
         return f"FAILED: ptxas: {out.stderr.strip()[:300]}"
     shared = compiled.metadata.shared
-    over = f"   OVER the {SHARED_LIMIT} B limit" if shared > SHARED_LIMIT else ""
-    return f"{regs.group(1):>3} registers, {spills.group(1):>5} B spill stores, {shared:>6} B shared{over}"
+    if shared > SHARED_LIMIT:
+        fit = f"   OVER the {SHARED_LIMIT} B limit"
+    else:
+        fit = f", {programs_per_sm(int(regs.group(1)), num_warps, shared):>2} programs an SM"
+    return f"{regs.group(1):>3} registers, {spills.group(1):>5} B spill stores, {shared:>6} B shared{fit}"
 
 
 def chunk_runs(dtype: str) -> list:

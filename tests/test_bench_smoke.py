@@ -200,3 +200,18 @@ def test_mean_step_samples_the_gpu_only_when_asked(monkeypatch):
         ms, means = bench_train.mean_step_ms(step, 1, 3, torch.device("cpu"), sample=sample)
         assert ms >= 200 and means == expected
     assert len(steps) == 8  # 1 warm-up and 3 timed steps, twice
+
+
+def test_programs_per_sm_matches_nsight_compute():
+    """kernel_resources.programs_per_sm against the block limits Nsight Compute read on an H200 (session 29, Triton
+    3.6: registers a thread, warps, shared bytes a block -> the smallest of its register, shared-memory and warp
+    limits): the chunk kernels at the 1.3b layer, the short convolution, the norms, the partial sums and a torch
+    elementwise kernel (held by its 16 warp slots, not its registers)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kernel_resources import programs_per_sm
+    read = {"reverse scan": (255, 8, 197380, 1), "states scan": (210, 4, 107012, 2), "dqkw": (216, 8, 139264, 1),
+            "wy": (254, 4, 57344, 2), "o": (96, 4, 49152, 4), "intra": (255, 2, 32768, 4),
+            "dqk_intra": (54, 8, 49152, 4), "conv bwd": (239, 1, 8704, 8), "conv bwd v": (228, 1, 8704, 8),
+            "conv fwd": (96, 1, 4608, 20), "gated norm bwd": (157, 4, 53312, 3), "gated norm fwd": (168, 4, 2048, 3),
+            "sum_partials": (40, 8, 512, 6), "elementwise add": (34, 4, 0, 12), "fill": (16, 4, 0, 16)}
+    assert {name: programs_per_sm(*r[:3]) for name, r in read.items()} == {name: r[3] for name, r in read.items()}
