@@ -72,9 +72,10 @@ def arg_type(name: str, dtype: str) -> str:
     return "*i32" if name in INT32 else "*i64" if name in INT64 else "*fp32" if name in F32 else f"*{dtype}"
 
 
-def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16") -> str:
+def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16",
+           maxnreg: int | None = None) -> str:
     """ptxas's registers and spills and Triton's shared memory for one launch configuration. num_stages 3 is
-    a launch's default (and a triton.Config's)."""
+    a launch's default (and a triton.Config's); maxnreg caps the registers a thread (a triton.Config's maxnreg)."""
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner wraps the JIT function
     sig = {n: "constexpr" if n in constexprs else arg_type(n, dtype) for n in fn.arg_names}
     # Pointers to torch tensors are 16-byte aligned, which a launch tells the compiler ("D" specialisation).
@@ -83,7 +84,7 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 3, dtype:
                     attrs=attrs)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+                                  options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     except Exception as e:  # e.g. a block over Triton's element limit
         return f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", compiled.asm["ptx"], flags=re.M)
@@ -116,8 +117,9 @@ def chunk_runs(dtype: str) -> list:
     wide = 64 if dtype != "fp32" else 32  # chunk.chunk_bwd's blocks
     runs += [(f"dqk intra BV={wide}", C.chunk_bwd_dqk_intra_kernel, dict(HV=8, V=128, BT=64, BV=wide), C.CHUNK_WARPS,
               3)]
-    runs += [(f"wy BK=BV={cfg.kwargs['BK']}", C.chunk_bwd_wy_kernel, dict(base, NK=2, **gate, **cfg.kwargs),
-              cfg.num_warps, cfg.num_stages) for cfg in C.WY_CONFIGS]
+    runs += [(f"wy BK=BV={cfg.kwargs['BK']}" + (f" cap {cfg.maxnreg}" if cfg.maxnreg else ""), C.chunk_bwd_wy_kernel,
+              dict(base, NK=2, **gate, **cfg.kwargs), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+             for cfg in C.WY_CONFIGS]
     # dqkw with its K blocks reading d(q k^T) from dqk_intra (K = 128), and with one K block computing it (K = 64)
     runs += [(f"dqkw K={K} BV={cfg.kwargs['BV']}", C.chunk_bwd_dqkw_kernel,
               dict(base, K=K, BK=64, INTRA=K == 64, **cfg.kwargs), cfg.num_warps, cfg.num_stages)
@@ -205,9 +207,9 @@ def main():
     runs = [] if args.only == "fused" else chunk_runs(args.dtype)
     runs += [] if args.only == "chunk" else fused_runs(args.dtype)
     print(f"sm_90a, {args.dtype} tensors")
-    for name, kernel, constexprs, num_warps, num_stages in runs:
+    for name, kernel, constexprs, num_warps, num_stages, *maxnreg in runs:  # a run may add a register cap
         print(f"{name:32s} {num_warps} warps {num_stages} stages: "
-              f"{report(kernel, constexprs, num_warps, num_stages, args.dtype)}", flush=True)
+              f"{report(kernel, constexprs, num_warps, num_stages, args.dtype, *maxnreg)}", flush=True)
 
 
 if __name__ == "__main__":

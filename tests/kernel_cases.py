@@ -74,15 +74,16 @@ def poisoned_empty():
         torch.empty, torch.empty_like = real_empty, real_like
 
 
-O_PATHS = ("fused", "split", "split_recompute")
+O_PATHS = ("fused", "fused_kept", "split", "split_recompute")
 
 
 @contextlib.contextmanager
 def forced_o_path(path: str | None):
     """While active, the Triton forward takes the given path whatever chunk.split_o and chunk.keep_states would
-    choose: 'fused' (o inside the scan; the backward recomputes the states), 'split' (the scan stores the states,
-    chunk_o_kernel computes o, and the backward reuses them), 'split_recompute' (split, but the states are not kept:
-    past chunk.KEEP_STATES_MAX_BYTES); None leaves the rules alone."""
+    choose: 'fused' (o inside the scan; the backward recomputes the states), 'fused_kept' (o inside the scan, which
+    also stores the states for the backward), 'split' (the scan stores the states, chunk_o_kernel computes o, and
+    the backward reuses them), 'split_recompute' (split, but the states are not kept: past
+    chunk.KEEP_STATES_MAX_BYTES); None leaves the rules alone."""
     if path is None:
         yield
         return
@@ -90,8 +91,8 @@ def forced_o_path(path: str | None):
         raise ValueError(f"o_path must be one of {O_PATHS} or None; got {path!r}")
     from megatron_gdn.kernels import chunk
     rule, budget = chunk.split_o, chunk.KEEP_STATES_MAX_BYTES
-    chunk.split_o = lambda *args: path != "fused"
-    chunk.KEEP_STATES_MAX_BYTES = float("inf") if path == "split" else -1
+    chunk.split_o = lambda *args: path.startswith("split")
+    chunk.KEEP_STATES_MAX_BYTES = float("inf") if path in ("split", "fused_kept") else -1
     try:
         yield
     finally:

@@ -58,7 +58,7 @@ def _poisoned():
 
 # Both forward paths, forced: with gradients the split one keeps its states for the backward (chunk.keep_states),
 # so unforced the fused one (inference, and the backward's recomputation of the states) would go untested.
-@pytest.mark.parametrize("o_path", ["fused", "split"])
+@pytest.mark.parametrize("o_path", ["fused", "fused_kept", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_chunk_bf16_within_budget(name, o_path):
     errors = run_case(backend="triton", op="chunk", o_path=o_path, **GPU_CASES[name], **BF16)
@@ -77,7 +77,7 @@ def test_chunk_bf16_split_states_not_kept_within_budget(name):
 FP32_CASE = dict(GPU_CASES["dense_fused_gate_beta"], K=64)
 
 
-@pytest.mark.parametrize("o_path", ["fused", "split"])
+@pytest.mark.parametrize("o_path", ["fused", "fused_kept", "split"])
 def test_chunk_fp32_inputs_within_budget(o_path):
     """fp32 inputs launch other tiles than bf16 ones (dqkw's 32-wide V blocks: its 64-wide fp32 blocks once raised
     OutOfResources), so they get their own case, at the largest K the Triton path takes in fp32. Their matrix
@@ -105,7 +105,7 @@ def test_chunk_fp32_large_head_dim_falls_back_or_says_why():
 AUTOTUNED = ("chunk_intra_kernel", "chunk_scan_fwd_kernel", "chunk_scan_bwd_kernel",
              "chunk_o_kernel", "chunk_bwd_dqkw_kernel", "chunk_bwd_dqkw_wide_kernel", "chunk_bwd_wy_kernel")
 # the forward paths that launch each (None: the rule chunk.split_o decides)
-O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "split"), "chunk_o_kernel": ("split",)}
+O_PATHS = {"chunk_scan_fwd_kernel": ("fused", "fused_kept", "split"), "chunk_o_kernel": ("split",)}
 
 
 @pytest.mark.parametrize("kernel", AUTOTUNED)

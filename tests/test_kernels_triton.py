@@ -41,12 +41,14 @@ CHUNK_CASES = {
     "no_initial_state_no_l2norm": dict(B=2, T=70, initial_state=False, l2norm=False),
 }
 # Every case above runs the fused forward (o inside the scan; the backward recomputes the states); these also run
-# the split forward (the scan stores the per-chunk states and vn, chunk_o_kernel computes o, the backward reuses
-# the states), and the last three the split forward whose states are not kept (past chunk.KEEP_STATES_MAX_BYTES).
-# Each is forced (kernel_cases.forced_o_path), whatever the rules would choose.
+# the fused forward that stores the per-chunk states and vn too (the backward reuses them) and the split forward
+# (the scan stores the states and vn, chunk_o_kernel computes o), and the last three the split forward whose states
+# are not kept (past chunk.KEEP_STATES_MAX_BYTES). Each is forced (kernel_cases.forced_o_path), whatever the rules
+# would choose.
 SPLIT_O_CASES = ["dense_T_not_multiple_of_64", "T_below_64", "varlen_with_length_1_docs", "K_V_not_powers_of_two",
                  "K_256", "no_initial_state_no_l2norm"]
 CHUNK_CASES = {**{name: dict(case, o_path="fused") for name, case in CHUNK_CASES.items()},
+               **{f"{name}_fused_kept": dict(CHUNK_CASES[name], o_path="fused_kept") for name in SPLIT_O_CASES},
                **{f"{name}_split_o": dict(CHUNK_CASES[name], o_path="split") for name in SPLIT_O_CASES},
                **{f"{name}_split_recompute": dict(CHUNK_CASES[name], o_path="split_recompute")
                   for name in SPLIT_O_CASES[3:]}}
@@ -128,7 +130,8 @@ def slice_summary_errors() -> dict:
 def scan_launches() -> dict:
     """How many forward scans (and o kernels) a forward and backward launch under the rules, unforced: with
     gradients the forward keeps its states for the backward (one scan), unless they are past the budget (the
-    backward scans again); without gradients many programs take the fused scan (no o kernel)."""
+    backward scans again); many programs take the fused scan (no o kernel), which with gradients also keeps the
+    states."""
     from megatron_gdn.kernels import chunk
     from kernel_cases import make_inputs
     calls = []
@@ -149,7 +152,12 @@ def scan_launches() -> dict:
         with torch.no_grad():
             chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cu_seqlens=torch.arange(71),
                                    backend="triton")
-        counts["no_grad"] = list(calls)
+        counts["no_grad"], calls[:] = list(calls), []
+        chunk.KEEP_STATES_MAX_BYTES = budget
+        o, _ = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cu_seqlens=torch.arange(71),
+                                      backend="triton")
+        o.sum().backward()
+        counts["kept_many_programs"] = list(calls)
     finally:
         chunk._scan_fwd, chunk._o, chunk.KEEP_STATES_MAX_BYTES = scan, o_kernel, budget
     return counts
@@ -187,7 +195,7 @@ def test_extra(results, name):
 
 def test_forward_keeps_states_for_the_backward(results):
     assert results["scan_launches"] == {"kept": ["scan", "o"], "over_budget": ["scan", "o", "scan"],
-                                        "no_grad": ["scan"]}
+                                        "no_grad": ["scan"], "kept_many_programs": ["scan"]}
 
 
 def test_split_o_rule():

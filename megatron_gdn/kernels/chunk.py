@@ -601,8 +601,15 @@ chunk_bwd_dqkw_wide_kernel = triton.autotune(configs=configs(DQKW_WIDE_CONFIGS),
 # choice, 386 us against 397 for 64-wide at 4 warps and 3 stages (session 24): 0.13 ms of a step.
 # test_every_autotuned_configuration_same_bits_run_to_run guards it. The first config is the interpreter's (fp32
 # tests); fp32 inputs at 64-wide blocks take 254 registers at K = V = 64.
-WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns)
-              for b, nw, ns in ((64, 4, 3), (64, 4, 2), (64, 8, 3))]
+# Capped at 168 registers a thread (maxnreg), a 4-warp build's registers fit three programs an SM instead of two
+# (3 x 128 x 168 of 65536), where its shared memory does too (Triton 3.6 at the small preset: 57 KB at 3 stages;
+# kernel_resources.py); it spills a little. Session 30 (H200, bf16, the model's gated inputs, each config forced
+# alone): at the small preset (B8 T4096 H12 K64 V128) 3 stages 295 us against 341 uncapped; at 1.3b (B4 T4096 H6
+# K256 V512) 218 against 214 uncapped. The capped 2-stage build was 1.3b's fastest (208 us), but it gave other dg
+# and dbeta bits from run to run at the heads-of-128 layer (5 of 5 runs; test_every_autotuned_configuration_same_
+# bits_run_to_run): left out. A cap of 128 (four programs) spilled too much: 441-455 us at small.
+WY_CONFIGS = [triton.Config({"BK": b, "BV": b}, num_warps=nw, num_stages=ns, maxnreg=cap)
+              for b, nw, ns, cap in ((64, 4, 3, None), (64, 4, 3, 168), (64, 8, 3, None))]
 
 
 # dk arrives holding dqkw's part and leaves with wy's added: the autotuner restores it between its timed runs.
@@ -714,25 +721,26 @@ def _intra(q, k, v, g, beta, A_log, dt_bias, scale, cu_seqlens, chunk_indices, g
 
 
 def _scan_fwd(q, k, Ai, beta, u, G, Aqk, h0, cu_seqlens, chunk_offsets, num_chunks, scale, output_final_state,
-              store_states):
-    """The forward scan: (o, final state) or, with store_states, (per-chunk states h, vn, final state)."""
+              store_o, store_states):
+    """The forward scan: o (store_o), the per-chunk states h and vn (store_states), and the final state; each None
+    when not asked for."""
     rows, H, K = k.shape
     HV, V = u.shape[1:]
     N = len(cu_seqlens) - 1
     dev = k.device
     o = h = vn = None
+    if store_o:
+        o = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
     if store_states:
         h = torch.empty(num_chunks, HV, K, V, dtype=k.dtype, device=dev)
         vn = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
-    else:
-        o = torch.empty(rows, HV, V, dtype=k.dtype, device=dev)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]) * N * HV,)  # noqa: E731
     chunk_scan_fwd_kernel[grid](
         q, k, Ai, beta, u, G, Aqk, h0 if h0 is not None else G, o if o is not None else G, ht if ht is not None else G,
         h if h is not None else G, vn if vn is not None else G, cu_seqlens, chunk_offsets, scale,
         triton.next_power_of_2(N * HV), H=H, HV=HV, K=K, V=V, BT=CHUNK, BK=_pow2(K),
-        USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_O=not store_states, STORE_STATES=store_states)
+        USE_H0=h0 is not None, STORE_HT=output_final_state, STORE_O=store_o, STORE_STATES=store_states)
     return o, h, vn, ht
 
 
@@ -748,11 +756,12 @@ def _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices):
 
 def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
     """Whether the forward stores the per-chunk states and computes o in chunk_o_kernel (the split path)
-    rather than inside the scan (the fused path). Tests replace this function to force either path.
+    rather than inside the scan (the fused path, which stores the states too when they are kept for the backward).
+    Tests replace this function to force either path.
 
     The fused scan computes q S and Aqk vn, and loads q and Aqk, inside its sequential pass over the chunks. With
-    enough programs to keep the SMs busy, that work overlaps other programs' and the fused path saves writing and
-    reading the states (K V / 64 values per token and head). With few programs the SMs idle and the time is the
+    enough programs to keep the SMs busy, that work overlaps other programs' and the fused path saves the o
+    kernel's reading the states (K V / 64 values per token and head) and q and Aqk again. With few programs the SMs idle and the time is the
     chain of chunk steps of one program; the split path shortens each step and computes o with every chunk in
     parallel. Measured on an H100 (132 SMs; K = V = 128; programs counted with 64-wide V blocks, N x HV x V / 64),
     fused scan against states scan + o kernel, ms: 32 programs (B1 T8192 H16) 0.274 / 0.275, 32 (B1 T32768 H16)
@@ -802,9 +811,15 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     tables = triton_utils.chunk_tables(cu_seqlens).
 
     Returns (o, ht, saved): saved = (G, beta, Ai, Aqk, u, h, vn) is what the backward reuses instead of
-    recomputing. With need_grad and states within KEEP_STATES_MAX_BYTES, the forward takes the split path and keeps
-    its per-chunk states h and vn (u, which only served to compute vn, is dropped: None); otherwise h and vn are None
+    recomputing. With need_grad and states within KEEP_STATES_MAX_BYTES, the scan stores the per-chunk states h and
+    vn, which the forward keeps (u, which only served to compute vn, is dropped: None); otherwise h and vn are None
     and the backward recomputes them from u.
+
+    Kept states are stored by whichever scan split_o picks: the fused one computes o as well, the split one leaves
+    it to chunk_o_kernel. Until session 30 kept states always took the split path; the fused scan storing them too
+    (H200, bf16, forward+backward chunk kernels with the L2 norm, min of 3 rounds) took the small preset's heads
+    (B8 T4096 H12 K64 V128) from 1536 to 1528 us, B8 T4096 H16 K64 V128 from 2029 to 1964, B4 T4096 H16 K128
+    V128 from 1737 to 1729: its scan (230 us at small) costs less than the states scan and o kernel (138 + 101).
     """
     chunk_indices, chunk_offsets = tables
     num_chunks = len(chunk_indices)
@@ -813,15 +828,12 @@ def chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     HV, V = v.shape[1:]
     K = k.shape[2]
     keep = need_grad and keep_states(num_chunks, HV, K, V, k.element_size())
-    # Kept states make the split path worth it whatever split_o says of the forward alone: the states scan and the
-    # o kernel cost more than the fused scan (0.32 against 0.24 ms at B8 T2048 H16 on an H100), the backward's
-    # forward scan they replace costs more than that difference (0.74 ms at B16 T2048 H32, session 5).
-    split = keep or split_o(len(cu_seqlens) - 1, HV, K, V, sm_count(k.device))
+    split = split_o(len(cu_seqlens) - 1, HV, K, V, sm_count(k.device))
     # The scan stores vn, which it computes anyway, rather than the o kernel recomputing it as u - w S: that would
     # read k (as large as q) in every V block and add a product as large as q S, where storing vn costs one write
     # and one read of a tensor the size of u.
     o, h, vn, ht = _scan_fwd(q, k, Ai, beta_f, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
-                             scale, output_final_state, store_states=split)
+                             scale, output_final_state, store_o=not split, store_states=keep or split)
     if split:
         o = _o(q, h, vn, G, Aqk, scale, cu_seqlens, chunk_indices)
     if keep:
@@ -845,7 +857,7 @@ def chunk_bwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, tables, do, dh
     G, beta_f, Ai, Aqk, u, h, vn = saved
     if h is None:
         _, h, vn, _ = _scan_fwd(q, k, Ai, beta_f, u, G, Aqk, initial_state, cu_seqlens, chunk_offsets, num_chunks,
-                                scale, False, store_states=True)
+                                scale, False, store_o=False, store_states=True)
     # fp32 tiles take twice the shared memory: 32-wide V blocks for fp32 inputs in dqk_intra (dqkw and wy autotune)
     wide = 64 if k.element_size() == 2 else 32
     BK, BV = dqkw_block_k(K, k.element_size()), min(_pow2(V), wide)
