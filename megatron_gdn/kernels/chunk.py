@@ -759,14 +759,14 @@ def split_o(num_seqs: int, HV: int, K: int, V: int, sms: int) -> bool:
     rather than inside the scan (the fused path, which stores the states too when they are kept for the backward).
     Tests replace this function to force either path.
 
-    The fused scan computes q S and Aqk vn, and loads q and Aqk, inside its sequential pass over the chunks. With
-    enough programs to keep the SMs busy, that work overlaps other programs' and the fused path saves the o
-    kernel's reading the states (K V / 64 values per token and head) and q and Aqk again. With few programs the
-    SMs idle and the time is the chain of chunk steps of one program; the split path shortens each step and
-    computes o with every chunk in parallel. Measured on an H100 (132 SMs; K = V = 128; programs counted with
-    64-wide V blocks, N x HV x V / 64), fused scan against states scan + o kernel, ms: 32 programs (B1 T8192 H16) 0.274 / 0.275, 32 (B1 T32768 H16)
-    1.069 / 1.038, 64 (B2 T4096 H16) 0.202 / 0.193, 64 (B1 T32768 H32) 1.486 / 1.400, 128 (B4 T4096 H16)
-    0.247 / 0.323, 256 (B8 T2048 H16) 0.244 / 0.322. So: split up to half as many programs as SMs.
+    The fused scan computes q S and Aqk vn, and loads q and Aqk, inside its sequential pass over the chunks. With enough
+    programs to keep the SMs busy, that work overlaps other programs' and the fused path saves the o kernel's reading
+    the states (K V / 64 values per token and head) and q and Aqk again. With few programs the SMs idle and the time is
+    the chain of chunk steps of one program; the split path shortens each step and computes o with every chunk in
+    parallel. Measured on an H100 (132 SMs; K = V = 128; programs counted with 64-wide V blocks, N x HV x V / 64), fused
+    scan against states scan + o kernel, ms: 32 programs (B1 T8192 H16) 0.274 / 0.275, 32 (B1 T32768 H16) 1.069 / 1.038,
+    64 (B2 T4096 H16) 0.202 / 0.193, 64 (B1 T32768 H32) 1.486 / 1.400, 128 (B4 T4096 H16) 0.247 / 0.323, 256 (B8 T2048
+    H16) 0.244 / 0.322. So: split up to half as many programs as SMs.
 
     K > 128 splits whatever the count: the fused scan holds q's [64, K] tile too, so at K = 256 only its 16-wide
     V blocks fit shared memory (bf16: 223 KB, one program per SM; 32-wide: 234 KB, over Hopper's 227), and every
