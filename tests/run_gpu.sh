@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: eleven
+# The single-GPU tests (marked gpu) on a CUDA machine whose Python already has the project's dependencies: twelve
 # pytest processes side by side, since compiling and autotuning the Triton kernels keeps the CPU busier than the
 # GPU. Each writes its log under $OUT (default gpu-test-logs/) and stops after LIMIT seconds (default 600), so a run
 # cut by time still leaves the log of what passed; a line per process says how it ended. The kernel tests are split
@@ -29,7 +29,10 @@ kernels=tests/test_kernels_gpu.py
 # the bf16 budget cases, half of the shapes each (both forward paths)
 first_half="dense or gva or below or K256 or not_powers"
 run autotuned_intra $kernels -k "every_autotuned and intra" &
-run autotuned_scan_fwd $kernels -k "every_autotuned and scan_fwd" &
+# the forward scan's configurations run on three forward paths: budget and bits apart (each was cut at 320 s with
+# both in one process beside two others, session 30)
+run autotuned_scan_fwd_budget $kernels -k "every_autotuned and scan_fwd and within_budget" &
+run autotuned_scan_fwd_bits $kernels -k "every_autotuned and scan_fwd and same_bits" &
 run autotuned_scan_bwd $kernels -k "every_autotuned and scan_bwd" &
 run autotuned_o_dqkw $kernels -k "every_autotuned and (chunk_o or dqkw)" &
 run autotuned_wy $kernels -k "every_autotuned and wy" &
