@@ -85,6 +85,24 @@ def test_bench_adamw_tiny_times_both_optimizers(tmp_path):
     assert all(float(r[3]) > 0 for r in rows)
 
 
+def test_bench_configs_times_the_list_its_capped_copies_and_extras():
+    """benchmarks/bench_configs.py forces each candidate of an autotuned chunk kernel in turn (Triton's interpreter
+    here, whose times mean nothing): the kernel's list, the list under a register cap, an extra configuration; one
+    the kernel cannot take (an unknown tile name) is reported as failed and the others still run (--isolate)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "benchmarks/bench_configs.py", "chunk_bwd_wy_kernel", "--shape", "tiny",
+                          "--caps", "168", "--extra", "BK=32 BV=32 warps=4 stages=2", "--extra", "BOGUS=3",
+                          "--rounds", "1", "--isolate"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
+    timed = [r for r in rows if "failed" not in r and " nan " not in r]
+    listed = sum("(in the list)" in r for r in timed)  # the interpreter's list holds the first candidate only
+    assert listed == 1 and len(timed) == 2 * listed + 1, run.stdout
+    assert sum("maxnreg: 168" in r for r in timed) == listed
+    assert any("BK: 32, BV: 32" in r for r in timed)
+    assert any("BOGUS: 3" in r and "failed" in r for r in rows), run.stdout
+
+
 def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
     """bench_train --profile's GPU timeline: busy time is the union of the kernels' intervals (overlapping kernels
     counted once), idle time the rest of the span, gaps listed largest first with the kernels around them."""
