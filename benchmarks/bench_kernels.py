@@ -8,8 +8,9 @@ one layer of bench_train.py's `small` and `1.3b` (--shapes 4,5), and the decode 
 speed-up over fla (when ``fla`` imports), plus the GPU name and the torch/triton versions. --markdown writes
 the same table as the "Kernels" section of docs/PERFORMANCE.md.
 
---breakdown times our forward kernels one by one, the scan both ways: fused (o inside) and storing the states
-for the o kernel (the split path), whichever the rule chunk.split_o takes. --profile lists, per shape, the GPU
+--breakdown times our forward kernels one by one, the scan three ways: fused (o inside), storing the states for
+the o kernel (the split path), whichever the rule chunk.split_o takes, and fused storing the states too (a forward
+with gradients where the rule says fused). --profile lists, per shape, the GPU
 kernels of one forward+backward step of ours and of fla's (torch.profiler, mean of 10 steps): which kernel of
 ours is slower than its counterpart.
 
@@ -163,9 +164,11 @@ def breakdown(xs):
     intra = lambda: C._intra(q, k, v, g, beta, None, None, scale, cu, ci, False, None)  # noqa: E731
     G, beta_f, Ai, Aqk, u = intra()
     # both forward paths, whichever chunk.split_o picks: the fused scan (o inside), or the scan storing the
-    # states and vn followed by the o kernel (the split path)
-    scan = lambda split: C._scan_fwd(q, k, Ai, beta_f, u, G, Aqk, None, cu, co, len(ci), scale, False,  # noqa: E731
-                                     store_states=split)
+    # states and vn followed by the o kernel (the split path); and the fused scan storing the states too (the path
+    # a forward with gradients takes where split_o says fused)
+    scan = lambda split, keep=False: C._scan_fwd(  # noqa: E731
+        q, k, Ai, beta_f, u, G, Aqk, None, cu, co, len(ci), scale, False, store_o=not split,
+        store_states=split or keep)
     _, h, vn, _ = scan(True)
     o = lambda: C._o(q, h, vn, G, Aqk, scale, cu, ci)  # noqa: E731
     ms = lambda fn: round(do_bench(fn, warmup=10, rep=50, return_mode="median"), 3)  # noqa: E731
@@ -176,6 +179,8 @@ def breakdown(xs):
     times["fused scan config"] = str(C.chunk_scan_fwd_kernel.best_config)
     times["scan (states)"] = ms(lambda: scan(True))
     times["states scan config"] = str(C.chunk_scan_fwd_kernel.best_config)
+    times["scan (fused o, states kept)"] = ms(lambda: scan(False, keep=True))
+    times["fused scan keeping states config"] = str(C.chunk_scan_fwd_kernel.best_config)
     times["o"] = ms(o)
     times["o config"] = str(C.chunk_o_kernel.best_config)
     return times
