@@ -137,7 +137,9 @@ def chunk_runs(dtype: str) -> list:
             runs += [(f"scan fwd (o) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
                       STORE_HT=True, STORE_O=True, STORE_STATES=False), nw, ns),
                      (f"scan fwd (h) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
-                      STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns)]
+                      STORE_HT=False, STORE_O=False, STORE_STATES=True), nw, ns),
+                     (f"scan fwd (o, h) K={K} BV={bv}", C.chunk_scan_fwd_kernel, dict(shape, BV=bv, USE_H0=True,
+                      STORE_HT=False, STORE_O=True, STORE_STATES=True), nw, ns)]
         runs += [(f"scan bwd K={K} BV={cfg.kwargs['BV']}", C.chunk_scan_bwd_kernel, dict(
                   shape, BV=cfg.kwargs["BV"], USE_DHT=True, STORE_DH0=True), cfg.num_warps, cfg.num_stages)
                  for cfg in C.SCAN_BWD_CONFIGS]
