@@ -26,7 +26,7 @@ run() {
 }
 
 kernels=tests/test_kernels_gpu.py
-# the bf16 budget cases, half of the shapes each (both forward paths)
+# the bf16 budget cases, half of the shapes each (the three forward paths)
 first_half="dense or gva or below or K256 or not_powers"
 run autotuned_intra $kernels -k "every_autotuned and intra" &
 # the forward scan's configurations run on three forward paths: budget and bits apart (each was cut at 320 s with

@@ -56,8 +56,9 @@ def _poisoned():
         yield
 
 
-# Both forward paths, forced: with gradients the split one keeps its states for the backward (chunk.keep_states),
-# so unforced the fused one (inference, and the backward's recomputation of the states) would go untested.
+# The three forward paths, forced: with gradients the forward keeps its states for the backward
+# (chunk.keep_states), stored by the fused or the split scan as chunk.split_o picks, so unforced the fused scan
+# that keeps nothing (inference, and the backward's recomputation of the states) would go untested at most shapes.
 @pytest.mark.parametrize("o_path", ["fused", "fused_kept", "split"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_chunk_bf16_within_budget(name, o_path):
